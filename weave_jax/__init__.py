@@ -1,0 +1,18 @@
+"""weave_jax: TokenWeave for JAX — tensor-parallel LLM prefill that overlaps communication.
+
+Typical use::
+
+    from weave_jax import Engine, RunConfig, make_mesh, preset, init_random
+    cfg = preset("tiny")
+    mesh = make_mesh()                      # all local devices on the "tp" axis
+    model = init_random(cfg, mesh)          # or weights.load_hf_checkpoint(path, mesh)
+    logits = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True))(tokens)
+"""
+from weave_jax.config import ModelConfig, from_hf_config, preset, PRESETS
+from weave_jax.engine import Engine, RunConfig
+from weave_jax.init import init_random, abstract_model
+from weave_jax.sharding import make_mesh
+
+__all__ = ["ModelConfig", "from_hf_config", "preset", "PRESETS", "Engine", "RunConfig",
+           "init_random", "abstract_model", "make_mesh"]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Where to split a batch into halves A and B.
+
+Wave-aware default: a GEMM over M tokens runs ceil(M / tile_m) * ceil(N / tile_n) output tiles on
+``sms`` multiprocessors in ceil(tiles / sms) waves; a split whose halves each end on a nearly
+full wave wastes the least.  We score candidate offsets by the waves of every GEMM of a layer,
+weighted by its K (work per tile), and take the best offset closest to the middle.
+
+Tuned offsets (``run/tune_split.py``) override the heuristic; they live in
+``weave_jax/tuning/splits.json`` keyed by device kind, model dims, TP and token bucket.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+from weave_jax.config import ModelConfig
+
+TILE_M = 128          # row tile of the large Hopper GEMM kernels (cuBLAS / XLA Triton: 128)
+TILE_N = 256
+TUNING_FILE = os.path.join(os.path.dirname(__file__), "tuning", "splits.json")
+
+
+def layer_gemms(cfg: ModelConfig, tp: int) -> list[tuple[int, int]]:
+  """(N, K) of each per-rank GEMM of one layer, M being the token count."""
+  h, d = cfg.hidden_size, cfg.head_dim
+  qkv_n = (cfg.num_heads + 2 * cfg.num_kv_heads) * d // tp
+  f = cfg.intermediate_size if not cfg.is_moe else cfg.intermediate_size * cfg.experts_per_token
+  ffn_n = f // tp if not cfg.is_moe else f
+  return [(qkv_n, h), (h, cfg.num_heads * d // tp), (2 * ffn_n, h), (h, ffn_n)]
+
+
+def wave_cost(m: int, gemms, sms: int) -> float:
+  """Sum over GEMMs of K x waves for M = m tokens (proportional to time when compute-bound)."""
+  cost = 0.0
+  for n, k in gemms:
+    tiles = math.ceil(m / TILE_M) * math.ceil(n / TILE_N)
+    cost += k * math.ceil(tiles / sms)
+  return cost
+
+
+def wave_aware_split(n_tokens: int, cfg: ModelConfig, tp: int, sms: int | None,
+                     align: int = 64) -> int:
+  """Offset of half B (a multiple of ``align`` and of tp) for a batch of ``n_tokens`` tokens."""
+  step = math.lcm(align if n_tokens >= 4 * align else 1, tp)
+  middle = n_tokens / 2
+  candidates = range(step, n_tokens - step + 1, step)
+  if not candidates:
+    raise ValueError(f"split: {n_tokens} tokens are too few to split into two halves of >= {step}")
+  if not sms:
+    return min(candidates, key=lambda s: abs(s - middle))
+  gemms = layer_gemms(cfg, tp)
+  # Only offsets within 1/4 of the middle: unequal halves hide less communication.
+  near = [s for s in candidates if abs(s - middle) <= n_tokens / 4] or list(candidates)
+  return min(near, key=lambda s: (wave_cost(s, gemms, sms) + wave_cost(n_tokens - s, gemms, sms),
+                                  abs(s - middle)))
+
+
+def tuning_key(device_kind: str, cfg: ModelConfig, tp: int) -> str:
+  return f"{device_kind}|H{cfg.hidden_size}|F{cfg.intermediate_size}|E{cfg.num_experts}|tp{tp}"
+
+
+def bucket(n_tokens: int) -> int:
+  """Token bucket: the next power of two (tuned offsets are stored per bucket)."""
+  return 1 << max(0, (n_tokens - 1).bit_length())
+
+
+@functools.cache
+def _load_table(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def tuned_fraction(device_kind: str, cfg: ModelConfig, tp: int, n_tokens: int,
+                   path: str = TUNING_FILE) -> float | None:
+  """The tuned split, as a fraction of the batch, for this bucket (None if not tuned)."""
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp), {})
+  return entry.get("splits", {}).get(str(bucket(n_tokens)))
+
+
+def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = "",
+                 sms: int | None = None, path: str = TUNING_FILE) -> int:
+  """Tuned offset when the cache has one for this device/model/TP/bucket, else wave-aware."""
+  frac = tuned_fraction(device_kind, cfg, tp, n_tokens, path)
+  if frac is not None:
+    step = math.lcm(64 if n_tokens >= 256 else 1, tp)
+    s = round(n_tokens * frac / step) * step
+    return min(max(s, step), max(step, n_tokens - step))
+  return wave_aware_split(n_tokens, cfg, tp, sms)
+
+
+def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, default: int,
+                    path: str = TUNING_FILE) -> int:
+  """Smallest token count that is woven (tuned per model; ``default`` otherwise)."""
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp), {})
+  return int(entry.get("min_tokens", default))

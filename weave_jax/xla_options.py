@@ -1,0 +1,37 @@
+"""Every XLA option this library sets, in one place, applied per compile.
+
+We never touch ``XLA_FLAGS`` or other global state: options go to
+``jax.jit(f).lower(...).compile(compiler_options)`` for our executables only.
+"""
+from __future__ import annotations
+
+# XLA's one-shot collective kernels (latency-optimised, start/done adjacent) win for small
+# messages; NCCL for large ones.  Bytes of one rank's partial (T x H x dtype).  Default from the
+# DESIGN measurements; tuned values belong in the tuning table.
+COLLECTIVE_KERNEL_MAX_BYTES = 1 << 20
+
+
+def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[str, object]:
+  """Compiler options for one forward executable.
+
+  Args:
+    platform: ``jax.devices()[0].platform`` ("gpu", "cpu", ...).
+    weave: the executable interleaves two halves; XLA must not merge them back.
+    message_bytes: size of one reduce_add_norm input per rank, to pick the collective kind.
+  """
+  if platform != "gpu":
+    return {}
+  opts: dict[str, object] = {}
+  if weave:
+    # The dot merger would fuse A's and B's GEMMs (they share weights) into one; the combiners
+    # would merge A's and B's collectives into one.  Either defeats the overlap.
+    opts.update({
+        "xla_gpu_dot_merger_threshold_mb": 0,
+        "xla_gpu_all_reduce_combine_threshold_bytes": 0,
+        "xla_gpu_reduce_scatter_combine_threshold_bytes": 0,
+        "xla_gpu_all_gather_combine_threshold_bytes": 0,
+    })
+  if message_bytes > COLLECTIVE_KERNEL_MAX_BYTES:
+    # Large messages: NCCL (async start/done), not XLA's one-shot kernels.
+    opts["xla_gpu_experimental_use_collective_kernels"] = 0
+  return opts
