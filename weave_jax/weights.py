@@ -1,0 +1,326 @@
+"""Checkpoint I/O: Hugging Face safetensors -> the TP-sharded model, and orbax save / restore.
+
+``load_hf_checkpoint`` never holds the whole model on one device or in host memory: it builds
+the abstract model, and every parameter becomes a global array through
+``jax.make_array_from_callback``, whose callback reads only the rows / columns that one device
+owns (``safe_open(...).get_slice``) and converts them from the Hugging Face layout to ours
+(documented at the top of ``weave_jax.model``).
+
+Hugging Face names (transformers 5.x; older per-expert Mixtral files are read too):
+  model.embed_tokens.weight (V, H)            lm_head.weight (V, H) (absent when tied)
+  model.layers.{i}.self_attn.{q,k,v}_proj.weight (N*D | KV*D, H), .bias (Qwen2), o_proj (H, N*D)
+  model.layers.{i}.mlp.{gate,up}_proj.weight (F, H), down_proj.weight (H, F)
+  Mixtral router: model.layers.{i}.mlp.gate.weight | block_sparse_moe.gate.weight (E, H)
+  Mixtral experts, fused: mlp.experts.gate_up_proj (E, 2F, H) [gate rows, then up], down_proj (E, H, F)
+                per expert: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) (F, H), w2 (H, F)
+  model.layers.{i}.{input,post_attention}_layernorm.weight (H,), model.norm.weight (H,)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from weave_jax.config import ModelConfig, from_hf_config
+from weave_jax.init import abstract_model
+from weave_jax.model import Transformer, padded_vocab
+from weave_jax.sharding import logical_to_spec
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+Index = tuple[slice, ...]
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _span(s: slice, n: int) -> tuple[int, int]:
+  start, stop, step = s.indices(n)
+  if step != 1:
+    raise ValueError(f"load_hf_checkpoint: strided shard index {s} is not supported")
+  return start, stop
+
+
+# --- reading safetensors ----------------------------------------------------------------------
+
+class _Safetensors:
+  """Tensor name -> file of a checkpoint directory (one file, or sharded with an index)."""
+
+  def __init__(self, directory: str, stack: contextlib.ExitStack):
+    from safetensors import safe_open
+    self.directory = directory
+    index_path = os.path.join(directory, _INDEX_FILE)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"load_hf_checkpoint: {index_path} has no 'weight_map'")
+      files = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(directory, _SINGLE_FILE)):
+      files, weight_map = [_SINGLE_FILE], None
+    else:
+      raise ValueError(f"load_hf_checkpoint: {directory} holds neither {_SINGLE_FILE} nor "
+                       f"{_INDEX_FILE}")
+    self.handles = {}
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise ValueError(f"load_hf_checkpoint: {_INDEX_FILE} names {name}, which is missing "
+                         f"from {directory}")
+      self.handles[name] = stack.enter_context(safe_open(path, framework="np"))
+    if weight_map is None:
+      weight_map = {k: _SINGLE_FILE for k in self.handles[_SINGLE_FILE].keys()}
+    self.file_of: dict[str, str] = weight_map
+
+  def has(self, name: str) -> bool:
+    return name in self.file_of
+
+  def _slice(self, name: str):
+    if name not in self.file_of:
+      raise ValueError(f"load_hf_checkpoint: tensor {name!r} is missing from the checkpoint "
+                       f"in {self.directory}")
+    return self.handles[self.file_of[name]].get_slice(name)
+
+  def check(self, name: str, shape: Sequence[int]) -> None:
+    """Raise a ValueError unless ``name`` exists with ``shape`` and a float dtype."""
+    sl = self._slice(name)
+    found, dtype = tuple(sl.get_shape()), sl.get_dtype()
+    where = f"tensor {name!r} in {self.file_of[name]}"
+    if found != tuple(shape):
+      raise ValueError(f"load_hf_checkpoint: {where} has shape {found}, expected {tuple(shape)}")
+    if dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"load_hf_checkpoint: {where} has dtype {dtype}, which cannot be cast to "
+                       f"a float parameter (expected one of {_FLOAT_DTYPES})")
+
+  def read(self, name: str, *spans: tuple[int, int]) -> np.ndarray:
+    """The block ``name[a0:b0, a1:b1, ...]`` (leading dims), read without the rest."""
+    return np.asarray(self._slice(name)[tuple(slice(a, b) for a, b in spans)])
+
+
+# --- HF layout -> our layout, one block at a time -----------------------------------------------
+# A source is (checks, block): ``checks`` lists (hf name, hf shape) to validate up front;
+# ``block(index)`` returns our parameter's block at ``index`` (a tuple of slices).
+
+Source = tuple[list[tuple[str, tuple[int, ...]]], Callable[[Index], np.ndarray]]
+
+
+def _direct(st: _Safetensors, name: str, shape) -> Source:
+  return [(name, tuple(shape))], lambda idx: st.read(name, *(_span(s, n) for s, n in zip(idx, shape)))
+
+
+def _padded_rows(st: _Safetensors, name: str, vocab: int, v_pad: int, h: int) -> Source:
+  """(V, H) table -> (V_pad, H) with zero rows beyond the vocabulary."""
+  def block(idx):
+    (v0, v1), hs = _span(idx[0], v_pad), _span(idx[1], h)
+    out = np.zeros((v1 - v0, hs[1] - hs[0]), np.float32)
+    if v0 < vocab:
+      rows = st.read(name, (v0, min(v1, vocab)), hs)
+      out = out.astype(rows.dtype)
+      out[:rows.shape[0]] = rows
+    return out
+  return [(name, (vocab, h))], block
+
+
+def _attention(st: _Safetensors, cfg: ModelConfig, p: str):
+  """Sources for qkv (H, KV, G+2, D), qkv_bias (KV, G+2, D) and o (KV, G, D, H)."""
+  h, kv, g, d, n = (cfg.hidden_size, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim,
+                    cfg.num_heads)
+  q, k, v, o = (f"{p}.self_attn.{x}_proj" for x in "qkvo")
+
+  def qkv_block(idx):
+    hs, (k0, k1) = _span(idx[0], h), _span(idx[1], kv)
+    nk = k1 - k0
+    # q heads of kv groups k0..k1 are the contiguous rows [k0*G*D, k1*G*D) of q_proj.
+    wq = st.read(f"{q}.weight", (k0 * g * d, k1 * g * d), hs).reshape(nk, g, d, -1)
+    wk = st.read(f"{k}.weight", (k0 * d, k1 * d), hs).reshape(nk, 1, d, -1)
+    wv = st.read(f"{v}.weight", (k0 * d, k1 * d), hs).reshape(nk, 1, d, -1)
+    blk = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)   # (Hs, nk, G+2, D)
+    return blk[:, :, idx[2], idx[3]]
+
+  def bias_block(idx):
+    k0, k1 = _span(idx[0], kv)
+    nk = k1 - k0
+    bq = st.read(f"{q}.bias", (k0 * g * d, k1 * g * d)).reshape(nk, g, d)
+    bk = st.read(f"{k}.bias", (k0 * d, k1 * d)).reshape(nk, 1, d)
+    bv = st.read(f"{v}.bias", (k0 * d, k1 * d)).reshape(nk, 1, d)
+    return np.concatenate([bq, bk, bv], axis=1)[:, idx[1], idx[2]]     # (nk, G+2, D)
+
+  def o_block(idx):
+    k0, k1 = _span(idx[0], kv)
+    hs = _span(idx[3], h)
+    w = st.read(f"{o}.weight", hs, (k0 * g * d, k1 * g * d))            # (Hs, nk*G*D)
+    blk = w.reshape(w.shape[0], k1 - k0, g, d).transpose(1, 2, 3, 0)   # (nk, G, D, Hs)
+    return blk[:, idx[1], idx[2], :]
+
+  qkv_checks = [(f"{q}.weight", (n * d, h)), (f"{k}.weight", (kv * d, h)),
+                (f"{v}.weight", (kv * d, h))]
+  bias_checks = [(f"{q}.bias", (n * d,)), (f"{k}.bias", (kv * d,)), (f"{v}.bias", (kv * d,))]
+  return {"qkv": (qkv_checks, qkv_block), "qkv_bias": (bias_checks, bias_block),
+          "o": ([(f"{o}.weight", (h, n * d))], o_block)}
+
+
+def _dense_mlp(st: _Safetensors, cfg: ModelConfig, p: str):
+  """Sources for gate_up (H, 2, F) and down (F, H)."""
+  h, f = cfg.hidden_size, cfg.intermediate_size
+  gate, up, down = (f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down"))
+
+  def gate_up_block(idx):
+    hs, fs = _span(idx[0], h), _span(idx[2], f)
+    parts = [st.read(name, fs, hs).T for name in (gate, up)]            # 2 x (Hs, Fs)
+    return np.stack(parts, axis=1)[:, idx[1], :]
+
+  def down_block(idx):
+    return st.read(down, _span(idx[1], h), _span(idx[0], f)).T         # (Fs, Hs)
+
+  return {"gate_up": ([(gate, (f, h)), (up, (f, h))], gate_up_block),
+          "down": ([(down, (h, f))], down_block)}
+
+
+def _first_present(st: _Safetensors, names: Sequence[str]) -> str | None:
+  return next((x for x in names if st.has(x)), None)
+
+
+def _moe(st: _Safetensors, cfg: ModelConfig, p: str):
+  """Sources for router (H, E), gate_up (E, H, 2, F), down (E, F, H); fused or per-expert files."""
+  h, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+  router = (_first_present(st, [f"{p}.mlp.gate.weight", f"{p}.block_sparse_moe.gate.weight"])
+            or f"{p}.mlp.gate.weight")
+  out = {"router": ([(router, (e, h))],
+                    lambda idx: st.read(router, _span(idx[1], e), _span(idx[0], h)).T)}
+  fused = _first_present(st, [f"{p}.mlp.experts.gate_up_proj",
+                              f"{p}.block_sparse_moe.experts.gate_up_proj"])
+  if fused is not None:
+    fused_down = fused.replace("gate_up_proj", "down_proj")
+
+    def gate_up_block(idx):
+      es, hs, (f0, f1) = _span(idx[0], e), _span(idx[1], h), _span(idx[3], f)
+      parts = [st.read(fused, es, (c * f + f0, c * f + f1), hs).transpose(0, 2, 1)
+               for c in (0, 1)]                                           # 2 x (Es, Hs, Fs)
+      return np.stack(parts, axis=2)[:, :, idx[2], :]
+
+    def down_block(idx):
+      return st.read(fused_down, _span(idx[0], e), _span(idx[2], h),
+                     _span(idx[1], f)).transpose(0, 2, 1)                 # (Es, Fs, Hs)
+
+    out["gate_up"] = ([(fused, (e, 2 * f, h))], gate_up_block)
+    out["down"] = ([(fused_down, (e, h, f))], down_block)
+    return out
+
+  base = (_first_present(st, [f"{p}.block_sparse_moe.experts.0.w1.weight",
+                              f"{p}.mlp.experts.0.w1.weight"])
+          or f"{p}.block_sparse_moe.experts.0.w1.weight").rsplit(".0.w1.weight", 1)[0]
+  w = lambda i, x: f"{base}.{i}.{x}.weight"
+
+  def gate_up_block_legacy(idx):
+    (e0, e1), hs, fs = _span(idx[0], e), _span(idx[1], h), _span(idx[3], f)
+    blocks = [np.stack([st.read(w(i, x), fs, hs).T for x in ("w1", "w3")], axis=1)
+              for i in range(e0, e1)]                                     # Es x (Hs, 2, Fs)
+    return np.stack(blocks)[:, :, idx[2], :]
+
+  def down_block_legacy(idx):
+    (e0, e1), fs, hs = _span(idx[0], e), _span(idx[1], f), _span(idx[2], h)
+    return np.stack([st.read(w(i, "w2"), hs, fs).T for i in range(e0, e1)])
+
+  out["gate_up"] = ([(w(i, x), (f, h)) for i in range(e) for x in ("w1", "w3")],
+                    gate_up_block_legacy)
+  out["down"] = ([(w(i, "w2"), (h, f)) for i in range(e)], down_block_legacy)
+  return out
+
+
+def _sources(st: _Safetensors, cfg: ModelConfig) -> dict[tuple, Source]:
+  """Our parameter path -> its source, for every parameter of the model."""
+  h, v, v_pad = cfg.hidden_size, cfg.vocab_size, padded_vocab(cfg)
+  src: dict[tuple, Source] = {
+      ("embed", "table"): _padded_rows(st, "model.embed_tokens.weight", v, v_pad, h),
+      ("final_norm", "weight"): _direct(st, "model.norm.weight", (h,)),
+  }
+  if not cfg.tie_embeddings:
+    src[("lm_head", "weight")] = _padded_rows(st, "lm_head.weight", v, v_pad, h)
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}"
+    src[("layers", i, "attn_norm", "weight")] = _direct(st, f"{p}.input_layernorm.weight", (h,))
+    src[("layers", i, "mlp_norm", "weight")] = _direct(
+        st, f"{p}.post_attention_layernorm.weight", (h,))
+    for name, s in _attention(st, cfg, p).items():
+      if name != "qkv_bias" or cfg.qkv_bias:
+        src[("layers", i, "attn", name)] = s
+    mlp = _moe(st, cfg, p) if cfg.is_moe else _dense_mlp(st, cfg, p)
+    for name, s in mlp.items():
+      src[("layers", i, "mlp", name)] = s
+  return src
+
+
+def _key(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
+                       dtype: str = "bfloat16") -> Transformer:
+  """Load a Hugging Face Llama / Qwen2 / Mixtral checkpoint directory, already TP-sharded.
+
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` (or sharded files with
+      ``model.safetensors.index.json``).
+    mesh: the 1-D ``tp`` mesh (``weave_jax.make_mesh``); each device reads only its shards.
+    dtype: parameter dtype (bfloat16 / float16 / float32); checkpoint floats are cast to it.
+  """
+  path = os.fspath(path)
+  cfg = from_hf_config(path, dtype=dtype)
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  np_dtype = jnp.dtype(dtype)
+  with contextlib.ExitStack() as stack:
+    st = _Safetensors(path, stack)
+    sources = _sources(st, cfg)
+    for checks, _ in sources.values():       # every tensor is validated before any read
+      for name, shape in checks:
+        st.check(name, shape)
+
+    def make(kpath, var):
+      key = _key(kpath)
+      if key not in sources:
+        raise ValueError(f"load_hf_checkpoint: no checkpoint source for parameter {key}")
+      _, block = sources[key]
+      shape = var.get_value().shape if hasattr(var, "get_value") else var.value.shape
+      sharding = NamedSharding(mesh, logical_to_spec(var.get_metadata()["axes"]))
+      arr = jax.make_array_from_callback(
+          shape, sharding, lambda idx: np.ascontiguousarray(block(idx)).astype(np_dtype))
+      return var.replace(arr)
+
+    state = jax.tree_util.tree_map_with_path(make, abstract, is_leaf=_is_var)
+  return nnx.merge(graphdef, state)
+
+
+# --- orbax checkpoints of our own layout ----------------------------------------------------------
+
+def save_checkpoint(model: Transformer, path: str | os.PathLike) -> None:
+  """Save the (sharded) parameters with orbax; each host writes the shards it owns."""
+  import orbax.checkpoint as ocp
+  state = nnx.state(model)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(os.fspath(path)), state)
+  ckpt.wait_until_finished()
+
+
+def restore_checkpoint(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh) -> Transformer:
+  """Restore a ``save_checkpoint`` directory straight into the TP-sharded layout of ``mesh``."""
+  import orbax.checkpoint as ocp
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+
+  def target(var):
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    sharding = NamedSharding(mesh, logical_to_spec(var.get_metadata()["axes"]))
+    return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+  targets = jax.tree.map(target, abstract, is_leaf=_is_var)
+  state = ocp.StandardCheckpointer().restore(os.path.abspath(os.fspath(path)), targets)
+  return nnx.merge(graphdef, state)
