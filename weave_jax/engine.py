@@ -86,6 +86,9 @@ class Engine:
     self.platform = dev.platform
     self.device_kind = getattr(dev, "device_kind", dev.platform)
     self.sms = getattr(dev, "core_count", None) if self.platform == "gpu" else None
+    # cuDNN's fused causal attention on GPU, named explicitly so that an unsupported shape
+    # fails loudly instead of silently materialising T x T scores.
+    self.attn_impl = run.attn_impl or ("cudnn" if self.platform == "gpu" else None)
     self._compiled: dict = {}
 
   def _check_param_dtypes(self):
@@ -161,7 +164,7 @@ class Engine:
   def _rank_forward(self, state, tokens, positions, segments, *, split, logits_at):
     model = nnx.merge(self.graphdef, state)
     return forward_rank(model, tokens, positions, segments, backend=self.backend, split=split,
-                        tp=self.tp, attn_impl=self.run.attn_impl, logits_at=logits_at)
+                        tp=self.tp, attn_impl=self.attn_impl, logits_at=logits_at)
 
   def compiled(self, n_tokens: int, packed: bool = False):
     """The compiled executable for a batch of ``n_tokens`` (compiled once per shape)."""
@@ -172,7 +175,8 @@ class Engine:
       msg = plan.padded * self.cfg.hidden_size * jnp.dtype(self.cfg.dtype).itemsize
       opts = xla_options.compile_options(self.platform, weave=plan.split is not None,
                                          message_bytes=msg // (2 if plan.split else 1))
-      self._compiled[key] = (plan, self._build(plan, packed).lower(*args).compile(opts))
+      lowered = self._build(plan, packed).lower(*args)
+      self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]
 
   def _example_args(self, plan: Plan, packed: bool):
@@ -187,11 +191,19 @@ class Engine:
       segment_ids = np.pad(segment_ids, (0, extra), constant_values=-1)
     return tokens, positions, segment_ids
 
-  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    """Prefill forward.  tokens (T,) int; optional positions (T,), segment_ids (T,) for packed
-    prompts.  Returns float32 logits (T, vocab), or (1, vocab) with ``logits="last"``."""
+  def prepare(self, tokens, positions=None, segment_ids=None):
+    """Validate, pad and place a batch.  Returns (plan, executable, args): ``executable(*args)``
+    runs the forward with no host work (what benchmarks time)."""
     tokens, positions, segment_ids = self._validate(tokens, positions, segment_ids)
     plan, exe = self.compiled(tokens.size, segment_ids is not None)
     args = self._pad(plan, tokens, positions, segment_ids)
-    logits = exe(self.state, *args)
+    replicated = jax.sharding.NamedSharding(self.mesh, P())
+    args = tuple(None if a is None else jax.device_put(a, replicated) for a in args)
+    return plan, exe, (self.state, *args)
+
+  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    """Prefill forward.  tokens (T,) int; optional positions (T,), segment_ids (T,) for packed
+    prompts.  Returns float32 logits (T, vocab), or (1, vocab) with ``logits="last"``."""
+    plan, exe, args = self.prepare(tokens, positions, segment_ids)
+    logits = exe(*args)
     return logits if self.run.logits == "last" else logits[:plan.n_tokens]

@@ -86,12 +86,15 @@ jax.tree_util.register_pytree_node(
     KVPrefix, lambda p: ((p.k, p.v, p.info), None), lambda _, c: KVPrefix(*c))
 
 
-def _sdpa(q, k, v, *, mask=None, is_causal=False, impl=None):
-  """jax.nn.dot_product_attention on (T, N, D) / (S, K, D); returns (out (T,N,D), lse (T,N))."""
-  out, lse = jax.nn.dot_product_attention(
+def _sdpa(q, k, v, *, mask=None, is_causal=False, impl=None, lse=False):
+  """jax.nn.dot_product_attention on (T, N, D) / (S, K, D).
+
+  Returns out (T, N, D), and with ``lse`` also the log-sum-exp of the scores (T, N).
+  """
+  res = jax.nn.dot_product_attention(
       q[None], k[None], v[None], mask=None if mask is None else mask[None, None],
-      is_causal=is_causal, implementation=impl, return_residual=True)
-  return out[0], lse[0]
+      is_causal=is_causal, implementation=impl, return_residual=lse)
+  return (res[0][0], res[1][0]) if lse else res[0]
 
 
 def _merge(o1, l1, o2, l2):
@@ -111,10 +114,10 @@ def causal_attention(q, k, v, info: TokenInfo, prefix: KVPrefix | None = None,
   log-sum-exps: the same FLOPs as the unsplit batch.  With segments it builds a dense mask.
   """
   if info.segments is None:
-    out, lse = _sdpa(q, k, v, is_causal=True, impl=impl)
     if prefix is None:
-      return out
-    out_p, lse_p = _sdpa(q, prefix.k, prefix.v, impl=impl)
+      return _sdpa(q, k, v, is_causal=True, impl=impl)
+    out, lse = _sdpa(q, k, v, is_causal=True, impl=impl, lse=True)
+    out_p, lse_p = _sdpa(q, prefix.k, prefix.v, impl=impl, lse=True)
     return _merge(out_p, lse_p, out, lse)
   k_all, v_all, seg_k, idx_k = k, v, info.segments, info.index
   if prefix is not None:
@@ -123,8 +126,7 @@ def causal_attention(q, k, v, info: TokenInfo, prefix: KVPrefix | None = None,
     seg_k = jnp.concatenate([prefix.info.segments, seg_k])
     idx_k = jnp.concatenate([prefix.info.index, idx_k])
   mask = (info.segments[:, None] == seg_k[None, :]) & (idx_k[None, :] <= info.index[:, None])
-  out, _ = _sdpa(q, k_all, v_all, mask=mask, impl="xla")
-  return out
+  return _sdpa(q, k_all, v_all, mask=mask, impl="xla")
 
 
 # --- MLPs --------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ We never touch ``XLA_FLAGS`` or other global state: options go to
 """
 from __future__ import annotations
 
+import re
+import warnings
+
+_REJECTED: set[str] = set()
+
 # XLA's one-shot collective kernels (latency-optimised, start/done adjacent) win for small
 # messages; NCCL for large ones.  Bytes of one rank's partial (T x H x dtype).  Default from the
 # DESIGN measurements; tuned values belong in the tuning table.
@@ -35,3 +40,19 @@ def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[s
     # Large messages: NCCL (async start/done), not XLA's one-shot kernels.
     opts["xla_gpu_experimental_use_collective_kernels"] = 0
   return opts
+
+
+def compile_with(lowered, options: dict[str, object]):
+  """``lowered.compile(options)``; an option this XLA version rejects is dropped with one warning
+  (flags come and go between JAX releases; a removed flag must not break the forward)."""
+  options = {k: v for k, v in options.items() if k not in _REJECTED}
+  while True:
+    try:
+      return lowered.compile(options)
+    except Exception as e:  # jax raises XlaRuntimeError (INVALID_ARGUMENT) for unknown options
+      m = re.search(r"setting option (\w+)", str(e)) or re.search(r"[Uu]nknown.*?(xla_\w+)", str(e))
+      if not m or m.group(1) not in options:
+        raise
+      _REJECTED.add(m.group(1))
+      warnings.warn(f"XLA rejected compile option {m.group(1)}={options.pop(m.group(1))!r} "
+                    f"({str(e).splitlines()[0][:120]}); compiling without it", stacklevel=2)

@@ -9,6 +9,15 @@ FUSED = ("fused_p2p", "fused_multimem")
 BACKENDS = tuple(_XLA) + FUSED
 
 
+def fused_available() -> tuple[bool, str]:
+  """Whether the fused FFI backends can run here, and if not, why."""
+  try:
+    from weave_jax.comm import fused
+  except ImportError as e:
+    return False, f"fused backend not importable: {e}"
+  return fused.available()
+
+
 def get_backend(name: str, **options) -> CommBackend:
   """The backend called ``name``; ``options`` go to the fused backends (e.g. ``ctas=8``)."""
   if name in _XLA:
@@ -21,4 +30,4 @@ def get_backend(name: str, **options) -> CommBackend:
   raise ValueError(f"unknown communication backend {name!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["AXIS", "BACKENDS", "CommBackend", "add_norm", "get_backend", "rms_norm"]
+__all__ = ["AXIS", "BACKENDS", "CommBackend", "add_norm", "fused_available", "get_backend", "rms_norm"]

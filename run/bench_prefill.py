@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Prefill benchmark (the TokenWeave paper's Figure 11): ms per forward for each variant.
+
+On a GPU node: a preset model (default Llama-3.3-70B shapes, 4 layers, random weights) with TP
+over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``tiny`` preset on
+8 virtual CPU devices (timings then only show that the harness works).
+
+    python run/bench_prefill.py                          # embedded default
+    python run/bench_prefill.py --preset qwen2.5-72b --layers 4 --tokens 1024 4096 16384
+    python run/bench_prefill.py --variants baseline nocomm --json out.json --png out.png
+    python run/bench_prefill.py --profile traces/        # + trace summary of exposed comm
+
+Variants: baseline (psum, unsplit) | psum+weave | rs_ag | rs_ag+weave | fused | fused+weave |
+nocomm (no communication: the upper bound).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HAS_GPU = shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+if not HAS_GPU and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from weave_jax import Engine, RunConfig, init_random, make_mesh, preset  # noqa: E402
+from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_fn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_common import VARIANTS, engine_for  # noqa: E402
+
+
+
+def parse_args(argv=None):
+  gpu = HAS_GPU
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="llama-3.3-70b" if gpu else "tiny")
+  p.add_argument("--layers", type=int, default=None,
+                 help="decoder layers to build (default: 4 on GPU for large presets, else all)")
+  p.add_argument("--tokens", type=int, nargs="+",
+                 default=[1024, 2048, 4096, 8192, 16384] if gpu else [128, 1024])
+  p.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
+                 help="default: baseline rs_ag rs_ag+weave nocomm (+ fused, fused+weave on GPU "
+                      "when the FFI library is built)")
+  p.add_argument("--tp", type=int, default=None, help="default: all local devices")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--iters", type=int, default=20 if gpu else 5)
+  p.add_argument("--weave-min-tokens", type=int, default=None)
+  p.add_argument("--ctas", type=int, default=None, help="CTAs of the fused kernel")
+  p.add_argument("--json", default=None, help="write results here (default under benchmarks/results/)")
+  p.add_argument("--png", default=None, help="write a bar chart here")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="capture a trace per variant at --profile-tokens and print its summary")
+  p.add_argument("--profile-tokens", type=int, default=None)
+  p.add_argument("--no-matmul-peak", action="store_true")
+  return p.parse_args(argv)
+
+
+def default_variants() -> list[str]:
+  names = ["baseline", "rs_ag", "rs_ag+weave", "nocomm"]
+  if HAS_GPU:
+    from weave_jax.comm import fused_available
+    ok, why = fused_available()
+    if ok:
+      names[3:3] = ["fused", "fused+weave"]
+    else:
+      progress(f"fused variants skipped: {why}")
+  return names
+
+
+def make_engine(model, mesh, variant: str, args) -> Engine:
+  return engine_for(model, mesh, variant, ctas=args.ctas, weave_min_tokens=args.weave_min_tokens)
+
+
+def run(args) -> dict:
+  variants = args.variants or default_variants()
+  layers = args.layers
+  cfg0 = preset(args.preset)
+  if layers is None:
+    layers = 4 if (HAS_GPU and cfg0.num_layers > 8) else cfg0.num_layers
+  cfg = preset(args.preset, num_layers=layers)
+  mesh = make_mesh(args.tp)
+  tp = mesh.devices.size
+  dev = mesh.devices.flat[0]
+  progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers, TP={tp} on "
+           f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
+  model = init_random(cfg, mesh)
+  peak = None
+  if HAS_GPU and not args.no_matmul_peak:
+    peak = matmul_tflops()
+    progress(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s per device")
+  rng = np.random.default_rng(0)
+  rows = []
+  for n in args.tokens:
+    tokens = rng.integers(0, cfg.vocab_size, n)
+    row = {"tokens": n}
+    for v in variants:
+      eng = make_engine(model, mesh, v, args)
+      t0 = time.perf_counter()
+      plan, exe, ex_args = eng.prepare(tokens)
+      progress(f"{n:6d} tokens  {v:12s} compiled in {time.perf_counter() - t0:5.1f}s "
+               f"(split={plan.split})")
+      t = time_fn(lambda: exe(*ex_args), warmup=args.warmup, iters=args.iters)
+      row[v] = {"ms": t.median_ms, "spread": t.spread, "split": plan.split}
+      progress(f"{n:6d} tokens  {v:12s} {t.median_ms:9.3f} ms  (spread {t.spread:.1%})")
+    flops = layers * layer_flops_per_rank(cfg, n, tp)
+    if peak and "nocomm" in row:
+      row["nocomm_mfu"] = flops / (row["nocomm"]["ms"] * 1e-3) / (peak * 1e12)
+    rows.append(row)
+  return {"preset": args.preset, "layers": layers, "tp": tp, "variants": variants,
+          "device": getattr(dev, "device_kind", dev.platform), "devices": mesh.devices.size,
+          "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+          "matmul_peak_tflops": peak, "rows": rows,
+          "command": "python " + " ".join(sys.argv)}
+
+
+def table(res: dict) -> str:
+  vs = res["variants"]
+  head = "| tokens | " + " | ".join(f"{v} ms/layer" for v in vs)
+  ratios = []
+  if "baseline" in vs and "nocomm" in vs:
+    ratios.append("baseline/nocomm")
+  for v in vs:
+    if v not in ("baseline", "nocomm") and "baseline" in vs:
+      ratios.append(f"speedup {v}")
+    if v not in ("baseline", "nocomm") and "nocomm" in vs:
+      ratios.append(f"{v}/nocomm")
+  head += "".join(f" | {r}" for r in ratios) + (" | nocomm MFU" if res["matmul_peak_tflops"] else "") + " |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for row in res["rows"]:
+    cells = [str(row["tokens"])] + [f"{row[v]['ms'] / res['layers']:.3f}" for v in vs]
+    for r in ratios:
+      if r == "baseline/nocomm":
+        x = row["baseline"]["ms"] / row["nocomm"]["ms"]
+      elif r.startswith("speedup "):
+        x = row["baseline"]["ms"] / row[r[8:]]["ms"]
+      else:
+        x = row[r.split("/")[0]]["ms"] / row["nocomm"]["ms"]
+      cells.append(f"{x:.3f}")
+    if res["matmul_peak_tflops"]:
+      cells.append(f"{row.get('nocomm_mfu', float('nan')):.1%}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  vs = [v for v in res["variants"] if v != "baseline"]
+  x = np.arange(len(res["rows"]))
+  w = 0.8 / max(len(vs), 1)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for i, v in enumerate(vs):
+    sp = [r["baseline"]["ms"] / r[v]["ms"] for r in res["rows"]]
+    ax.bar(x + i * w, sp, w, label=v)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_xticks(x + w * (len(vs) - 1) / 2, [str(r["tokens"]) for r in res["rows"]])
+  ax.set_xlabel("prompt tokens")
+  ax.set_ylabel("speedup over baseline (psum)")
+  ax.set_title(f"{res['preset']} ({res['layers']} layers), TP={res['tp']}, {res['device']}")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def profile(args, res) -> None:
+  from weave_jax import trace
+  cfg = preset(args.preset, num_layers=res["layers"])
+  mesh = make_mesh(args.tp)
+  model = init_random(cfg, mesh)
+  n = args.profile_tokens or args.tokens[len(args.tokens) // 2]
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, n)
+  for v in res["variants"]:
+    _, exe, ex_args = make_engine(model, mesh, v, args).prepare(tokens)
+    logdir = os.path.join(args.profile, f"{v.replace('+', '_')}_{n}")
+    path = trace.capture(exe, *ex_args, logdir=logdir)
+    print(f"\n### trace: {v} at {n} tokens ({path})")
+    print(trace.format_report(trace.analyze(path)))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  res = run(args)
+  print(table(res))
+  out = args.json or os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
+      f"prefill_{res['preset']}_{res['device'].replace(' ', '_')}_tp{res['tp']}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(res, f, indent=1)
+  progress(f"results written to {os.path.normpath(out)}")
+  if args.png:
+    plot(res, args.png)
+    progress(f"chart written to {args.png}")
+  if args.profile:
+    profile(args, res)
+
+
+if __name__ == "__main__":
+  main()

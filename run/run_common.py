@@ -1,0 +1,24 @@
+"""Shared by the scripts in run/: the benchmark variants and how to build their engines."""
+from __future__ import annotations
+
+from weave_jax import Engine, RunConfig
+
+# name -> (communication backend, weave)
+VARIANTS = {
+    "baseline": ("psum", False),
+    "psum+weave": ("psum", True),
+    "rs_ag": ("rs_ag", False),
+    "rs_ag+weave": ("rs_ag", True),
+    "fused": ("fused_p2p", False),
+    "fused+weave": ("fused_p2p", True),
+    "nocomm": ("nocomm", False),
+}
+
+
+def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
+               weave_min_tokens: int | None = None, logits: str = "last") -> Engine:
+  backend, weave = VARIANTS[variant]
+  opts = (("ctas", ctas),) if backend.startswith("fused") and ctas else ()
+  kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
+  return Engine(model, mesh, RunConfig(backend=backend, backend_options=opts, weave=weave,
+                                       logits=logits, **kw))

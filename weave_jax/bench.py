@@ -1,0 +1,71 @@
+"""Benchmark harness: timing (warm-up + median), model FLOPs, and the device's matmul ceiling."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from weave_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  median_ms: float
+  min_ms: float
+  spread: float          # (p90 - p10) / median: how noisy the samples were
+  samples: int
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, iters: int = 20) -> Timing:
+  """Median wall time of ``fn()`` (each call blocked until its outputs are ready)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - t0) * 1e3)
+  times.sort()
+  med = statistics.median(times)
+  p10, p90 = times[len(times) // 10], times[(9 * len(times)) // 10 - (1 if len(times) >= 10 else 0)]
+  if med <= 0:
+    raise RuntimeError("time_fn: non-positive median time; refusing to report it")
+  return Timing(med, times[0], (p90 - p10) / med, len(times))
+
+
+def layer_flops_per_rank(cfg: ModelConfig, tokens: int, tp: int) -> float:
+  """Model FLOPs of one decoder layer on one rank for a causal prefill of ``tokens`` tokens.
+
+  GEMMs count 2*M*N*K; attention counts QK^T and PV over the causal half (2*T^2*D per head).
+  """
+  h, d, t = cfg.hidden_size, cfg.head_dim, tokens
+  n, k = cfg.num_heads // tp, cfg.num_kv_heads // tp
+  qkv = 2 * t * h * (n + 2 * k) * d
+  o = 2 * t * n * d * h
+  f = cfg.intermediate_size
+  if cfg.is_moe:
+    mlp = 2 * t * cfg.experts_per_token * 3 * h * f / tp
+  else:
+    mlp = 2 * t * 3 * h * f / tp
+  attn = 2 * t * t * d * n   # causal: half of 4*T^2*D
+  return float(qkv + o + mlp + attn)
+
+
+def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 20) -> float:
+  """Measured bf16 matmul rate of one device (TFLOP/s), on random data (never zeros)."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  t = time_fn(lambda: f(a, b), warmup=3, iters=iters)
+  return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
+
+
+def progress(msg: str) -> None:
+  """One line of progress on stderr (the table goes to stdout)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
