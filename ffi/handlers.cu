@@ -1,0 +1,229 @@
+// XLA FFI handlers of the fused AllReduce + residual + RMSNorm kernel.
+//
+//   weave_fused_ran         one call: normed, new_residual            (kernel on XLA's stream)
+//   weave_fused_ran_graph   the same handler, marked command-buffer compatible
+//   weave_fused_start       kernel on the library's side stream; results stay in the workspace
+//                           slot `slot`; returns a 1-element token
+//   weave_fused_done        takes the token AND start's inputs (so XLA keeps them alive), waits
+//                           for the side stream, copies the slot into normed / new_residual
+//
+// Handlers look the workspace up by device ordinal and return ffi::Error (every message starts
+// with the op's name); Python validates the same things before launch with friendlier errors.
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "fused_reduce_add_norm.cuh"
+#include "workspace.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTransportPeer = 0;
+constexpr int kTransportMultimem = 1;
+
+ffi::Error op_error(const char* op, const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
+}
+
+ffi::Error cuda_error(const char* op, const char* what, cudaError_t e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string(op) + ": " + what + ": " + cudaGetErrorString(e));
+}
+
+bool is_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(s, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
+}
+
+// Validates shapes against the workspace and fills the kernel parameters.
+ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
+                   ffi::AnyBuffer weight, float eps, int32_t ctas, int32_t slot, int32_t transport,
+                   weave::KernelParams* p, weave::DeviceWorkspace** ws_out) {
+  if (ordinal < 0 || ordinal >= weave::kMaxDevices || !weave::workspace(ordinal).ready)
+    return op_error(op, "workspace not initialised on device " + std::to_string(ordinal));
+  weave::DeviceWorkspace& w = weave::workspace(ordinal);
+  const auto dt = partial.element_type();
+  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16)
+    return op_error(op, "dtype must be bf16 or f16");
+  if (residual.element_type() != dt || weight.element_type() != dt)
+    return op_error(op, "partial, residual and weight must share one dtype");
+  auto pd = partial.dimensions();
+  auto rd = residual.dimensions();
+  if (pd.size() != 2 || rd.size() != 2 || weight.dimensions().size() != 1)
+    return op_error(op, "expected partial (T, H), residual (S, H), weight (H,)");
+  const int64_t T = pd[0], H = pd[1];
+  const int64_t S = (T + w.world - 1) / w.world;
+  if (H % 8 != 0 || H > w.hidden || H > weave::kMaxHidden)
+    return op_error(op, "hidden " + std::to_string(H) + " must be a multiple of 8 and <= " +
+                            std::to_string(w.hidden));
+  if (T < 1 || T > w.max_tokens)
+    return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
+  if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
+    return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
+  if (ctas < weave::kMinCtas || ctas > weave::kMaxCtas)
+    return op_error(op, "ctas " + std::to_string(ctas) + " outside 2..32");
+  if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
+  if (transport == kTransportMultimem && w.mc_in == nullptr)
+    return op_error(op, "multimem transport requested but the workspace has no multicast buffers");
+  *p = weave::KernelParams{};
+  p->partial = partial.untyped_data();
+  p->residual = residual.untyped_data();
+  p->weight = weight.untyped_data();
+  for (int q = 0; q < w.world; ++q) {
+    p->in_slots[q] = w.peer_in[q];
+    p->out_slots[q] = w.peer_out[slot][q];
+    p->pads[q] = w.peer_pads[q];
+  }
+  p->in_mc = w.mc_in;
+  p->out_mc = w.mc_out[slot];
+  p->epochs = w.epochs;
+  p->claim = w.claim;
+  p->err = w.err_dev;
+  p->tokens = T;
+  p->hidden = H;
+  p->shard = S;
+  p->rank = w.rank;
+  p->world = w.world;
+  p->eps = eps;
+  p->timeout_ns = w.timeout_ns;
+  *ws_out = &w;
+  return ffi::Error::Success();
+}
+
+cudaError_t launch(const weave::KernelParams& p, bool bf16, int32_t transport, int32_t ctas,
+                   cudaStream_t s) {
+  void (*kernel)(const weave::KernelParams);
+  if (transport == kTransportMultimem) {
+    kernel = bf16 ? weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::MultimemTransport>
+                  : weave::fused_reduce_add_norm_kernel<__half, weave::MultimemTransport>;
+  } else {
+    kernel = bf16 ? weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport>
+                  : weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport>;
+  }
+  kernel<<<ctas, weave::kThreads, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
+                   ffi::AnyBuffer residual, ffi::AnyBuffer weight,
+                   ffi::Result<ffi::AnyBuffer> normed, ffi::Result<ffi::AnyBuffer> new_residual,
+                   float eps, int32_t ctas, int32_t transport) {
+  constexpr const char* op = "weave_fused_ran";
+  weave::KernelParams p;
+  weave::DeviceWorkspace* w;
+  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, 0, transport, &p, &w);
+      err.failure())
+    return err;
+  p.normed = normed->untyped_data();
+  p.new_residual = new_residual->untyped_data();
+  // Serialize with fused kernels on other streams (start/done's side stream, compute_on
+  // streams): they share in_slot and the signal pads.  Not possible under graph capture, where
+  // an outside event cannot be waited on; there the program order of one stream serializes.
+  const bool capturing = is_capturing(stream);
+  if (!capturing) cudaStreamWaitEvent(stream, w->ev_last, 0);
+  if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, stream);
+      e != cudaSuccess)
+    return cuda_error(op, "kernel launch", e);
+  if (!capturing) cudaEventRecord(w->ev_last, stream);
+  return ffi::Error::Success();
+}
+
+ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
+                     ffi::AnyBuffer residual, ffi::AnyBuffer weight,
+                     ffi::Result<ffi::AnyBuffer> token, float eps, int32_t ctas, int32_t slot,
+                     int32_t transport) {
+  constexpr const char* op = "weave_fused_start";
+  weave::KernelParams p;
+  weave::DeviceWorkspace* w;
+  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, &p, &w);
+      err.failure())
+    return err;
+  p.normed = nullptr;  // results stay in out_slot[slot]; done copies them
+  p.new_residual = w->res_slot[slot];
+  if (is_capturing(stream)) return op_error(op, "not supported under CUDA graph capture");
+  cudaEventRecord(w->ev_inputs, stream);
+  cudaStreamWaitEvent(w->side, w->ev_inputs, 0);
+  cudaStreamWaitEvent(w->side, w->ev_last, 0);
+  if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, w->side);
+      e != cudaSuccess)
+    return cuda_error(op, "kernel launch", e);
+  cudaEventRecord(w->ev_done[slot], w->side);
+  cudaEventRecord(w->ev_last, w->side);
+  if (cudaError_t e = cudaMemsetAsync(token->untyped_data(), 0, token->size_bytes(), stream);
+      e != cudaSuccess)
+    return cuda_error(op, "token", e);
+  return ffi::Error::Success();
+}
+
+ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
+                    ffi::AnyBuffer partial, ffi::AnyBuffer residual, ffi::AnyBuffer weight,
+                    ffi::Result<ffi::AnyBuffer> normed, ffi::Result<ffi::AnyBuffer> new_residual,
+                    int32_t slot) {
+  constexpr const char* op = "weave_fused_done";
+  (void)token;
+  (void)weight;
+  if (ordinal < 0 || ordinal >= weave::kMaxDevices || !weave::workspace(ordinal).ready)
+    return op_error(op, "workspace not initialised on device " + std::to_string(ordinal));
+  weave::DeviceWorkspace& w = weave::workspace(ordinal);
+  if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
+  if (cudaError_t e = cudaStreamWaitEvent(stream, w.ev_done[slot], 0); e != cudaSuccess)
+    return cuda_error(op, "wait", e);
+  if (cudaError_t e = cudaMemcpyAsync(normed->untyped_data(), w.out_slot[slot], partial.size_bytes(),
+                                      cudaMemcpyDeviceToDevice, stream);
+      e != cudaSuccess)
+    return cuda_error(op, "copy normed", e);
+  if (cudaError_t e = cudaMemcpyAsync(new_residual->untyped_data(), w.res_slot[slot],
+                                      residual.size_bytes(), cudaMemcpyDeviceToDevice, stream);
+      e != cudaSuccess)
+    return cuda_error(op, "copy residual", e);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// clang-format off
+#define WEAVE_RAN_BINDING                                                                     \
+  ffi::Ffi::Bind()                                                                            \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()  /* XLA's compute stream */                  \
+      .Ctx<ffi::DeviceOrdinal>()                 /* selects the workspace */                  \
+      .Arg<ffi::AnyBuffer>()                     /* partial (T, H) */                         \
+      .Arg<ffi::AnyBuffer>()                     /* residual (S, H), S = ceil(T / world) */   \
+      .Arg<ffi::AnyBuffer>()                     /* weight (H,) */                            \
+      .Ret<ffi::AnyBuffer>()                     /* normed (T, H), replicated */              \
+      .Ret<ffi::AnyBuffer>()                     /* new residual (S, H) */                    \
+      .Attr<float>("eps")                        /* RMSNorm epsilon */                        \
+      .Attr<int32_t>("ctas")                     /* grid size, 2..32, same on every rank */   \
+      .Attr<int32_t>("transport")                /* 0 peer, 1 multimem */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran, RanImpl, WEAVE_RAN_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran_graph, RanImpl, WEAVE_RAN_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_start, StartImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()   // partial (T, H)
+                                  .Arg<ffi::AnyBuffer>()   // residual (S, H)
+                                  .Arg<ffi::AnyBuffer>()   // weight (H,)
+                                  .Ret<ffi::AnyBuffer>()   // token u32[1]
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("ctas")
+                                  .Attr<int32_t>("slot")   // workspace output slot
+                                  .Attr<int32_t>("transport"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_done, DoneImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()   // token from start
+                                  .Arg<ffi::AnyBuffer>()   // start's partial (kept alive)
+                                  .Arg<ffi::AnyBuffer>()   // start's residual (kept alive)
+                                  .Arg<ffi::AnyBuffer>()   // start's weight (kept alive)
+                                  .Ret<ffi::AnyBuffer>()   // normed (T, H)
+                                  .Ret<ffi::AnyBuffer>()   // new residual (S, H)
+                                  .Attr<int32_t>("slot"));
+// clang-format on

@@ -1,0 +1,291 @@
+// Workspace of the fused kernel: allocation per device (cudaMalloc, outside XLA's allocator),
+// peer wiring (one process: peer pointers; one process per GPU: CUDA IPC), the peer-access
+// probe, error records, and the C API that weave_jax.fused calls through ctypes.
+//
+// Memory footprint per device, with Tmax max tokens, H hidden, B bytes per element (2),
+// world ranks and num_slots output slots (default 2):
+//   in_slot                      Tmax * H * B
+//   out_slot   x num_slots       Tmax * H * B each
+//   res_slot   x num_slots       ceil(Tmax / world) * H * B each    (start/done mode)
+//   pads + epochs + claim        2 KiB + 128 B + 4 B
+//   error record                 24 B of pinned host memory (mapped)
+// e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 = 2 GiB.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "workspace.h"
+
+namespace weave {
+
+static DeviceWorkspace g_workspaces[kMaxDevices];
+
+DeviceWorkspace& workspace(int ordinal) { return g_workspaces[ordinal]; }
+
+}  // namespace weave
+
+using weave::DeviceWorkspace;
+
+#define WS_CHECK(call)                                                                     \
+  do {                                                                                     \
+    cudaError_t e_ = (call);                                                               \
+    if (e_ != cudaSuccess) {                                                               \
+      snprintf(errbuf, errlen, "%s: %s failed: %s (%s:%d)", __func__, #call,               \
+               cudaGetErrorString(e_), __FILE__, __LINE__);                                \
+      return -1;                                                                           \
+    }                                                                                      \
+  } while (0)
+
+namespace {
+
+__global__ void probe_kernel(uint32_t* peer, uint32_t* readback, uint32_t seed, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) peer[i] = seed ^ (static_cast<uint32_t>(i) * 2654435761u);
+  __threadfence_system();
+  __syncthreads();
+  if (i < n) readback[i] = static_cast<volatile uint32_t*>(peer)[i];
+}
+
+int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t max_tokens,
+                int64_t hidden, int dtype_bytes, int num_slots, char* errbuf, int errlen) {
+  w = DeviceWorkspace{};
+  w.ordinal = ordinal;
+  w.rank = rank;
+  w.world = world;
+  w.max_tokens = max_tokens;
+  w.hidden = hidden;
+  w.dtype_bytes = dtype_bytes;
+  w.num_slots = num_slots;
+  const size_t slot = static_cast<size_t>(max_tokens) * hidden * dtype_bytes;
+  const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
+  WS_CHECK(cudaSetDevice(ordinal));
+  WS_CHECK(cudaMalloc(&w.in_slot, slot));
+  for (int s = 0; s < num_slots; ++s) {
+    WS_CHECK(cudaMalloc(&w.out_slot[s], slot));
+    WS_CHECK(cudaMalloc(&w.res_slot[s], res));
+  }
+  WS_CHECK(cudaMalloc(&w.pads, weave::kPadWords * sizeof(uint32_t)));
+  WS_CHECK(cudaMemset(w.pads, 0, weave::kPadWords * sizeof(uint32_t)));
+  WS_CHECK(cudaMalloc(&w.epochs, weave::kMaxCtas * sizeof(uint32_t)));
+  WS_CHECK(cudaMemset(w.epochs, 0, weave::kMaxCtas * sizeof(uint32_t)));
+  WS_CHECK(cudaMalloc(&w.claim, sizeof(int32_t)));
+  WS_CHECK(cudaMemset(w.claim, 0, sizeof(int32_t)));
+  WS_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&w.err_host), sizeof(weave::ErrorRecord),
+                         cudaHostAllocMapped | cudaHostAllocPortable));
+  memset(w.err_host, 0, sizeof(weave::ErrorRecord));
+  WS_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&w.err_dev), w.err_host, 0));
+  WS_CHECK(cudaStreamCreateWithFlags(&w.side, cudaStreamNonBlocking));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
+  for (int s = 0; s < num_slots; ++s)
+    WS_CHECK(cudaEventCreateWithFlags(&w.ev_done[s], cudaEventDisableTiming));
+  // ev_last must have been recorded once before anyone waits on it
+  WS_CHECK(cudaEventRecord(w.ev_last, w.side));
+  WS_CHECK(cudaDeviceSynchronize());
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// One process driving `n` devices; ordinals[i] is rank i.  Enables peer access between every
+// pair and fills the peer pointers.  Returns 0, or -1 with a message in errbuf.
+int weave_ws_init_local(int n, const int* ordinals, int64_t max_tokens, int64_t hidden,
+                        int dtype_bytes, int num_slots, char* errbuf, int errlen) {
+  if (n < 2 || n > weave::kMaxRanks || num_slots < 1 || num_slots > weave::kMaxSlots) {
+    snprintf(errbuf, errlen, "weave_ws_init_local: bad world %d or num_slots %d", n, num_slots);
+    return -1;
+  }
+  for (int i = 0; i < n; ++i) {
+    if (alloc_local(weave::workspace(ordinals[i]), ordinals[i], i, n, max_tokens, hidden,
+                    dtype_bytes, num_slots, errbuf, errlen) != 0)
+      return -1;
+  }
+  for (int i = 0; i < n; ++i) {
+    WS_CHECK(cudaSetDevice(ordinals[i]));
+    for (int j = 0; j < n; ++j) {
+      if (i == j) continue;
+      int can = 0;
+      WS_CHECK(cudaDeviceCanAccessPeer(&can, ordinals[i], ordinals[j]));
+      if (!can) {
+        snprintf(errbuf, errlen, "weave_ws_init_local: device %d cannot access peer %d",
+                 ordinals[i], ordinals[j]);
+        return -2;
+      }
+      cudaError_t e = cudaDeviceEnablePeerAccess(ordinals[j], 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled) {
+        cudaGetLastError();  // already on (XLA may have enabled it): fine
+      } else if (e != cudaSuccess) {
+        snprintf(errbuf, errlen, "weave_ws_init_local: cudaDeviceEnablePeerAccess(%d -> %d): %s",
+                 ordinals[i], ordinals[j], cudaGetErrorString(e));
+        return -2;
+      }
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    DeviceWorkspace& w = weave::workspace(ordinals[i]);
+    for (int j = 0; j < n; ++j) {
+      const DeviceWorkspace& p = weave::workspace(ordinals[j]);
+      w.peer_in[j] = p.in_slot;
+      w.peer_pads[j] = p.pads;
+      for (int s = 0; s < num_slots; ++s) w.peer_out[s][j] = p.out_slot[s];
+    }
+    w.ready = true;
+  }
+  return 0;
+}
+
+// Real write/read-back through peer pointers: device i's kernel writes a pattern into device
+// j's out_slot[0] and reads it back; the host then checks both the read-back and j's memory.
+// Returns 0 when every pair works, -2 when a pair gives wrong data, -1 on a CUDA error.
+int weave_ws_probe(int n, const int* ordinals, char* errbuf, int errlen) {
+  constexpr int kWords = 1024;
+  uint32_t host[kWords];
+  for (int i = 0; i < n; ++i) {
+    DeviceWorkspace& w = weave::workspace(ordinals[i]);
+    for (int j = 0; j < n; ++j) {
+      if (i == j) continue;
+      const uint32_t seed = 0x9e3779b9u * (i * weave::kMaxRanks + j + 1);
+      uint32_t* readback = nullptr;
+      WS_CHECK(cudaSetDevice(ordinals[i]));
+      WS_CHECK(cudaMalloc(&readback, kWords * sizeof(uint32_t)));
+      probe_kernel<<<kWords / 256, 256>>>(static_cast<uint32_t*>(w.peer_out[0][j]), readback, seed,
+                                          kWords);
+      WS_CHECK(cudaGetLastError());
+      WS_CHECK(cudaDeviceSynchronize());
+      WS_CHECK(cudaMemcpy(host, readback, sizeof(host), cudaMemcpyDeviceToHost));
+      WS_CHECK(cudaFree(readback));
+      for (int k = 0; k < kWords; ++k) {
+        if (host[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) {
+          snprintf(errbuf, errlen, "peer probe: device %d read back wrong data from device %d",
+                   ordinals[i], ordinals[j]);
+          return -2;
+        }
+      }
+      WS_CHECK(cudaSetDevice(ordinals[j]));
+      WS_CHECK(cudaMemcpy(host, weave::workspace(ordinals[j]).out_slot[0], sizeof(host),
+                          cudaMemcpyDeviceToHost));
+      for (int k = 0; k < kWords; ++k) {
+        if (host[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) {
+          snprintf(errbuf, errlen, "peer probe: device %d's stores did not land on device %d",
+                   ordinals[i], ordinals[j]);
+          return -2;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// ---- one process per GPU (jax.distributed): CUDA IPC.  UNVERIFIED on GPUs in this project:
+// written against the CUDA IPC API and the exchange DESIGN.md saw working, never run here.
+constexpr int kIpcHandles = 2 + weave::kMaxSlots;  // in_slot, pads, out_slot[kMaxSlots]
+
+int weave_ws_ipc_handle_bytes() { return kIpcHandles * static_cast<int>(sizeof(cudaIpcMemHandle_t)); }
+
+// Allocate this process's workspace and export its handles into `handles_out`
+// (weave_ws_ipc_handle_bytes() bytes).
+int weave_ws_init_ipc_export(int ordinal, int rank, int world, int64_t max_tokens, int64_t hidden,
+                             int dtype_bytes, int num_slots, uint8_t* handles_out, char* errbuf,
+                             int errlen) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (alloc_local(w, ordinal, rank, world, max_tokens, hidden, dtype_bytes, num_slots, errbuf,
+                  errlen) != 0)
+    return -1;
+  cudaIpcMemHandle_t h[kIpcHandles] = {};
+  WS_CHECK(cudaIpcGetMemHandle(&h[0], w.in_slot));
+  WS_CHECK(cudaIpcGetMemHandle(&h[1], w.pads));
+  for (int s = 0; s < num_slots; ++s) WS_CHECK(cudaIpcGetMemHandle(&h[2 + s], w.out_slot[s]));
+  memcpy(handles_out, h, sizeof(h));
+  return 0;
+}
+
+// Open every peer's handles (all_handles: world blocks of weave_ws_ipc_handle_bytes(), in rank
+// order) and mark the workspace ready.
+int weave_ws_init_ipc_open(int ordinal, const uint8_t* all_handles, char* errbuf, int errlen) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  WS_CHECK(cudaSetDevice(ordinal));
+  for (int q = 0; q < w.world; ++q) {
+    if (q == w.rank) {
+      w.peer_in[q] = w.in_slot;
+      w.peer_pads[q] = w.pads;
+      for (int s = 0; s < w.num_slots; ++s) w.peer_out[s][q] = w.out_slot[s];
+      continue;
+    }
+    cudaIpcMemHandle_t h[kIpcHandles];
+    memcpy(h, all_handles + q * sizeof(h), sizeof(h));
+    WS_CHECK(cudaIpcOpenMemHandle(&w.peer_in[q], h[0], cudaIpcMemLazyEnablePeerAccess));
+    WS_CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&w.peer_pads[q]), h[1],
+                                  cudaIpcMemLazyEnablePeerAccess));
+    for (int s = 0; s < w.num_slots; ++s)
+      WS_CHECK(cudaIpcOpenMemHandle(&w.peer_out[s][q], h[2 + s], cudaIpcMemLazyEnablePeerAccess));
+  }
+  w.ipc = true;
+  w.ready = true;
+  return 0;
+}
+
+// Free every workspace (peers' IPC mappings closed first).  Safe to call twice.
+int weave_ws_free_all(char* errbuf, int errlen) {
+  for (int d = 0; d < weave::kMaxDevices; ++d) {
+    DeviceWorkspace& w = weave::workspace(d);
+    if (w.ordinal < 0) continue;
+    cudaSetDevice(d);
+    cudaDeviceSynchronize();
+    if (w.ipc) {
+      for (int q = 0; q < w.world; ++q) {
+        if (q == w.rank) continue;
+        if (w.peer_in[q]) cudaIpcCloseMemHandle(w.peer_in[q]);
+        if (w.peer_pads[q]) cudaIpcCloseMemHandle(w.peer_pads[q]);
+        for (int s = 0; s < w.num_slots; ++s)
+          if (w.peer_out[s][q]) cudaIpcCloseMemHandle(w.peer_out[s][q]);
+      }
+    }
+    if (w.mc_in == nullptr) {  // VMM (multicast) buffers are released with the process
+      cudaFree(w.in_slot);
+      for (int s = 0; s < w.num_slots; ++s) cudaFree(w.out_slot[s]);
+    }
+    for (int s = 0; s < w.num_slots; ++s) {
+      cudaFree(w.res_slot[s]);
+      if (w.ev_done[s]) cudaEventDestroy(w.ev_done[s]);
+    }
+    cudaFree(w.pads);
+    cudaFree(w.epochs);
+    cudaFree(w.claim);
+    if (w.err_host) cudaFreeHost(w.err_host);
+    if (w.ev_inputs) cudaEventDestroy(w.ev_inputs);
+    if (w.ev_last) cudaEventDestroy(w.ev_last);
+    if (w.side) cudaStreamDestroy(w.side);
+    w = DeviceWorkspace{};
+  }
+  cudaGetLastError();
+  (void)errbuf;
+  (void)errlen;
+  return 0;
+}
+
+// Host-mapped error record of `ordinal`: out = {code, rank, peer, barrier, block, epoch}.
+// Plain host memory, so it is readable after the context died of the kernel's trap.
+int weave_ws_read_error(int ordinal, int32_t* out) {
+  const DeviceWorkspace& w = weave::workspace(ordinal);
+  if (w.err_host == nullptr) return -1;
+  const volatile weave::ErrorRecord* e = w.err_host;
+  out[0] = e->code;
+  out[1] = e->rank;
+  out[2] = e->peer;
+  out[3] = e->barrier;
+  out[4] = e->block;
+  out[5] = static_cast<int32_t>(e->epoch);
+  return 0;
+}
+
+int weave_ws_set_timeout_ms(int ordinal, double ms) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (w.ordinal < 0) return -1;
+  w.timeout_ns = static_cast<uint64_t>(ms * 1e6);
+  return 0;
+}
+
+}  // extern "C"

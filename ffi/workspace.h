@@ -1,0 +1,53 @@
+// Per-device workspace of the fused AllReduce + RMSNorm kernel: what the FFI handlers look up
+// by device ordinal.  Allocation, peer/IPC wiring and the C API live in workspace.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "fused_reduce_add_norm.cuh"
+
+namespace weave {
+
+constexpr int kMaxDevices = 64;
+constexpr int kMaxSlots = 4;
+
+struct DeviceWorkspace {
+  bool ready = false;
+  bool ipc = false;          // peers' buffers opened from CUDA IPC handles
+  int ordinal = -1;
+  int rank = -1;
+  int world = 0;
+  int64_t max_tokens = 0;    // Tmax
+  int64_t hidden = 0;        // H
+  int dtype_bytes = 2;
+  int num_slots = 0;
+  // local allocations (cudaMalloc on this device)
+  void* in_slot = nullptr;                  // (Tmax, H)
+  void* out_slot[kMaxSlots] = {};           // (Tmax, H) each
+  void* res_slot[kMaxSlots] = {};           // (ceil(Tmax / world), H) each
+  uint32_t* pads = nullptr;                 // kPadWords
+  uint32_t* epochs = nullptr;               // kMaxCtas
+  int32_t* claim = nullptr;                 // 1 word
+  ErrorRecord* err_host = nullptr;          // cudaHostAllocMapped
+  ErrorRecord* err_dev = nullptr;           // its device alias
+  // as seen from this device: every rank's buffers (own ones included)
+  void* peer_in[kMaxRanks] = {};
+  void* peer_out[kMaxSlots][kMaxRanks] = {};
+  uint32_t* peer_pads[kMaxRanks] = {};
+  // multicast addresses (MultimemTransport only; set by the gated creator)
+  void* mc_in = nullptr;
+  void* mc_out[kMaxSlots] = {};
+  // streams and events
+  cudaStream_t side = nullptr;              // library-owned stream for start/done
+  cudaEvent_t ev_inputs = nullptr;          // XLA stream -> side stream (start's inputs ready)
+  cudaEvent_t ev_done[kMaxSlots] = {};      // side stream -> XLA stream (slot results ready)
+  cudaEvent_t ev_last = nullptr;            // last fused kernel on this device, any stream
+  uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
+};
+
+DeviceWorkspace& workspace(int ordinal);
+
+}  // namespace weave

@@ -1,0 +1,85 @@
+"""The fused backends: one CUDA kernel does reduce-scatter, residual add, RMSNorm, all-gather.
+
+- ``FusedP2P`` ("fused_p2p"): NVLink peer loads/stores (runs wherever peer access works).
+- ``FusedMultimem`` ("fused_multimem"): NVLS multicast; needs a workspace built with
+  ``transport="multimem"``, which only the multicast gate can create (opt-in, never on hosts
+  that disable NVLS).
+
+Both keep the residual sharded by token (``residual_sharded=True``): local residual is
+(T // tp, H).  Call ``weave_jax.fused.init_workspace`` before tracing.  If the workspace's
+peer write/read-back probe failed, the backend computes ``rs_ag`` instead and warns once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from weave_jax.comm.base import AXIS, CommBackend, add_norm
+from weave_jax.fused import _lib
+from weave_jax.fused import ops
+from weave_jax.fused import workspace as ws_lib
+
+_warned: set[str] = set()
+_slots = itertools.count()
+
+
+def _rs_ag(partial, residual, weight, *, eps):
+  """rs_ag math (fallback): reduce-scatter in fp32, add + norm on 1/tp tokens, all-gather."""
+  reduced = jax.lax.psum_scatter(partial.astype(jnp.float32), AXIS, scatter_dimension=0,
+                                 tiled=True)
+  normed, new_residual = add_norm(reduced, residual, weight, eps)
+  return jax.lax.all_gather(normed, AXIS, axis=0, tiled=True), new_residual
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedP2P(CommBackend):
+  name: str = "fused_p2p"
+  residual_sharded: bool = True
+  #: thread blocks of the kernel (2..32); the kernel uses only these SMs.
+  ctas: int = 16
+  transport: ClassVar[str] = "peer"
+
+  def _fused_ok(self) -> bool:
+    _lib.load()  # raises FusedUnavailableError with build instructions
+    ws = ws_lib.current()
+    if ws is None or ws.peer_ok:
+      return True  # an uninitialised workspace raises in validation
+    if self.name not in _warned:
+      _warned.add(self.name)
+      warnings.warn(f"{self.name}: peer access probe failed ({ws.probe_message}); using rs_ag "
+                    "(XLA reduce-scatter + norm + all-gather) instead", RuntimeWarning,
+                    stacklevel=3)
+    return False
+
+  def reduce_add_norm(self, partial, residual, weight, *, eps: float):
+    if not self._fused_ok():
+      return _rs_ag(partial, residual, weight, eps=eps)
+    return ops.fused_reduce_add_norm(partial, residual, weight, eps=eps, ctas=self.ctas,
+                                     transport=self.transport)
+
+  def start(self, partial, residual, weight, *, eps: float):
+    """Launches on the library's side stream; slots rotate so ``num_slots`` may be in flight."""
+    if not self._fused_ok():
+      return ("done", _rs_ag(partial, residual, weight, eps=eps))
+    slot = next(_slots) % ws_lib.current().num_slots
+    token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.ctas, slot=slot,
+                            transport=self.transport)
+    return ("pending", (token, partial, residual, weight, slot))
+
+  def done(self, handle):
+    state, payload = handle
+    if state == "done":
+      return payload
+    token, partial, residual, weight, slot = payload
+    return ops.fused_done(token, partial, residual, weight, slot=slot)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedMultimem(FusedP2P):
+  name: str = "fused_multimem"
+  transport: ClassVar[str] = "multimem"

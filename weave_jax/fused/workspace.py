@@ -1,0 +1,221 @@
+"""Workspace of the fused kernel: explicit init, peer probe, error records, free at exit.
+
+The workspace lives outside XLA's allocator (cudaMalloc in ``ffi/workspace.cu``), one per
+device, and the FFI handlers find it by device ordinal.  Footprint per device (Tmax tokens,
+H hidden, 2-byte dtype, ``num_slots`` slots, ``world`` ranks)::
+
+    (1 + num_slots) * Tmax * H * 2  +  num_slots * ceil(Tmax / world) * H * 2  +  ~2.2 KiB
+
+e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 2 GiB per device.
+
+One process driving every GPU: peer pointers (peer access enabled).  One process per GPU
+(``jax.distributed``): CUDA IPC handles exchanged through the distributed runtime's key-value
+store — that path is UNVERIFIED (never run on GPUs in this project; see ``_init_ipc``).
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import dataclasses
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from weave_jax.fused import _lib
+
+ENV_TIMEOUT_MS = "WEAVE_FUSED_TIMEOUT_MS"
+DEFAULT_TIMEOUT_MS = 10_000.0
+BARRIER_NAMES = {0: "start (inputs published)", 1: "end (outputs delivered)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+  """What Python knows of the initialised workspace (the C++ side holds the pointers)."""
+
+  ordinals: tuple[int, ...]   # local CUDA ordinals, in rank order (this process's only)
+  ranks: tuple[int, ...]      # rank of each ordinal above
+  world: int
+  max_tokens: int
+  hidden: int
+  dtype: np.dtype
+  num_slots: int
+  mode: str                   # "local" (peer pointers) or "ipc" (one process per GPU)
+  transport: str              # "peer" or "multimem"
+  peer_ok: bool               # the write/read-back probe passed
+  probe_message: str = ""
+
+
+_WORKSPACE: Workspace | None = None
+_IPC_GENERATION = itertools.count()
+
+
+class FusedTimeoutError(RuntimeError):
+  """A fused kernel's barrier timed out: a peer never arrived."""
+
+
+def current() -> Workspace | None:
+  return _WORKSPACE
+
+
+def _devices_in_rank_order(devices_or_mesh) -> list:
+  if isinstance(devices_or_mesh, jax.sharding.Mesh):
+    mesh = devices_or_mesh
+    if any(size != 1 for name, size in mesh.shape.items() if name != "tp"):
+      raise ValueError(f"init_workspace: mesh {dict(mesh.shape)} must have only the 'tp' axis > 1")
+    return list(mesh.devices.flat)
+  return list(devices_or_mesh)
+
+
+def init_workspace(devices_or_mesh, *, max_tokens: int, hidden: int, dtype=jnp.bfloat16,
+                   num_slots: int = 2, timeout_ms: float | None = None,
+                   transport: str = "peer") -> Workspace:
+  """Allocates the workspace on every device of the TP group and proves peer access.
+
+  Args:
+    devices_or_mesh: jax devices in rank order, or a Mesh whose only non-trivial axis is "tp".
+    max_tokens: largest token count T of any later call.
+    hidden: largest hidden size H (multiple of 8, <= 32768).
+    dtype: bf16 or fp16: the dtype of every later call.
+    num_slots: output slots for start/done calls in flight at once (1..4).
+    timeout_ms: barrier spin limit; default $WEAVE_FUSED_TIMEOUT_MS or 10 s.
+    transport: "peer" (NVLink peer loads/stores) or "multimem" (NVLS; passes the multicast gate,
+      which refuses unless WEAVE_ENABLE_MULTIMEM=1 and nothing disables NVLS).
+
+  Returns the Workspace record.  When the peer probe fails, ``peer_ok`` is False and the fused
+  backends fall back to rs_ag with one warning.
+  """
+  global _WORKSPACE
+  op = "init_workspace"
+  lib = _lib.load()
+  if _WORKSPACE is not None:
+    free_workspace()
+  devices = _devices_in_rank_order(devices_or_mesh)
+  world = len(devices)
+  dtype = np.dtype(dtype)
+  if not 2 <= world <= 8:
+    raise ValueError(f"{op}: world size {world} outside 2..8")
+  if hidden % 8 or not 8 <= hidden <= 32768:
+    raise ValueError(f"{op}: hidden={hidden} must be a multiple of 8 in 8..32768")
+  if max_tokens < 1:
+    raise ValueError(f"{op}: max_tokens={max_tokens} must be >= 1")
+  if dtype not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+    raise ValueError(f"{op}: dtype={dtype} must be bfloat16 or float16")
+  if not 1 <= num_slots <= 4:
+    raise ValueError(f"{op}: num_slots={num_slots} outside 1..4")
+  if transport not in ("peer", "multimem"):
+    raise ValueError(f"{op}: transport={transport!r} must be 'peer' or 'multimem'")
+  if any(d.platform != "gpu" for d in devices):
+    raise ValueError(f"{op}: every device must be a CUDA GPU, got {devices}")
+  timeout = float(timeout_ms if timeout_ms is not None
+                  else os.environ.get(ENV_TIMEOUT_MS, DEFAULT_TIMEOUT_MS))
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  ordinals = tuple(d.local_hardware_id for d in local)
+  ranks = tuple(devices.index(d) for d in local)
+  err = _lib.errbuf()
+  if len(local) == world:
+    mode = "local"
+    arr = (ctypes.c_int * world)(*ordinals)
+    rc = lib.weave_ws_init_local(world, arr, max_tokens, hidden, dtype.itemsize, num_slots, err,
+                                 len(err))
+    peer_ok, message = rc == 0, err.value.decode()
+    if rc == -1:
+      raise RuntimeError(f"{op}: {message}")
+    if peer_ok:
+      rc = lib.weave_ws_probe(world, arr, err, len(err))
+      peer_ok, message = rc == 0, err.value.decode()
+      if rc == -1:
+        raise RuntimeError(f"{op}: {message}")
+  elif len(local) == 1:
+    mode = "ipc"
+    _init_ipc(lib, ordinals[0], ranks[0], world, max_tokens, hidden, dtype.itemsize, num_slots)
+    peer_ok, message = True, "ipc path: no probe (unverified)"
+  else:
+    raise ValueError(f"{op}: this process holds {len(local)} of {world} devices; "
+                     "use one process for all or one device per process")
+  for o in ordinals:
+    lib.weave_ws_set_timeout_ms(o, timeout)
+  if transport == "multimem":
+    if mode != "local":
+      raise NotImplementedError(f"{op}: multimem transport is single-process only")
+    arr = (ctypes.c_int * world)(*ordinals)
+    rc = lib.weave_multicast_create(world, arr, err, len(err))
+    if rc != 0:
+      free_workspace()
+      raise RuntimeError(f"{op}: {err.value.decode()}")
+  _WORKSPACE = Workspace(ordinals=ordinals, ranks=ranks, world=world, max_tokens=max_tokens,
+                         hidden=hidden, dtype=dtype, num_slots=num_slots, mode=mode,
+                         transport=transport, peer_ok=peer_ok, probe_message=message)
+  return _WORKSPACE
+
+
+def _init_ipc(lib, ordinal, rank, world, max_tokens, hidden, itemsize, num_slots) -> None:
+  """One process per GPU: export this rank's handles, fetch every peer's from the KV store.
+
+  UNVERIFIED: written against the CUDA IPC API and the distributed client calls that DESIGN.md
+  saw working (key_value_set_bytes / blocking_key_value_get_bytes); never run here.
+  """
+  from jax._src import distributed
+
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("init_workspace: one device per process needs jax.distributed.initialize()")
+  nbytes = lib.weave_ws_ipc_handle_bytes()
+  mine = (ctypes.c_uint8 * nbytes)()
+  err = _lib.errbuf()
+  if lib.weave_ws_init_ipc_export(ordinal, rank, world, max_tokens, hidden, itemsize, num_slots,
+                                  mine, err, len(err)) != 0:
+    raise RuntimeError(f"init_workspace: {err.value.decode()}")
+  gen = next(_IPC_GENERATION)
+  client.key_value_set_bytes(f"weave_fused/{gen}/{rank}", bytes(mine))
+  blob = b"".join(client.blocking_key_value_get_bytes(f"weave_fused/{gen}/{q}", 60_000)
+                  for q in range(world))
+  all_handles = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+  if lib.weave_ws_init_ipc_open(ordinal, all_handles, err, len(err)) != 0:
+    raise RuntimeError(f"init_workspace: {err.value.decode()}")
+
+
+def free_workspace() -> None:
+  """Frees every device's workspace (registered with atexit).  Safe to call twice."""
+  global _WORKSPACE
+  if _WORKSPACE is None:
+    return
+  _WORKSPACE = None
+  err = _lib.errbuf()
+  _lib.load().weave_ws_free_all(err, len(err))
+
+
+def timeout_error() -> FusedTimeoutError | None:
+  """Reads every local device's host-mapped error record; returns an error naming the rank
+  and barrier of the first recorded timeout, or None."""
+  ws = _WORKSPACE
+  if ws is None:
+    return None
+  lib = _lib.load()
+  rec = (ctypes.c_int32 * 6)()
+  for o in ws.ordinals:
+    if lib.weave_ws_read_error(o, rec) == 0 and rec[0] == 1:
+      code, rank, peer, barrier, block, epoch = list(rec)
+      return FusedTimeoutError(
+          f"weave_fused_ran: rank {rank} (CUDA device {o}) timed out at barrier {barrier} "
+          f"'{BARRIER_NAMES.get(barrier, '?')}' waiting for rank {peer} (block {block}, epoch "
+          f"{epoch & 0xffffffff}); the kernel trapped, this process's CUDA context is unusable")
+  return None
+
+
+class raise_on_timeout:
+  """Context manager: turns an XLA launch failure caused by a barrier timeout into a
+  FusedTimeoutError that names the rank and barrier (read from the host-mapped record)."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is not None and (err := timeout_error()) is not None:
+      raise err from exc
+    return False
+
+
+atexit.register(free_workspace)
