@@ -10,10 +10,10 @@ import warnings
 
 _REJECTED: set[str] = set()
 
-# XLA's one-shot collective kernels (latency-optimised, start/done adjacent) win for small
-# messages; NCCL for large ones.  Bytes of one rank's partial (T x H x dtype).  Default from the
-# DESIGN measurements; tuned values belong in the tuning table.
-COLLECTIVE_KERNEL_MAX_BYTES = 1 << 20
+# Collective implementation by size: XLA itself lowers small all-reduces to its one-shot
+# collective kernels and large ones to NCCL.  Forcing NCCL through
+# xla_gpu_experimental_use_collective_kernels=0 fails to compile on JAX 0.11.2 ("Unsupported
+# collective: COLLECTIVE_KERNEL_INVALID", measured on 2xH200), so we keep XLA's choice.
 
 
 def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[str, object]:
@@ -36,9 +36,7 @@ def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[s
         "xla_gpu_reduce_scatter_combine_threshold_bytes": 0,
         "xla_gpu_all_gather_combine_threshold_bytes": 0,
     })
-  if message_bytes > COLLECTIVE_KERNEL_MAX_BYTES:
-    # Large messages: NCCL (async start/done), not XLA's one-shot kernels.
-    opts["xla_gpu_experimental_use_collective_kernels"] = 0
+  del message_bytes  # see the note on collective kernels above
   return opts
 
 
