@@ -281,6 +281,21 @@ int weave_ws_read_error(int ordinal, int32_t* out) {
   return 0;
 }
 
+// Test aid: fill every output and residual slot with 0xFF bytes (NaN in bf16 and fp16), so a
+// row the kernel fails to deliver shows up as NaN.
+int weave_ws_poison(int ordinal) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (!w.ready) return -1;
+  const size_t slot = static_cast<size_t>(w.max_tokens) * w.hidden * w.dtype_bytes;
+  const size_t res = static_cast<size_t>((w.max_tokens + w.world - 1) / w.world) * w.hidden * w.dtype_bytes;
+  if (cudaSetDevice(ordinal) != cudaSuccess) return -1;
+  for (int s = 0; s < w.num_slots; ++s) {
+    if (cudaMemset(w.out_slot[s], 0xff, slot) != cudaSuccess) return -1;
+    if (cudaMemset(w.res_slot[s], 0xff, res) != cudaSuccess) return -1;
+  }
+  return cudaDeviceSynchronize() == cudaSuccess ? 0 : -1;
+}
+
 int weave_ws_set_timeout_ms(int ordinal, double ms) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (w.ordinal < 0) return -1;

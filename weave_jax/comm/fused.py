@@ -16,10 +16,8 @@ import itertools
 import warnings
 from typing import ClassVar
 
-import jax
-import jax.numpy as jnp
-
-from weave_jax.comm.base import AXIS, CommBackend, add_norm
+from weave_jax.comm.base import CommBackend
+from weave_jax.comm.xla import ReduceScatterAllGather
 from weave_jax.fused import _lib
 from weave_jax.fused import ops
 from weave_jax.fused import workspace as ws_lib
@@ -28,12 +26,28 @@ _warned: set[str] = set()
 _slots = itertools.count()
 
 
-def _rs_ag(partial, residual, weight, *, eps):
-  """rs_ag math (fallback): reduce-scatter in fp32, add + norm on 1/tp tokens, all-gather."""
-  reduced = jax.lax.psum_scatter(partial.astype(jnp.float32), AXIS, scatter_dimension=0,
-                                 tiled=True)
-  normed, new_residual = add_norm(reduced, residual, weight, eps)
-  return jax.lax.all_gather(normed, AXIS, axis=0, tiled=True), new_residual
+_rs_ag = ReduceScatterAllGather().reduce_add_norm  # the fallback when the peer probe failed
+
+
+def available() -> tuple[bool, str]:
+  """Whether the fused library loads here, and if not, why."""
+  try:
+    _lib.load()
+  except _lib.FusedUnavailableError as e:
+    return False, str(e)
+  return True, "libweave_fused loaded"
+
+
+def make_backend(name: str, **options) -> CommBackend:
+  """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` (2..32)."""
+  cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
+  unknown = set(options) - {"ctas"}
+  if unknown:
+    raise ValueError(f"backend {name!r}: unknown options {sorted(unknown)}; it takes ctas")
+  ctas = options.get("ctas", cls.ctas)
+  if not ops.MIN_CTAS <= ctas <= ops.MAX_CTAS:
+    raise ValueError(f"backend {name!r}: ctas={ctas} outside {ops.MIN_CTAS}..{ops.MAX_CTAS}")
+  return cls(**options)
 
 
 @dataclasses.dataclass(frozen=True)

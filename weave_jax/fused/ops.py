@@ -92,10 +92,10 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = 16, slot: 
   Returns a (1,) uint32 token for ``fused_done``.  At most ``num_slots`` starts may be in flight
   (each with its own slot) before their dones.
   """
-  _validate("fused_start", partial, residual, weight, ctas, transport)
   ws = ws_lib.current()
-  if not 0 <= slot < ws.num_slots:
+  if ws is not None and not 0 <= slot < ws.num_slots:
     raise ValueError(f"fused_start: slot={slot} outside 0..{ws.num_slots - 1}")
+  _validate("fused_start", partial, residual, weight, ctas, transport)
   return jax.ffi.ffi_call("weave_fused_start", jax.ShapeDtypeStruct((1,), jnp.uint32),
                           has_side_effect=True)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(ctas), slot=np.int32(slot),

@@ -187,6 +187,16 @@ def free_workspace() -> None:
   _lib.load().weave_ws_free_all(err, len(err))
 
 
+def poison_slots() -> None:
+  """Test aid: fills every output/residual slot with NaN (0xFF bytes) on every local device."""
+  ws = _WORKSPACE
+  if ws is None:
+    raise RuntimeError("poison_slots: workspace not initialised")
+  for o in ws.ordinals:
+    if _lib.load().weave_ws_poison(o) != 0:
+      raise RuntimeError(f"poison_slots: failed on CUDA device {o}")
+
+
 def timeout_error() -> FusedTimeoutError | None:
   """Reads every local device's host-mapped error record; returns an error naming the rank
   and barrier of the first recorded timeout, or None."""

@@ -1,0 +1,227 @@
+"""Microbenchmark: AllReduce + residual add + RMSNorm on 2 GPUs, H=8192, bf16.
+
+    python run/bench_allreduce_norm.py [--hidden 8192] [--min-tokens 64] [--max-tokens 32768]
+
+Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
+  xla_psum_norm     XLA psum + residual add + RMSNorm on every token
+  xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
+  fused_p2p_cN      the fused kernel (peer transport) with N CTAs
+  torch_1shot_norm  torch.ops.symm_mem.one_shot_all_reduce + add + rms_norm (2 processes)
+  torch_2shot_norm  torch.ops.symm_mem.two_shot_all_reduce_ + add + rms_norm (2 processes)
+
+Timing: JAX methods run N calls chained by data inside one jit (unrolled, no host round trip
+between calls), timed with wall clock around block_until_ready over several repeats after a
+warm-up; the median divided by N is reported (it includes 1/N of one dispatch).  Torch methods
+use CUDA events around N calls.  Multicast stays disabled everywhere (TORCH_SYMM_MEM_DISABLE_
+MULTICAST=1 is forced for the torch processes).  Writes benchmarks/results/allreduce_norm_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EPS = 1e-6
+
+
+def n_calls(tokens: int) -> int:
+  return 64 if tokens <= 1024 else 32 if tokens <= 8192 else 8
+
+
+def jax_methods(hidden, sizes, ctas_list, reps):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+
+  from weave_jax import fused
+  from weave_jax.comm.base import AXIS
+  from weave_jax.comm.xla import Psum, ReduceScatterAllGather
+  from weave_jax.fused import ops
+
+  gpus = jax.devices("gpu")[:2]
+  tp = len(gpus)
+  mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
+  fused.init_workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16)
+
+  def make(step, residual_sharded, n):
+    def local(partial, residual, weight):
+      for _ in range(n):  # chained: each call consumes the previous call's outputs
+        partial, residual = step(partial, residual, weight)
+      return partial[None], residual
+    rspec = P(AXIS) if residual_sharded else P()
+    # check_vma=False: with vma checking, psum of an already-reduced (invariant) value need not
+    # communicate; the benchmark must run a real all-reduce on every call.
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
+                                 out_specs=(P(AXIS), rspec), check_vma=False))
+
+  methods = {"xla_psum_norm": (lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS), False),
+             "xla_rs_norm_ag": (lambda p, r, w: ReduceScatterAllGather().reduce_add_norm(
+                 p, r, w, eps=EPS), True)}
+  for c in ctas_list:
+    methods[f"fused_p2p_c{c}"] = (
+        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
+
+  rows = []
+  for tokens in sizes:
+    n = n_calls(tokens)
+    k = jax.random.split(jax.random.key(tokens), 3)
+    partial = jax.random.normal(k[0], (tp * tokens, hidden)).astype(jnp.bfloat16)
+    res_full = jax.random.normal(k[1], (tokens, hidden)).astype(jnp.bfloat16)
+    weight = (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(jnp.bfloat16)
+    for name, (step, sharded) in methods.items():
+      try:
+        f = make(step, sharded, n)
+        args = (partial, res_full, weight)
+        jax.block_until_ready(f(*args))  # compile + warm-up
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(reps):
+          t0 = time.perf_counter()
+          jax.block_until_ready(f(*args))
+          times.append((time.perf_counter() - t0) / n)
+        rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
+                         us_min=min(times) * 1e6, calls=n, reps=reps))
+      except Exception as e:  # report, keep going
+        rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
+      print(rows[-1], flush=True)
+  fused.free_workspace()
+  return rows
+
+
+def _torch_worker(rank, world, hidden, sizes, reps, port, out_path):
+  import torch
+  import torch.distributed as dist
+  import torch.distributed._symmetric_memory as symm_mem
+
+  torch.cuda.set_device(rank)
+  dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                          world_size=world)
+  group = dist.group.WORLD
+  if hasattr(symm_mem, "enable_symm_mem_for_group"):
+    symm_mem.enable_symm_mem_for_group(group.group_name)
+  rows = []
+  for tokens in sizes:
+    numel = tokens * hidden
+    buf = symm_mem.empty(numel, dtype=torch.bfloat16, device=f"cuda:{rank}")
+    hdl = symm_mem.rendezvous(buf, group.group_name)
+    torch.manual_seed(tokens + rank)
+    buf.copy_(torch.randn(numel, device=buf.device).to(torch.bfloat16))
+    residual = torch.randn(tokens, hidden, device=buf.device).to(torch.bfloat16)
+    weight = torch.ones(hidden, device=buf.device, dtype=torch.bfloat16)
+    n = n_calls(tokens)
+
+    def one_shot():
+      out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
+      x = out.view(tokens, hidden) + residual
+      return torch.nn.functional.rms_norm(x.float(), (hidden,), weight.float(), EPS).to(torch.bfloat16), x
+
+    def two_shot():
+      torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group.group_name)
+      x = buf.view(tokens, hidden) + residual
+      return torch.nn.functional.rms_norm(x.float(), (hidden,), weight.float(), EPS).to(torch.bfloat16), x
+
+    for name, fn in (("torch_1shot_norm", one_shot), ("torch_2shot_norm", two_shot)):
+      try:
+        for _ in range(3):
+          fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        times = []
+        for _ in range(reps):
+          start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+          start.record()
+          for _ in range(n):
+            fn()
+          end.record()
+          end.synchronize()
+          times.append(start.elapsed_time(end) / n * 1e-3)
+        rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
+                         us_min=min(times) * 1e6, calls=n, reps=reps, note="eager, no copy-in"))
+      except Exception as e:
+        rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
+    del hdl, buf
+    torch.cuda.synchronize()
+    dist.barrier()
+  if rank == 0:
+    pathlib.Path(out_path).write_text(json.dumps(rows))
+  dist.destroy_process_group()
+
+
+def torch_methods(hidden, sizes, reps):
+  import tempfile
+
+  import torch.multiprocessing as mp
+
+  os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # multicast stays off
+  os.environ["NCCL_NVLS_ENABLE"] = "0"
+  os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+  out = tempfile.mktemp(suffix=".json")
+  mp.start_processes(_torch_worker, args=(2, hidden, sizes, reps, 29517, out), nprocs=2,
+                     start_method="spawn", join=True)
+  return json.loads(pathlib.Path(out).read_text())
+
+
+def table(rows, sizes, hidden, world=2):
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  by = {(r["method"], r["tokens"]): r for r in rows}
+  head = "| method | " + " | ".join(f"{t} tok ({t * hidden * 2 / 2**20:g} MiB)" for t in sizes) + " |"
+  lines = [head, "|" + "---|" * (len(sizes) + 1)]
+  for m in methods:
+    cells = []
+    for t in sizes:
+      r = by.get((m, t))
+      if r is None or "us" not in r:
+        cells.append("err" if r else "-")
+        continue
+      busbw = 2 * (world - 1) / world * t * hidden * 2 / (r["us"] * 1e-6) / 1e9
+      cells.append(f"{r['us']:.1f} µs / {busbw:.0f} GB/s")
+    lines.append(f"| {m} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--hidden", type=int, default=8192)
+  ap.add_argument("--min-tokens", type=int, default=64)
+  ap.add_argument("--max-tokens", type=int, default=32768)
+  ap.add_argument("--ctas", default="2,4,8,16,32")
+  ap.add_argument("--reps", type=int, default=7)
+  ap.add_argument("--skip-torch", action="store_true")
+  args = ap.parse_args()
+  sizes, t = [], args.min_tokens
+  while t <= args.max_tokens:
+    sizes.append(t)
+    t *= 2
+  rows = []
+  if not args.skip_torch:  # before JAX touches the GPUs
+    try:
+      rows += torch_methods(args.hidden, sizes, args.reps)
+    except Exception:
+      print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
+  rows += jax_methods(args.hidden, sizes, [int(c) for c in args.ctas.split(",")], args.reps)
+  import jax
+  device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
+  meta = dict(hidden=args.hidden, dtype="bf16", world=2, jax=jax.__version__,
+              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
+              command="python " + " ".join(sys.argv))
+  outdir = ROOT / "benchmarks" / "results"
+  outdir.mkdir(parents=True, exist_ok=True)
+  (outdir / f"allreduce_norm_{device}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  if os.environ.get("OUT"):
+    pathlib.Path(os.environ["OUT"], f"allreduce_norm_{device}.json").write_text(
+        json.dumps(dict(meta=meta, rows=rows), indent=1))
+  print(json.dumps(meta))
+  print(table(rows, sizes, args.hidden))
+
+
+if __name__ == "__main__":
+  main()

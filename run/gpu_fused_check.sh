@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build libweave_fused, run the fused kernel's GPU tests and/or its microbenchmark.
+#   run/gpu_fused_check.sh [build] [test] [bench] [pytest args via PYTEST_ARGS]
+# Logs go to $OUT (or /tmp/weave_fused_out).  Multicast is NEVER enabled here: the NVLS kill
+# switches are exported and WEAVE_ENABLE_MULTIMEM is removed from the environment.
+set -o pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+unset WEAVE_ENABLE_MULTIMEM
+export PYTHONUNBUFFERED=1
+export PATH="$PATH:/usr/local/cuda/bin"
+# leave room outside XLA's pool for the workspace (cudaMalloc) and for test subprocesses
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.3}
+OUT=${OUT:-/tmp/weave_fused_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+cd "$(dirname "$0")/.."
+steps=${*:-build test bench}
+rc=0
+for step in $steps; do
+  case $step in
+    build)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        nvidia-smi topo -m
+        $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+        nvcc --version | tail -1
+        cmake -S ffi -B build -G Ninja -DPython_EXECUTABLE="$(command -v $PY)" \
+          -DWEAVE_CUDA_GENCODE="-gencode=arch=compute_90a,code=sm_90a" > /dev/null &&
+        cmake --build build 2>&1 | grep -vE "warning #|^\s*\^|^\s*$|Remark|__attribute__|^  [a-z}]" ; 
+        ls -la weave_jax/_native/; } 2>&1 | tee "$OUT/build.log" || rc=1
+      [ -f weave_jax/_native/libweave_fused.so ] || { echo "BUILD FAILED"; exit 1; } ;;
+    test)
+      timeout ${TEST_TIMEOUT:-330} $PY -m pytest --maxfail=4 -q -rs tests/test_fused_gpu.py ${PYTEST_ARGS:-} \
+        -p no:cacheprovider 2>&1 | tee "$OUT/test.log" || rc=1 ;;
+    bench)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout ${BENCH_TIMEOUT:-300} $PY run/bench_allreduce_norm.py ${BENCH_ARGS:-} \
+        2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,117 @@
+"""CPU tests of the fused binding: validation before launch, library-missing error, backend
+options, the rs_ag fallback warning and the compute_on shim.  No GPU needed."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from weave_jax.comm import get_backend
+from weave_jax.comm.base import AXIS
+from weave_jax.fused import _lib, ops, workspace as ws_lib
+
+
+def _fake_ws(**kw):
+  base = dict(ordinals=(0, 1), ranks=(0, 1), world=2, max_tokens=128, hidden=1024,
+              dtype=np.dtype(jnp.bfloat16), num_slots=2, mode="local", transport="peer",
+              peer_ok=True)
+  return ws_lib.Workspace(**dict(base, **kw))
+
+
+@pytest.fixture
+def fake_ws(monkeypatch):
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws())
+  monkeypatch.setattr(_lib, "register_targets", lambda: pytest.fail("reached launch"))
+  return ws_lib._WORKSPACE
+
+
+def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=None, shard=None):
+  shard = -(-tokens // 2) if shard is None else shard
+  return (jnp.zeros((tokens, hidden), dtype), jnp.zeros((shard, hidden), res_dtype or dtype),
+          jnp.zeros((hidden,), w_dtype or dtype))
+
+
+@pytest.mark.parametrize("args, kw, exc, msg", [
+    (_args(tokens=129), {}, ValueError, r"fused_reduce_add_norm: tokens=129 outside 1\.\.workspace max_tokens=128"),
+    (_args(hidden=1020), {}, ValueError, r"fused_reduce_add_norm: hidden=1020 is not a multiple of 8"),
+    (_args(hidden=2048), {}, ValueError, r"fused_reduce_add_norm: hidden=2048 exceeds workspace hidden=1024"),
+    (_args(dtype=jnp.float16), {}, TypeError, r"fused_reduce_add_norm: partial dtype float16"),
+    (_args(res_dtype=jnp.float16), {}, TypeError, r"fused_reduce_add_norm: dtype mismatch"),
+    (_args(w_dtype=jnp.float32), {}, TypeError, r"fused_reduce_add_norm: dtype mismatch"),
+    (_args(shard=31), {}, ValueError, r"fused_reduce_add_norm: residual shape \(31, 1024\)"),
+    (_args(), {"ctas": 1}, ValueError, r"fused_reduce_add_norm: ctas=1 outside 2\.\.32"),
+    (_args(), {"ctas": 33}, ValueError, r"fused_reduce_add_norm: ctas=33 outside 2\.\.32"),
+    (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
+])
+def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
+  with pytest.raises(exc, match=msg):
+    ops.fused_reduce_add_norm(*args, eps=1e-6, **kw)
+
+
+def test_start_validates_too(fake_ws):
+  with pytest.raises(ValueError, match="fused_start: ctas=40"):
+    ops.fused_start(*_args(), eps=1e-6, ctas=40)
+  with pytest.raises(ValueError, match="fused_start: slot=2"):
+    ops.fused_start(*_args(), eps=1e-6, slot=2)
+
+
+def test_uninitialised_workspace_raises(monkeypatch):
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", None)
+  with pytest.raises(RuntimeError, match="fused_reduce_add_norm: workspace not initialised"):
+    ops.fused_reduce_add_norm(*_args(), eps=1e-6)
+
+
+def test_missing_library_error_is_clear(monkeypatch, tmp_path):
+  monkeypatch.setattr(_lib, "candidate_paths", lambda: [tmp_path / "libweave_fused.so"])
+  with pytest.raises(_lib.FusedUnavailableError, match="nvcc"):
+    _lib.load.__wrapped__()
+
+
+def test_backend_options():
+  if not _lib.available():
+    pytest.skip("libweave_fused not built")
+  b = get_backend("fused_p2p", ctas=8)
+  assert (b.name, b.ctas, b.residual_sharded) == ("fused_p2p", 8, True)
+  assert get_backend("fused_multimem").name == "fused_multimem"
+  with pytest.raises(ValueError, match="ctas=64"):
+    get_backend("fused_p2p", ctas=64)
+  with pytest.raises(ValueError, match="unknown options"):
+    get_backend("fused_p2p", blocks=8)
+
+
+def test_failed_probe_falls_back_to_rs_ag_with_one_warning(monkeypatch):
+  if not _lib.available():
+    pytest.skip("libweave_fused not built")
+  from weave_jax.comm import fused as comm_fused
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(peer_ok=False, probe_message="no NVLink"))
+  monkeypatch.setattr(comm_fused, "_warned", set())
+  tp, tokens, hidden = 8, 16, 64
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:tp]), (AXIS,))
+  fused_b, rs_ag = get_backend("fused_p2p"), get_backend("rs_ag")
+
+  def run(b):
+    f = jax.shard_map(lambda p, r, w: b.reduce_add_norm(p, r, w, eps=1e-6), mesh=mesh,
+                      in_specs=(P(AXIS), P(AXIS), P()), out_specs=(P(AXIS), P(AXIS)))
+    k = jax.random.split(jax.random.key(0), 3)
+    return f(jax.random.normal(k[0], (tp * tokens, hidden)),
+             jax.random.normal(k[1], (tokens, hidden)), jnp.ones((hidden,)))
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = run(fused_b)
+    run(fused_b)
+  msgs = [str(w.message) for w in caught if "rs_ag" in str(w.message)]
+  assert len(msgs) == 1 and "no NVLink" in msgs[0]
+  want = run(rs_ag)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_on_stream_shim_traces_compute_on():
+  jaxpr = jax.make_jaxpr(ops.on_stream(lambda x: (x + 1,)))(jnp.ones(4))
+  assert "compute_on" in str(jaxpr)

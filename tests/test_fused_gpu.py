@@ -1,0 +1,320 @@
+"""GPU tests of the fused AllReduce + residual + RMSNorm kernel (fused_p2p), >= 2 CUDA GPUs.
+
+Reference: XLA psum in float32, residual add rounded to the dtype, float32 RMSNorm.  Tolerance:
+rel-L2 < 1e-2 (bf16) / 2e-3 (fp16) against the float32 reference; NaN never passes.
+Run with run/gpu_fused_check.sh.  The multimem transport is never run here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from weave_jax.comm.base import AXIS, rms_norm
+
+pytestmark = pytest.mark.gpu
+
+EPS = 1e-6
+TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 2e-3}
+MAX_TOKENS, MAX_HIDDEN = 32768, 16384
+
+
+def _gpus():
+  try:
+    return jax.devices("gpu")
+  except RuntimeError:
+    return []
+
+
+if len(_gpus()) < 2:
+  pytest.skip("needs >= 2 CUDA GPUs", allow_module_level=True)
+
+from weave_jax import fused  # noqa: E402
+from weave_jax.fused import ops, workspace as ws_lib  # noqa: E402
+
+TP = 2
+MESH = jax.sharding.Mesh(np.array(_gpus()[:TP]), (AXIS,))
+
+
+@pytest.fixture(scope="module", params=[jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def ws(request):
+  w = fused.init_workspace(MESH, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN, dtype=request.param)
+  assert w.peer_ok, w.probe_message
+  yield w
+  fused.free_workspace()
+
+
+def _smap(f, in_specs, out_specs):
+  return jax.shard_map(f, mesh=MESH, in_specs=in_specs, out_specs=out_specs)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_fn(tokens, hidden, dtype, ctas):
+  """jit: random inputs -> (rel-L2 normed, rel-L2 residual, nan count, cross-rank diffs)."""
+  shard = -(-tokens // TP)
+
+  def local(partial, residual, weight):
+    normed, new_res = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, ctas=ctas)
+    # reference: fp32 psum, x rounded to dtype, fp32 norm (kept in fp32 for the comparison)
+    total = jax.lax.psum(partial.astype(jnp.float32), AXIS)
+    res_full = jax.lax.all_gather(residual, AXIS, axis=0, tiled=True)[:tokens]
+    x = (total + res_full.astype(jnp.float32)).astype(dtype)
+    xf = x.astype(jnp.float32)
+    ref = weight.astype(jnp.float32) * (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + EPS))
+    r = jax.lax.axis_index(AXIS)
+    ref_res = jax.lax.dynamic_slice_in_dim(
+        jnp.concatenate([x, jnp.zeros((shard * TP - tokens, hidden), dtype)]), r * shard, shard)
+    # rows of my shard past T are padding: new residual = residual there
+    valid = (r * shard + jnp.arange(shard)) < tokens
+    ref_res = jnp.where(valid[:, None], ref_res, residual)
+    return normed[None], new_res, ref[None], ref_res
+
+  sm = _smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS), P(AXIS), P(AXIS), P(AXIS)))
+
+  @jax.jit
+  def run(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    partial = jax.random.normal(k1, (TP * tokens, hidden), jnp.float32).astype(dtype)
+    residual = jax.random.normal(k2, (TP * shard, hidden), jnp.float32).astype(dtype)
+    weight = (1 + 0.1 * jax.random.normal(k3, (hidden,), jnp.float32)).astype(dtype)
+    normed, new_res, ref, ref_res = sm(partial, residual, weight)
+    nf = normed.astype(jnp.float32)
+    rel = jnp.linalg.norm(nf - ref) / jnp.linalg.norm(ref)
+    rel_res = (jnp.linalg.norm(new_res.astype(jnp.float32) - ref_res.astype(jnp.float32))
+               / jnp.linalg.norm(ref_res.astype(jnp.float32)))
+    nans = jnp.sum(jnp.isnan(nf)) + jnp.sum(jnp.isnan(new_res.astype(jnp.float32)))
+    bits = jax.lax.bitcast_convert_type(normed, jnp.uint16)
+    cross = jnp.sum(bits[0] != bits[1])
+    return rel, rel_res, nans, cross
+
+  return run
+
+
+def _random_shapes(n, seed):
+  rng = np.random.default_rng(seed)
+  shapes = []
+  for _ in range(n):
+    tokens = int(np.exp(rng.uniform(0, np.log(MAX_TOKENS + 1))))
+    tokens = max(1, min(tokens, MAX_TOKENS))
+    hidden = 8 * int(rng.integers(1024 // 8, MAX_HIDDEN // 8 + 1))
+    while tokens * hidden > 2**27:  # keep each case <= 256 MiB per rank: time, not correctness
+      tokens //= 2
+    shapes.append((max(tokens, 1), hidden, int(rng.choice([2, 4, 8, 16, 32]))))
+  return shapes
+
+
+# 2 dtypes x 100 = 200 random shapes, plus fixed edge cases.
+EDGE = [(1, 1024, 2), (2, 1024, 32), (3, 8, 2), (33, 16384, 4), (32768, 4096, 16), (1025, 8192, 8)]
+
+
+N_SHAPES = int(os.environ.get("WEAVE_TEST_SHAPES", "100"))  # per dtype; a smoke run may lower it
+
+
+@pytest.mark.parametrize("case", EDGE + _random_shapes(N_SHAPES, seed=4), ids=str)
+def test_matches_psum_reference(ws, case):
+  tokens, hidden, ctas = case
+  ws_lib.poison_slots()
+  rel, rel_res, nans, cross = jax.device_get(
+      _check_fn(tokens, hidden, ws.dtype, ctas)(jax.random.key(hash(case) % 2**31)))
+  assert nans == 0, f"{case}: {nans} NaN outputs (unwritten rows?)"
+  assert rel < TOL[ws.dtype], f"{case}: normed rel-L2 {rel}"
+  assert rel_res < TOL[ws.dtype], f"{case}: residual rel-L2 {rel_res}"
+  assert cross == 0, f"{case}: ranks differ in {cross} elements"
+
+
+def test_start_done_matches_sync(ws):
+  tokens, hidden = 4096, 4096
+
+  def local(partial, residual, weight):
+    a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, ctas=8)
+    tok = ops.fused_start(partial, residual, weight, eps=EPS, ctas=8, slot=1)
+    b = ops.fused_done(tok, partial, residual, weight, slot=1)
+    return a[0][None], b[0][None], a[1], b[1]
+
+  f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))
+  k = jax.random.split(jax.random.key(1), 3)
+  partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
+  residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
+  weight = jnp.ones((hidden,), ws.dtype)
+  ws_lib.poison_slots()
+  a0, b0, a1, b1 = jax.device_get(f(partial, residual, weight))
+  np.testing.assert_array_equal(np.asarray(a0).view(np.uint16), np.asarray(b0).view(np.uint16))
+  np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
+
+
+def test_backend_seam(ws):
+  from weave_jax.comm import get_backend
+
+  tokens, hidden = 2048, 2048
+  fused_b, rs_ag = get_backend("fused_p2p", ctas=4), get_backend("rs_ag")
+
+  def local(partial, residual, weight):
+    n1, r1 = fused_b.reduce_add_norm(partial, residual, weight, eps=EPS)
+    n2, r2 = rs_ag.reduce_add_norm(partial, residual, weight, eps=EPS)
+    n3, r3 = fused_b.done(fused_b.start(partial, residual, weight, eps=EPS))
+    return n1[None], n2[None], n3[None], r1, r2, r3
+
+  f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 6))
+  k = jax.random.split(jax.random.key(2), 3)
+  partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
+  residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
+  weight = jnp.ones((hidden,), ws.dtype)
+  n1, n2, n3, r1, r2, r3 = [np.asarray(x, np.float32) for x in f(partial, residual, weight)]
+  for a, b in ((n1, n2), (r1, r2)):
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < TOL[ws.dtype]
+  np.testing.assert_array_equal(n1, n3)
+  np.testing.assert_array_equal(r1, r3)
+
+
+def _loop_fn(n_iter, cmd_buffer, dtype):
+  """n_iter iterations x 2 calls (T=1000 then T=257, H=4096) in one fori_loop; counts elements
+  that differ from the first call's results (the kernel is deterministic: must stay 0)."""
+  hidden = 4096
+
+  def local(pa, ra, pb, rb, w, expa, expb):
+    def body(i, count):
+      na, _ = ops.fused_reduce_add_norm(pa, ra, w, eps=EPS, ctas=16, cmd_buffer=cmd_buffer)
+      nb, _ = ops.fused_reduce_add_norm(pb, rb, w, eps=EPS, ctas=4, cmd_buffer=cmd_buffer)
+      return count + jnp.sum(na != expa[0]) + jnp.sum(nb != expb[0])
+    return jax.lax.fori_loop(0, n_iter, body, jnp.zeros((), jnp.int32))[None]
+
+  spec = (P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P(AXIS), P(AXIS))
+  return jax.jit(_smap(local, spec, P(AXIS))), hidden
+
+
+LOOP_CHILD = textwrap.dedent("""
+  import sys, numpy as np, jax, jax.numpy as jnp
+  sys.path.insert(0, {root!r})
+  from tests import test_fused_gpu as t
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  fused.init_workspace(t.MESH, max_tokens=4096, hidden=4096, dtype=jnp.bfloat16)
+  print("ok", t._loop_check(5000, cmd_buffer=True, dtype=jnp.bfloat16))
+""")
+
+
+def _loop_check(n_iter, cmd_buffer, dtype):
+  f, hidden = _loop_fn(n_iter, cmd_buffer, dtype)
+  k = jax.random.split(jax.random.key(3), 4)
+  ta, tb = 1000, 257
+  pa = jax.random.normal(k[0], (TP * ta, hidden)).astype(dtype)
+  ra = jax.random.normal(k[1], (ta, hidden)).astype(dtype)
+  pb = jax.random.normal(k[2], (TP * tb, hidden)).astype(dtype)
+  rb = jax.random.normal(k[3], (TP * (-(-tb // TP)), hidden)).astype(dtype)
+  w = jnp.ones((hidden,), dtype)
+
+  def one(p, r):
+    return ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=8)[0][None]
+  g = jax.jit(_smap(lambda p, r: one(p, r), (P(AXIS), P(AXIS)), P(AXIS)))
+  expa, expb = g(pa, ra), g(pb, rb)
+  text = f.lower(pa, ra, pb, rb, w, expa, expb).compile().as_text()
+  counts = np.asarray(f(pa, ra, pb, rb, w, expa, expb))
+  return int(counts.sum()), ("command_buffer" in text)
+
+
+def test_10k_calls_alternating_sizes(ws):
+  mismatches, _ = _loop_check(5000, cmd_buffer=False, dtype=ws.dtype)
+  assert mismatches == 0
+
+
+def _child(code, env_extra, timeout=300):
+  env = dict(os.environ, **env_extra)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-c", code.format(root=root)], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_10k_calls_under_command_buffers():
+  flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE --xla_gpu_graph_min_graph_size=1"
+  r = _child(LOOP_CHILD, {"XLA_FLAGS": flags})
+  print(r.stdout[-2000:], r.stderr[-4000:])
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert "ok (0," in r.stdout
+
+
+TIMEOUT_CHILD = textwrap.dedent("""
+  import sys, jax, jax.numpy as jnp
+  sys.path.insert(0, {root!r})
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  gpus = jax.devices("gpu")[:2]
+  fused.init_workspace(gpus, max_tokens=64, hidden=1024, dtype=jnp.bfloat16, timeout_ms=300)
+  # only rank 0 launches: rank 1 is left out, so rank 0's start barrier must time out
+  x = jax.device_put(jnp.ones((64, 1024), jnp.bfloat16), gpus[0])
+  r = jax.device_put(jnp.ones((32, 1024), jnp.bfloat16), gpus[0])
+  w = jax.device_put(jnp.ones((1024,), jnp.bfloat16), gpus[0])
+  f = jax.jit(lambda x, r, w: ops.fused_reduce_add_norm(x, r, w, eps=1e-6, ctas=2))
+  try:
+    with fused.raise_on_timeout():
+      jax.block_until_ready(f(x, r, w))
+  except fused.FusedTimeoutError as e:
+    print("TIMEOUT-ERROR:", e, flush=True)
+    import os; os._exit(0)
+  print("no error raised", flush=True)
+  import os; os._exit(1)
+""")
+
+
+def test_timeout_names_rank_and_barrier():
+  r = _child(TIMEOUT_CHILD, {}, timeout=120)
+  out = r.stdout + r.stderr
+  assert "TIMEOUT-ERROR:" in out, out[-4000:]
+  assert "rank 0" in out and "barrier 0" in out and "waiting for rank 1" in out, out[-4000:]
+
+
+def test_bad_inputs_raise_before_launch(ws):
+  good = dict(partial=jnp.zeros((64, 1024), ws.dtype), residual=jnp.zeros((32, 1024), ws.dtype),
+              weight=jnp.zeros((1024,), ws.dtype))
+  other = jnp.float16 if ws.dtype == jnp.bfloat16 else jnp.bfloat16
+  bad = [
+      (dict(partial=jnp.zeros((MAX_TOKENS + 2, 1024), ws.dtype),
+            residual=jnp.zeros((MAX_TOKENS // 2 + 1, 1024), ws.dtype)), "tokens="),
+      (dict(partial=jnp.zeros((64, 1020), ws.dtype), residual=jnp.zeros((32, 1020), ws.dtype),
+            weight=jnp.zeros((1020,), ws.dtype)), "hidden=1020"),
+      (dict(residual=jnp.zeros((32, 1024), other)), "dtype"),
+  ]
+  for override, msg in bad:
+    args = dict(good, **override)
+    with pytest.raises((ValueError, TypeError), match=msg):
+      ops.fused_reduce_add_norm(args["partial"], args["residual"], args["weight"], eps=EPS)
+  with pytest.raises(ValueError, match="ctas=33"):
+    ops.fused_reduce_add_norm(**good, eps=EPS, ctas=33)
+  # nothing launched: a real call afterwards still pairs with the peer
+  mism, _ = _loop_check(2, cmd_buffer=False, dtype=ws.dtype)
+  assert mism == 0
+
+
+def test_on_stream_variant(ws):
+  tokens, hidden = 1024, 2048
+
+  def local(partial, residual, weight):
+    a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, ctas=8)
+    b = ops.on_stream(functools.partial(ops.fused_reduce_add_norm, eps=EPS, ctas=8))(
+        partial, residual, weight)
+    return a[0][None], b[0][None]
+
+  f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 2))
+  k = jax.random.split(jax.random.key(5), 2)
+  partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
+  residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
+  a, b = f(partial, residual, jnp.ones((hidden,), ws.dtype))
+  np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_uninitialised_workspace_raises(ws):
+  fused.free_workspace()
+  try:
+    with pytest.raises(RuntimeError, match="workspace not initialised"):
+      ops.fused_reduce_add_norm(jnp.zeros((4, 1024), ws.dtype), jnp.zeros((2, 1024), ws.dtype),
+                                jnp.zeros((1024,), ws.dtype), eps=EPS)
+  finally:
+    fused.init_workspace(MESH, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN, dtype=ws.dtype)
