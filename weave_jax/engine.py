@@ -206,4 +206,4 @@ class Engine:
     prompts.  Returns float32 logits (T, vocab), or (1, vocab) with ``logits="last"``."""
     plan, exe, args = self.prepare(tokens, positions, segment_ids)
     logits = exe(*args)
-    return logits if self.run.logits == "last" else logits[:plan.n_tokens]
+    return logits[-1:] if self.run.logits == "last" else logits[:plan.n_tokens]

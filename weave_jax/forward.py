@@ -58,7 +58,8 @@ def forward_rank(model: Transformer, tokens, positions, segments, *, backend: Co
   """Per-rank forward on padded inputs (T,).  ``split``: first token of half B, or None.
 
   ``logits_at``: compute logits only for this token index (prefill), or None for all tokens.
-  Returns this rank's logits shard (T or 1, V_local) in float32.
+  Returns this rank's logits shard (T, or 1 / 2 rows with ``logits_at``, V_local) in float32;
+  with ``logits_at`` the last row is the requested token.
   """
   cfg = model.cfg
   t, h, eps = tokens.shape[0], cfg.hidden_size, cfg.rms_norm_eps
@@ -67,14 +68,20 @@ def forward_rank(model: Transformer, tokens, positions, segments, *, backend: Co
     half = make_half(cfg, tokens, positions, segments, 0, t)
     residual = jnp.zeros(backend.residual_shape(t, h, tp), cfg.dtype)
     normed, _ = run_unsplit(stages, half, None, residual, backend, eps)
+    if logits_at is not None:
+      normed = normed[logits_at:logits_at + 1]
   else:
     halves = (make_half(cfg, tokens, positions, segments, 0, split),
               make_half(cfg, tokens, positions, segments, split, t))
     residuals = tuple(jnp.zeros(backend.residual_shape(x.tokens.shape[0], h, tp), cfg.dtype)
                       for x in halves)
     (n_a, n_b), _ = run_woven(stages, halves, (None, None), residuals, backend, eps)
-    normed = jnp.concatenate([n_a, n_b], axis=0)
-  if logits_at is not None:
-    normed = normed[logits_at:logits_at + 1]
+    if logits_at is None:
+      normed = jnp.concatenate([n_a, n_b], axis=0)
+    else:
+      # Keep half A's last row too, so that XLA cannot drop A's final reduce_add_norm as dead
+      # code: the woven and unsplit programs then do the same communication.  The engine
+      # returns only the last row.
+      normed = jnp.concatenate([n_a[-1:], n_b[logits_at - split:logits_at - split + 1]])
   with jax.named_scope("lm_head"):
     return lm_logits(model.head_table(), normed)

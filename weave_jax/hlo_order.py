@@ -9,12 +9,27 @@ import dataclasses
 import re
 
 _COLLECTIVE = re.compile(
-    r"\b(all-reduce|reduce-scatter|all-gather|collective-permute|all-to-all)(-start|-done)?\b")
-# GEMMs / attention as XLA GPU emits them: cuBLAS(Lt) and cuDNN custom calls, Triton GEMM
-# fusions, plain dot ops; our fused communication kernels are custom calls named weave_*.
-_COMPUTE = re.compile(r"__cublas|cublasLt|__cudnn|cudnn|triton_gemm|gemm_fusion|\bdot\(|"
-                      r"kind=kCustom|custom-call")
-_WEAVE_FFI = re.compile(r"weave_[a-z_]*(start|done)?")
+    r"^(all-reduce|reduce-scatter|all-gather|collective-permute|all-to-all)(-start|-done)?$")
+# The opcode is the first `word(` after the `=` (shapes such as bf16[8,8]{1,0} or tuples never
+# match it).
+_OPCODE = re.compile(r"\s([a-z][\w\-.]*)\(")
+
+
+def _opcode(rhs: str) -> str:
+  m = _OPCODE.search(" " + rhs)
+  return m.group(1) if m else ""
+
+
+def _is_compute(name: str, opcode: str, rhs: str) -> bool:
+  """GEMMs and attention as XLA GPU emits them: cuBLAS(Lt) / cuDNN custom calls, Triton GEMM
+  fusions, plain dots.  Our own FFI communication kernels (``weave_*``) are not compute."""
+  if "weave_" in rhs:
+    return False
+  if opcode == "custom-call":
+    return bool(re.search(r"cublas|cudnn", rhs))
+  if opcode == "fusion":
+    return "gemm" in name or "dot" in name
+  return opcode in ("dot", "convolution")
 
 
 @dataclasses.dataclass
@@ -38,10 +53,6 @@ def _entry_lines(hlo_text: str) -> list[str]:
   return lines
 
 
-def _is_compute(line: str) -> bool:
-  return bool(_COMPUTE.search(line)) and not _COLLECTIVE.search(line) and "weave_" not in line
-
-
 def collective_windows(hlo_text: str) -> list[Window]:
   """For every async collective (``*-start`` ... ``*-done``) in the entry computation, count
   the compute ops between them.  Synchronous collectives count as windows with 0 between."""
@@ -50,18 +61,22 @@ def collective_windows(hlo_text: str) -> list[Window]:
   windows: list[Window] = []
   compute_seen = 0
   for line in lines:
-    name = line.split("=", 1)[0].strip().lstrip("ROOT ").strip()
-    m = _COLLECTIVE.search(line.split("=", 1)[-1])
+    if "=" not in line:
+      continue
+    lhs, rhs = line.split("=", 1)
+    name = lhs.removeprefix("ROOT").strip().lstrip("%")
+    op = _opcode(rhs)
+    m = _COLLECTIVE.match(op)
     if m and m.group(2) == "-start":
       open_[name] = (m.group(1), compute_seen)
     elif m and m.group(2) == "-done":
-      operand = re.search(r"-done\(([^)]*)\)", line)
-      start = operand.group(1).split()[-1].lstrip("%") if operand else None
+      start = re.search(r"-done\(%?([\w.\-]+)", rhs)
+      start = start.group(1) if start else name
       kind, seen = open_.pop(start, (m.group(1), compute_seen))
-      windows.append(Window(kind, start or name, compute_seen - seen))
+      windows.append(Window(kind, start, compute_seen - seen))
     elif m:
       windows.append(Window(m.group(1), name, 0))
-    elif _is_compute(line):
+    elif _is_compute(name, op, rhs):
       compute_seen += 1
   return windows
 
