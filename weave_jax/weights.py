@@ -307,8 +307,11 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike) -> None:
   import orbax.checkpoint as ocp
   state = nnx.state(model)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(os.fspath(path)), state)
-  ckpt.wait_until_finished()
+  try:
+    ckpt.save(os.path.abspath(os.fspath(path)), state)
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
 
 
 def restore_checkpoint(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh) -> Transformer:
@@ -322,5 +325,13 @@ def restore_checkpoint(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh) ->
     return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
 
   targets = jax.tree.map(target, abstract, is_leaf=_is_var)
-  state = ocp.StandardCheckpointer().restore(os.path.abspath(os.fspath(path)), targets)
+  path = os.path.abspath(os.fspath(path))
+  ckpt = ocp.StandardCheckpointer()
+  try:
+    state = ckpt.restore(path, targets)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"restore_checkpoint: {path} does not match the {cfg.family} config "
+                     f"(hidden={cfg.hidden_size}, layers={cfg.num_layers}): {e}") from e
+  finally:
+    ckpt.close()
   return nnx.merge(graphdef, state)
