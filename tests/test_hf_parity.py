@@ -7,6 +7,7 @@ randomised too, so a swapped or dropped tensor cannot hide behind an identity in
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -147,3 +148,24 @@ def test_loaded_shardings(checkpoints):
   assert shard.shape == (64, 1, 4, 16)          # (H, KV/tp, G+2, D)
   table = np.asarray(model.embed.table[...])
   assert table.shape[0] % 8 == 0 and not table[VOCAB:].any()
+
+
+@pytest.mark.parametrize("memmap", [False, True], ids=["safetensors_np", "bf16_memmap"])
+def test_bf16_checkpoint(tmp_path, monkeypatch, memmap):
+  """A bfloat16 checkpoint (as published) loads, through safetensors or the memory-map
+  fallback for old safetensors, and matches transformers run on the same rounded weights."""
+  from weave_jax import weights
+  monkeypatch.setattr(weights._Safetensors, "force_bf16_map", memmap)
+  _build(_llama).to(torch.bfloat16).save_pretrained(str(tmp_path))
+  hf = _build(_llama)              # same seed; float32 RoPE buffers, bf16-rounded weights
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.copy_(p.bfloat16().float())
+  ref = _hf_logits(hf, TOKENS)
+  mesh = make_mesh(2)
+  model = load_hf_checkpoint(str(tmp_path), mesh, dtype="float32")
+  assert rel_err(Engine(model, mesh, RunConfig())(TOKENS), ref) < 1e-4
+  model16 = load_hf_checkpoint(str(tmp_path), mesh, dtype="bfloat16")
+  assert model16.layers[0].mlp.down[...].dtype == jax.numpy.bfloat16
+  np.testing.assert_array_equal(np.asarray(model16.layers[0].mlp.down[...], np.float32),
+                                np.asarray(model.layers[0].mlp.down[...]))

@@ -56,6 +56,8 @@ def _span(s: slice, n: int) -> tuple[int, int]:
 class _Safetensors:
   """Tensor name -> file of a checkpoint directory (one file, or sharded with an index)."""
 
+  force_bf16_map = False         # tests: always read BF16 through the memory map
+
   def __init__(self, directory: str, stack: contextlib.ExitStack):
     from safetensors import safe_open
     self.directory = directory
@@ -81,6 +83,7 @@ class _Safetensors:
     if weight_map is None:
       weight_map = {k: _SINGLE_FILE for k in self.handles[_SINGLE_FILE].keys()}
     self.file_of: dict[str, str] = weight_map
+    self._np_bf16 = True           # until safetensors proves it cannot give numpy BF16
 
   def has(self, name: str) -> bool:
     return name in self.file_of
@@ -104,7 +107,28 @@ class _Safetensors:
 
   def read(self, name: str, *spans: tuple[int, int]) -> np.ndarray:
     """The block ``name[a0:b0, a1:b1, ...]`` (leading dims), read without the rest."""
-    return np.asarray(self._slice(name)[tuple(slice(a, b) for a, b in spans)])
+    index = tuple(slice(a, b) for a, b in spans)
+    sl = self._slice(name)
+    if sl.get_dtype() == "BF16" and (self.force_bf16_map or not self._np_bf16):
+      return np.asarray(self._bf16_view(name)[index])
+    try:
+      return np.asarray(sl[index])
+    except TypeError:              # old safetensors: "data type 'bfloat16' not understood"
+      if sl.get_dtype() != "BF16":
+        raise
+      self._np_bf16 = False
+      return np.asarray(self._bf16_view(name)[index])
+
+  def _bf16_view(self, name: str) -> np.ndarray:
+    """A memory-mapped bfloat16 view of ``name``: safetensors < 0.6 cannot hand numpy a BF16
+    tensor ("data type 'bfloat16' not understood"); slicing the map reads only touched pages."""
+    path = os.path.join(self.directory, self.file_of[name])
+    with open(path, "rb") as f:
+      header_len = int.from_bytes(f.read(8), "little")
+      info = json.loads(f.read(header_len))[name]
+    start, stop = info["data_offsets"]
+    raw = np.memmap(path, np.uint8, "r", offset=8 + header_len + start, shape=(stop - start,))
+    return raw.view(jnp.bfloat16).reshape(info["shape"])
 
 
 # --- HF layout -> our layout, one block at a time -----------------------------------------------
