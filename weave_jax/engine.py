@@ -32,7 +32,8 @@ class RunConfig:
   backend: communication backend name (``weave_jax.comm.BACKENDS``).
   backend_options: extra backend options as (name, value) pairs, e.g. (("ctas", 8),).
   weave: split batches into two halves and overlap their communication.
-  weave_min_tokens: batches smaller than this run unsplit (the tuning table may override).
+  weave_min_tokens: batches smaller than this run unsplit; None = the tuned threshold for this
+    device/model/backend (``run/tune_split.py``), else 1024.
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
@@ -40,7 +41,7 @@ class RunConfig:
   backend: str = "psum"
   backend_options: tuple[tuple[str, object], ...] = ()
   weave: bool = False
-  weave_min_tokens: int = 1024
+  weave_min_tokens: int | None = None
   split: int | None = None
   attn_impl: str | None = None
   logits: str = "all"
@@ -102,7 +103,9 @@ class Engine:
 
   def plan(self, n_tokens: int) -> Plan:
     tp, run = self.tp, self.run
-    min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.weave_min_tokens)
+    min_tokens = run.weave_min_tokens
+    if min_tokens is None:
+      min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend, 1024)
     if not run.weave or n_tokens < max(min_tokens, 2 * tp):
       return Plan(n_tokens, _round_up(n_tokens, tp), None)
     if run.split is not None:
@@ -110,7 +113,7 @@ class Engine:
       if s % tp or not 0 < s < n_tokens:
         raise ValueError(f"RunConfig.split={s} must be a multiple of TP={tp} in (0, {n_tokens})")
     else:
-      s = split_mod.choose_split(n_tokens, self.cfg, tp, self.device_kind, self.sms)
+      s = split_mod.choose_split(n_tokens, self.cfg, tp, self.device_kind, self.sms, run.backend)
     return Plan(n_tokens, s + _round_up(n_tokens - s, tp), s)
 
   # --- validation ----------------------------------------------------------------------------

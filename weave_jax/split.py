@@ -57,8 +57,9 @@ def wave_aware_split(n_tokens: int, cfg: ModelConfig, tp: int, sms: int | None,
                                   abs(s - middle)))
 
 
-def tuning_key(device_kind: str, cfg: ModelConfig, tp: int) -> str:
-  return f"{device_kind}|H{cfg.hidden_size}|F{cfg.intermediate_size}|E{cfg.num_experts}|tp{tp}"
+def tuning_key(device_kind: str, cfg: ModelConfig, tp: int, backend: str) -> str:
+  return (f"{device_kind}|H{cfg.hidden_size}|F{cfg.intermediate_size}|E{cfg.num_experts}"
+          f"|heads{cfg.num_heads}/{cfg.num_kv_heads}|tp{tp}|{backend}")
 
 
 def bucket(n_tokens: int) -> int:
@@ -66,25 +67,42 @@ def bucket(n_tokens: int) -> int:
   return 1 << max(0, (n_tokens - 1).bit_length())
 
 
-@functools.cache
 def _load_table(path: str) -> dict:
+  """The tuning table (re-read when the file changes, so a fresh tune takes effect)."""
   if not os.path.exists(path):
     return {}
+  return _read_table(path, os.path.getmtime(path))
+
+
+@functools.cache
+def _read_table(path: str, mtime: float) -> dict:
+  del mtime  # part of the cache key only
   with open(path) as f:
     return json.load(f)
 
 
-def tuned_fraction(device_kind: str, cfg: ModelConfig, tp: int, n_tokens: int,
+def save_entry(key: str, entry: dict, path: str = TUNING_FILE) -> None:
+  """Merge one tuned entry into the table (atomic replace)."""
+  table = dict(_load_table(path))
+  table[key] = entry
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(table, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def tuned_fraction(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
                    path: str = TUNING_FILE) -> float | None:
   """The tuned split, as a fraction of the batch, for this bucket (None if not tuned)."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp), {})
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
   return entry.get("splits", {}).get(str(bucket(n_tokens)))
 
 
 def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = "",
-                 sms: int | None = None, path: str = TUNING_FILE) -> int:
-  """Tuned offset when the cache has one for this device/model/TP/bucket, else wave-aware."""
-  frac = tuned_fraction(device_kind, cfg, tp, n_tokens, path)
+                 sms: int | None = None, backend: str = "", path: str = TUNING_FILE) -> int:
+  """Tuned offset when the cache has one for this device/model/TP/backend/bucket, else
+  wave-aware."""
+  frac = tuned_fraction(device_kind, cfg, tp, backend, n_tokens, path)
   if frac is not None:
     step = math.lcm(64 if n_tokens >= 256 else 1, tp)
     s = round(n_tokens * frac / step) * step
@@ -92,8 +110,8 @@ def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = ""
   return wave_aware_split(n_tokens, cfg, tp, sms)
 
 
-def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, default: int,
+def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str, default: int,
                     path: str = TUNING_FILE) -> int:
-  """Smallest token count that is woven (tuned per model; ``default`` otherwise)."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp), {})
+  """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise)."""
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
   return int(entry.get("min_tokens", default))
