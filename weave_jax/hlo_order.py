@@ -37,6 +37,13 @@ class Window:
   kind: str            # e.g. "all-reduce"
   name: str            # HLO instruction name of the start
   compute_between: int # compute ops scheduled between start and done
+  scope: str = ""      # op_name metadata (named-scope path) of the collective
+  between: tuple[str, ...] = ()   # op_name of each compute op between start and done
+
+
+def _op_name(rhs: str) -> str:
+  m = re.search(r'op_name="([^"]*)"', rhs)
+  return m.group(1) if m else ""
 
 
 def _entry_lines(hlo_text: str) -> list[str]:
@@ -57,9 +64,9 @@ def collective_windows(hlo_text: str) -> list[Window]:
   """For every async collective (``*-start`` ... ``*-done``) in the entry computation, count
   the compute ops between them.  Synchronous collectives count as windows with 0 between."""
   lines = _entry_lines(hlo_text)
-  open_: dict[str, tuple[str, int]] = {}
+  open_: dict[str, tuple[str, int, str]] = {}
   windows: list[Window] = []
-  compute_seen = 0
+  compute: list[str] = []   # op_names of the compute ops seen so far
   for line in lines:
     if "=" not in line:
       continue
@@ -68,16 +75,17 @@ def collective_windows(hlo_text: str) -> list[Window]:
     op = _opcode(rhs)
     m = _COLLECTIVE.match(op)
     if m and m.group(2) == "-start":
-      open_[name] = (m.group(1), compute_seen)
+      open_[name] = (m.group(1), len(compute), _op_name(rhs))
     elif m and m.group(2) == "-done":
       start = re.search(r"-done\(%?([\w.\-]+)", rhs)
       start = start.group(1) if start else name
-      kind, seen = open_.pop(start, (m.group(1), compute_seen))
-      windows.append(Window(kind, start, compute_seen - seen))
+      kind, seen, scope = open_.pop(start, (m.group(1), len(compute), _op_name(rhs)))
+      between = tuple(compute[seen:])
+      windows.append(Window(kind, start, len(between), scope, between))
     elif m:
-      windows.append(Window(m.group(1), name, 0))
+      windows.append(Window(m.group(1), name, 0, _op_name(rhs)))
     elif _is_compute(name, op, rhs):
-      compute_seen += 1
+      compute.append(_op_name(rhs))
   return windows
 
 

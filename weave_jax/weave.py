@@ -57,17 +57,22 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
         p_a, ctx = fn(n_a, half_a, None)
       if h_b is not None:                      # done(B of stage k-1) after f_k(A)
         h_b, p_a = _barrier((h_b, p_a))
-        n_b, r_b = backend.done(h_b)
+        with jax.named_scope("comm_B"):
+          n_b, r_b = backend.done(h_b)
       p_a, n_b = _barrier((p_a, n_b))          # f_k(A) before f_k(B)
-      h_a = backend.start(p_a, r_a, weight, eps=eps)
+      with jax.named_scope("comm_A"):
+        h_a = backend.start(p_a, r_a, weight, eps=eps)
       if async_start:
         h_a, n_b = _barrier((h_a, n_b))
       with jax.named_scope("half_B"):
         p_b, _ = fn(n_b, half_b, ctx)
       h_a, p_b = _barrier((h_a, p_b))          # done(A) after f_k(B)
-      n_a, r_a = backend.done(h_a)
-      h_b = backend.start(p_b, r_b, weight, eps=eps)
+      with jax.named_scope("comm_A"):
+        n_a, r_a = backend.done(h_a)
+      with jax.named_scope("comm_B"):
+        h_b = backend.start(p_b, r_b, weight, eps=eps)
       if async_start:
         h_b, n_a = _barrier((h_b, n_a))
-  n_b, r_b = backend.done(h_b)
+  with jax.named_scope("comm_B"):
+    n_b, r_b = backend.done(h_b)
   return (n_a, n_b), (r_a, r_b)
