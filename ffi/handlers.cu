@@ -85,6 +85,9 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   p->tokens = T;
   p->hidden = H;
   p->shard = S;
+  int tpr = 32;  // threads per row: enough that each thread holds <= kMaxVecPerThread vectors
+  while (tpr * weave::kMaxVecPerThread < H / 8) tpr *= 2;
+  p->threads_per_row = tpr;
   p->rank = w.rank;
   p->world = w.world;
   p->eps = eps;
@@ -119,15 +122,17 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     return err;
   p.normed = normed->untyped_data();
   p.new_residual = new_residual->untyped_data();
-  // Serialize with fused kernels on other streams (start/done's side stream, compute_on
-  // streams): they share in_slot and the signal pads.  Not possible under graph capture, where
-  // an outside event cannot be waited on; there the program order of one stream serializes.
-  const bool capturing = is_capturing(stream);
-  if (!capturing) cudaStreamWaitEvent(stream, w->ev_last, 0);
+  // Serialize with a start on the side stream that no later wait covered: both kernels use
+  // in_slot and the signal pads.  (Under graph capture an outside event cannot be waited on;
+  // start refuses capture, so nothing can be pending there.)  Fused calls on two XLA streams
+  // (compute_on) must be ordered by data dependencies.
+  if (w->side_pending && !is_capturing(stream)) {
+    cudaStreamWaitEvent(stream, w->ev_last, 0);
+    w->side_pending = false;
+  }
   if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, stream);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
-  if (!capturing) cudaEventRecord(w->ev_last, stream);
   return ffi::Error::Success();
 }
 
@@ -144,14 +149,15 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   p.normed = nullptr;  // results stay in out_slot[slot]; done copies them
   p.new_residual = w->res_slot[slot];
   if (is_capturing(stream)) return op_error(op, "not supported under CUDA graph capture");
+  // inputs and every earlier kernel on XLA's stream (sync calls included) before the side stream
   cudaEventRecord(w->ev_inputs, stream);
   cudaStreamWaitEvent(w->side, w->ev_inputs, 0);
-  cudaStreamWaitEvent(w->side, w->ev_last, 0);
   if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, w->side);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   cudaEventRecord(w->ev_done[slot], w->side);
   cudaEventRecord(w->ev_last, w->side);
+  w->side_pending = true;
   if (cudaError_t e = cudaMemsetAsync(token->untyped_data(), 0, token->size_bytes(), stream);
       e != cudaSuccess)
     return cuda_error(op, "token", e);

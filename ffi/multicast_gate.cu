@@ -131,7 +131,8 @@ int weave_multicast_create(int n, const int* ordinals, char* errbuf, int errlen)
 
   weave::DeviceWorkspace& w0 = weave::workspace(ordinals[0]);
   const int num_buffers = 1 + w0.num_slots;
-  const size_t bytes = static_cast<size_t>(w0.max_tokens) * w0.hidden * w0.dtype_bytes;
+  const size_t bytes = static_cast<size_t>((w0.max_tokens + w0.world - 1) / w0.world) * w0.world *
+                       w0.hidden * w0.dtype_bytes;
   CUmulticastObjectProp mprop = {};
   mprop.numDevices = n;
   mprop.size = bytes;

@@ -3,10 +3,10 @@
 // probe, error records, and the C API that weave_jax.fused calls through ctypes.
 //
 // Memory footprint per device, with Tmax max tokens, H hidden, B bytes per element (2),
-// world ranks and num_slots output slots (default 2):
-//   in_slot                      Tmax * H * B
-//   out_slot   x num_slots       Tmax * H * B each
-//   res_slot   x num_slots       ceil(Tmax / world) * H * B each    (start/done mode)
+// world ranks, Smax = ceil(Tmax / world) and num_slots output slots (default 2):
+//   in_slot                      world * Smax * H * B   (~ Tmax * H * B)
+//   out_slot   x num_slots       world * Smax * H * B each
+//   res_slot   x num_slots       Smax * H * B each      (start/done mode)
 //   pads + epochs + claim        2 KiB + 128 B + 4 B
 //   error record                 24 B of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 = 2 GiB.
@@ -57,8 +57,8 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   w.hidden = hidden;
   w.dtype_bytes = dtype_bytes;
   w.num_slots = num_slots;
-  const size_t slot = static_cast<size_t>(max_tokens) * hidden * dtype_bytes;
   const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
+  const size_t slot = res * world;  // world * ceil(Tmax / world) rows
   WS_CHECK(cudaSetDevice(ordinal));
   WS_CHECK(cudaMalloc(&w.in_slot, slot));
   for (int s = 0; s < num_slots; ++s) {
@@ -286,8 +286,8 @@ int weave_ws_read_error(int ordinal, int32_t* out) {
 int weave_ws_poison(int ordinal) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (!w.ready) return -1;
-  const size_t slot = static_cast<size_t>(w.max_tokens) * w.hidden * w.dtype_bytes;
   const size_t res = static_cast<size_t>((w.max_tokens + w.world - 1) / w.world) * w.hidden * w.dtype_bytes;
+  const size_t slot = res * w.world;
   if (cudaSetDevice(ordinal) != cudaSuccess) return -1;
   for (int s = 0; s < w.num_slots; ++s) {
     if (cudaMemset(w.out_slot[s], 0xff, slot) != cudaSuccess) return -1;

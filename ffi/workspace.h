@@ -25,8 +25,8 @@ struct DeviceWorkspace {
   int dtype_bytes = 2;
   int num_slots = 0;
   // local allocations (cudaMalloc on this device)
-  void* in_slot = nullptr;                  // (Tmax, H)
-  void* out_slot[kMaxSlots] = {};           // (Tmax, H) each
+  void* in_slot = nullptr;                  // (world * Smax, H), Smax = ceil(Tmax / world)
+  void* out_slot[kMaxSlots] = {};           // (world * Smax, H) each
   void* res_slot[kMaxSlots] = {};           // (ceil(Tmax / world), H) each
   uint32_t* pads = nullptr;                 // kPadWords
   uint32_t* epochs = nullptr;               // kMaxCtas
@@ -44,7 +44,8 @@ struct DeviceWorkspace {
   cudaStream_t side = nullptr;              // library-owned stream for start/done
   cudaEvent_t ev_inputs = nullptr;          // XLA stream -> side stream (start's inputs ready)
   cudaEvent_t ev_done[kMaxSlots] = {};      // side stream -> XLA stream (slot results ready)
-  cudaEvent_t ev_last = nullptr;            // last fused kernel on this device, any stream
+  cudaEvent_t ev_last = nullptr;            // last kernel launched on the side stream
+  bool side_pending = false;                // a start launched since XLA's stream last waited
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
 };
 

@@ -36,7 +36,7 @@ def n_calls(tokens: int) -> int:
   return 64 if tokens <= 1024 else 32 if tokens <= 8192 else 8
 
 
-def jax_methods(hidden, sizes, ctas_list, reps):
+def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -69,6 +69,10 @@ def jax_methods(hidden, sizes, ctas_list, reps):
   for c in ctas_list:
     methods[f"fused_p2p_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
+  for c in cmdbuf_ctas:  # the command-buffer-compatible target: XLA may capture it in a graph
+    methods[f"fused_p2p_c{c}_cmdbuf"] = (
+        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c,
+                                                       cmd_buffer=True), True)
 
   rows = []
   for tokens in sizes:
@@ -81,6 +85,7 @@ def jax_methods(hidden, sizes, ctas_list, reps):
       try:
         f = make(step, sharded, n)
         args = (partial, res_full, weight)
+        in_graph = "command_buffer" in f.lower(*args).compile().as_text()
         jax.block_until_ready(f(*args))  # compile + warm-up
         jax.block_until_ready(f(*args))
         times = []
@@ -89,7 +94,7 @@ def jax_methods(hidden, sizes, ctas_list, reps):
           jax.block_until_ready(f(*args))
           times.append((time.perf_counter() - t0) / n)
         rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
-                         us_min=min(times) * 1e6, calls=n, reps=reps))
+                         us_min=min(times) * 1e6, calls=n, reps=reps, command_buffer=in_graph))
       except Exception as e:  # report, keep going
         rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
       print(rows[-1], flush=True)
@@ -194,6 +199,8 @@ def main():
   ap.add_argument("--min-tokens", type=int, default=64)
   ap.add_argument("--max-tokens", type=int, default=32768)
   ap.add_argument("--ctas", default="2,4,8,16,32")
+  ap.add_argument("--cmdbuf-ctas", default="8,16", help="CTA counts also timed via the "
+                  "command-buffer-compatible target ('' for none)")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--skip-torch", action="store_true")
   args = ap.parse_args()
@@ -207,7 +214,8 @@ def main():
       rows += torch_methods(args.hidden, sizes, args.reps)
     except Exception:
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
-  rows += jax_methods(args.hidden, sizes, [int(c) for c in args.ctas.split(",")], args.reps)
+  rows += jax_methods(args.hidden, sizes, [int(c) for c in args.ctas.split(",")],
+                      [int(c) for c in args.cmdbuf_ctas.split(",") if c], args.reps)
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   meta = dict(hidden=args.hidden, dtype="bf16", world=2, jax=jax.__version__,

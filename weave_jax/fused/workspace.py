@@ -2,9 +2,9 @@
 
 The workspace lives outside XLA's allocator (cudaMalloc in ``ffi/workspace.cu``), one per
 device, and the FFI handlers find it by device ordinal.  Footprint per device (Tmax tokens,
-H hidden, 2-byte dtype, ``num_slots`` slots, ``world`` ranks)::
+H hidden, 2-byte dtype, ``num_slots`` slots, ``world`` ranks, Smax = ceil(Tmax / world))::
 
-    (1 + num_slots) * Tmax * H * 2  +  num_slots * ceil(Tmax / world) * H * 2  +  ~2.2 KiB
+    (1 + num_slots) * world * Smax * H * 2  +  num_slots * Smax * H * 2  +  ~2.2 KiB
 
 e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 2 GiB per device.
 
@@ -28,6 +28,7 @@ from weave_jax.fused import _lib
 
 ENV_TIMEOUT_MS = "WEAVE_FUSED_TIMEOUT_MS"
 DEFAULT_TIMEOUT_MS = 10_000.0
+MAX_HIDDEN = 16384  # kThreads * kMaxVecPerThread * 8 in ffi/fused_reduce_add_norm.cuh
 BARRIER_NAMES = {0: "start (inputs published)", 1: "end (outputs delivered)"}
 
 
@@ -77,7 +78,7 @@ def init_workspace(devices_or_mesh, *, max_tokens: int, hidden: int, dtype=jnp.b
   Args:
     devices_or_mesh: jax devices in rank order, or a Mesh whose only non-trivial axis is "tp".
     max_tokens: largest token count T of any later call.
-    hidden: largest hidden size H (multiple of 8, <= 32768).
+    hidden: largest hidden size H (multiple of 8, <= 16384).
     dtype: bf16 or fp16: the dtype of every later call.
     num_slots: output slots for start/done calls in flight at once (1..4).
     timeout_ms: barrier spin limit; default $WEAVE_FUSED_TIMEOUT_MS or 10 s.
@@ -97,8 +98,8 @@ def init_workspace(devices_or_mesh, *, max_tokens: int, hidden: int, dtype=jnp.b
   dtype = np.dtype(dtype)
   if not 2 <= world <= 8:
     raise ValueError(f"{op}: world size {world} outside 2..8")
-  if hidden % 8 or not 8 <= hidden <= 32768:
-    raise ValueError(f"{op}: hidden={hidden} must be a multiple of 8 in 8..32768")
+  if hidden % 8 or not 8 <= hidden <= MAX_HIDDEN:
+    raise ValueError(f"{op}: hidden={hidden} must be a multiple of 8 in 8..{MAX_HIDDEN}")
   if max_tokens < 1:
     raise ValueError(f"{op}: max_tokens={max_tokens} must be >= 1")
   if dtype not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
