@@ -147,7 +147,7 @@ def test_tp_does_not_divide(overrides, tp, what):
     Engine(abstract_model(cfg), make_mesh(tp))
 
 
-# --- batches and parameters ------------------------------------------------------------------------
+# --- batches and parameters --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def engine():
@@ -202,8 +202,8 @@ def test_params_of_wrong_dtype():
 
 def test_bad_split(engine):
   mesh = make_mesh(2)
-  eng = Engine(nnx.merge(engine.graphdef, engine.state), mesh,
-               RunConfig(weave=True, weave_min_tokens=2, split=3))
+  run = RunConfig(weave=True, weave_min_tokens=2, split=3)
+  eng = Engine(nnx.merge(engine.graphdef, engine.state), mesh, run)
   with pytest.raises(ValueError, match="RunConfig.split=3 must be a multiple of TP=2"):
     eng(np.arange(16))
 

@@ -49,7 +49,8 @@ CASES = {
     "llama": (_llama, "single", (1, 2, 4)),
     "llama_sharded": (_llama, "sharded", (2,)),
     "qwen2_tied_bias": (_qwen2, "single", (1, 2)),
-    "mixtral": (_mixtral, "single", (1, 2)),          # per-expert w1/w2/w3 (what save_pretrained writes)
+    # per-expert w1/w2/w3: what save_pretrained writes
+    "mixtral": (_mixtral, "single", (1, 2)),
     "mixtral_fused": (_mixtral, "fused", (2,)),       # v5 in-memory names: mlp.experts.gate_up_proj
 }
 PARAMS = [(case, tp) for case, (_, _, tps) in CASES.items() for tp in tps]

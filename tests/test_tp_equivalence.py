@@ -15,8 +15,8 @@ from weave_jax.sharding import shard_state
 
 MODELS = {
     "dense": preset("tiny"),
-    # Mixtral-style: 8 experts (divisible by TP 8), top-2, GQA 16/8.
-    "moe": ModelConfig("mixtral", 512, 128, 64, 2, 16, 8, 16, 1e-5, 10000.0, num_experts=8,
+    # Mixtral-style, one layer (still 3 chained stages): 8 experts (divisible by TP 8), top-2.
+    "moe": ModelConfig("mixtral", 512, 128, 64, 1, 16, 8, 16, 1e-5, 10000.0, num_experts=8,
                        experts_per_token=2, dtype="float32"),
 }
 TPS = (1, 2, 4, 8)

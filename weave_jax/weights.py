@@ -11,7 +11,8 @@ Hugging Face names (transformers 5.x; older per-expert Mixtral files are read to
   model.layers.{i}.self_attn.{q,k,v}_proj.weight (N*D | KV*D, H), .bias (Qwen2), o_proj (H, N*D)
   model.layers.{i}.mlp.{gate,up}_proj.weight (F, H), down_proj.weight (H, F)
   Mixtral router: model.layers.{i}.mlp.gate.weight | block_sparse_moe.gate.weight (E, H)
-  Mixtral experts, fused: mlp.experts.gate_up_proj (E, 2F, H) [gate rows, then up], down_proj (E, H, F)
+  Mixtral experts, fused: mlp.experts.gate_up_proj (E, 2F, H) [gate rows, then up],
+                          mlp.experts.down_proj (E, H, F)
                 per expert: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) (F, H), w2 (H, F)
   model.layers.{i}.{input,post_attention}_layernorm.weight (H,), model.norm.weight (H,)
 """
@@ -84,6 +85,7 @@ class _Safetensors:
       weight_map = {k: _SINGLE_FILE for k in self.handles[_SINGLE_FILE].keys()}
     self.file_of: dict[str, str] = weight_map
     self._np_bf16 = True           # until safetensors proves it cannot give numpy BF16
+    self._headers: dict[str, tuple[int, dict]] = {}
 
   def has(self, name: str) -> bool:
     return name in self.file_of
@@ -120,12 +122,16 @@ class _Safetensors:
       return np.asarray(self._bf16_view(name)[index])
 
   def _bf16_view(self, name: str) -> np.ndarray:
-    """A memory-mapped bfloat16 view of ``name``: safetensors < 0.6 cannot hand numpy a BF16
-    tensor ("data type 'bfloat16' not understood"); slicing the map reads only touched pages."""
+    """A memory-mapped bfloat16 view of ``name``.  Older safetensors (0.5.x) cannot hand numpy a
+    BF16 tensor ("data type 'bfloat16' not understood"); slicing the map reads only the pages
+    it touches."""
     path = os.path.join(self.directory, self.file_of[name])
-    with open(path, "rb") as f:
-      header_len = int.from_bytes(f.read(8), "little")
-      info = json.loads(f.read(header_len))[name]
+    if path not in self._headers:
+      with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        self._headers[path] = (header_len, json.loads(f.read(header_len)))
+    header_len, header = self._headers[path]
+    info = header[name]
     start, stop = info["data_offsets"]
     raw = np.memmap(path, np.uint8, "r", offset=8 + header_len + start, shape=(stop - start,))
     return raw.view(jnp.bfloat16).reshape(info["shape"])
@@ -139,7 +145,9 @@ Source = tuple[list[tuple[str, tuple[int, ...]]], Callable[[Index], np.ndarray]]
 
 
 def _direct(st: _Safetensors, name: str, shape) -> Source:
-  return [(name, tuple(shape))], lambda idx: st.read(name, *(_span(s, n) for s, n in zip(idx, shape)))
+  def block(idx):
+    return st.read(name, *(_span(s, n) for s, n in zip(idx, shape)))
+  return [(name, tuple(shape))], block
 
 
 def _padded_rows(st: _Safetensors, name: str, vocab: int, v_pad: int, h: int) -> Source:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything on a GPU node in one call: build the FFI library, run the GPU tests, the fused-kernel
+# microbenchmark and the prefill benchmarks.  Logs, JSON and charts go to $OUT (default
+# ./gpu_out).  Stages can be chosen:  bash run/gpu_all.sh [build] [test] [fused] [prefill] [tune]
+# Multicast stays off: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM removed.
+set -o pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+unset WEAVE_ENABLE_MULTIMEM
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+PRESETS=${PRESETS:-"llama-3.3-70b qwen2.5-72b mixtral-8x22b"}
+stages=${*:-build test fused prefill}
+rc=0
+quiet() { grep --line-buffered -vE "^(W|I)0000 "; }   # drop absl/XLA info chatter
+for stage in $stages; do
+  echo "=== $stage ($(date -u +%H:%M:%S)) ==="
+  case $stage in
+    build) OUT=$OUT bash run/gpu_fused_check.sh build || rc=1 ;;
+    test)
+      timeout ${TEST_TIMEOUT:-420} $PY -m pytest -q -rs -m gpu -p no:cacheprovider tests/ 2>&1 \
+        | quiet | tee "$OUT/gpu_tests.log" || rc=1 ;;
+    fused)
+      timeout ${FUSED_TIMEOUT:-240} $PY run/bench_allreduce_norm.py --json "$OUT/allreduce_norm.json" \
+        2>&1 | quiet | tee "$OUT/allreduce_norm.log" || rc=1 ;;
+    prefill)
+      for p in $PRESETS; do
+        timeout ${PREFILL_TIMEOUT:-300} $PY run/bench_prefill.py --preset "$p" ${PREFILL_ARGS:-} \
+          --json "$OUT/prefill_$p.json" --png "$OUT/prefill_$p.png" 2>&1 | quiet \
+          | tee "$OUT/prefill_$p.log" || rc=1
+      done ;;
+    tune)
+      timeout ${TUNE_TIMEOUT:-240} $PY run/tune_split.py ${TUNE_ARGS:-} 2>&1 | quiet \
+        | tee "$OUT/tune.log" || rc=1
+      cp weave_jax/tuning/splits.json "$OUT/" 2>/dev/null ;;
+    *) echo "unknown stage $stage (build test fused prefill tune)"; rc=2 ;;
+  esac
+done
+exit $rc
