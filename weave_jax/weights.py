@@ -293,7 +293,9 @@ def _sources(st: _Safetensors, cfg: ModelConfig) -> dict[tuple, Source]:
 
 
 def _key(path) -> tuple:
-  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  """A state path as plain keys, e.g. ('layers', 0, 'attn', 'qkv') (list indices as ints)."""
+  keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  return tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in keys)
 
 
 def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
