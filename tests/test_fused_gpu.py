@@ -240,6 +240,8 @@ def test_10k_calls_under_command_buffers():
   print("command-buffer child (mismatches, captured):", r.stdout[-300:])
   assert r.returncode == 0, r.stderr[-4000:]
   assert "ok (0," in r.stdout
+  if "ok (0, False)" in r.stdout:  # right results, but XLA ran the call outside any graph
+    pytest.skip("XLA did not capture the custom call into a command buffer: replay untested")
 
 
 TIMEOUT_CHILD = textwrap.dedent("""

@@ -6,6 +6,12 @@
 
 Without the compiled library (no nvcc at install), importing works and every entry point that
 needs it raises ``FusedUnavailableError``.
+
+Verified on 2xH200 (JAX 0.11.2): the peer transport in one process (212 random/edge shapes in
+bf16 and fp16 against an fp32 psum reference, bitwise-equal ranks, 10,000 chained calls, the
+start/done pair, the ``on_stream`` variant, the timeout error).  Unverified: the multimem
+transport, the one-process-per-GPU (IPC) workspace, and command-buffer replay (see
+``ffi/NOTES.md``).
 """
 from weave_jax.fused._lib import FusedUnavailableError, available
 from weave_jax.fused.gate import multicast_policy

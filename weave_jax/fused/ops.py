@@ -72,7 +72,10 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     eps: RMSNorm epsilon.
     ctas: thread blocks (2..32), equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
-    cmd_buffer: use the target registered as command-buffer compatible (see tests/GPU notes).
+    cmd_buffer: use the target whose handler carries the command-buffer-compatible trait.
+      NOT the default: on 2xH200 / JAX 0.11.2 XLA did not capture it into a command buffer
+      (even with --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE), so graph replay of
+      this kernel is untested.  The protocol is built for replay (device-resident epochs).
   """
   _validate("fused_reduce_add_norm", partial, residual, weight, ctas, transport)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
