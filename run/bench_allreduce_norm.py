@@ -203,6 +203,7 @@ def main():
                   "command-buffer-compatible target ('' for none)")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--json", help="also write the results JSON here")
   args = ap.parse_args()
   sizes, t = [], args.min_tokens
   while t <= args.max_tokens:
@@ -224,6 +225,8 @@ def main():
   outdir = ROOT / "benchmarks" / "results"
   outdir.mkdir(parents=True, exist_ok=True)
   (outdir / f"allreduce_norm_{device}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
   if os.environ.get("OUT"):
     pathlib.Path(os.environ["OUT"], f"allreduce_norm_{device}.json").write_text(
         json.dumps(dict(meta=meta, rows=rows), indent=1))
