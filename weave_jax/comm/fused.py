@@ -1,6 +1,6 @@
 """The fused backends: one CUDA kernel does reduce-scatter, residual add, RMSNorm, all-gather.
 
-- ``FusedP2P`` ("fused_p2p"): NVLink peer loads/stores (runs wherever peer access works).
+- ``FusedP2P`` ("fused_p2p"): NVLink stores through peer pointers (runs wherever peer access works).
 - ``FusedMultimem`` ("fused_multimem"): NVLS multicast; needs a workspace built with
   ``transport="multimem"``, which only the multicast gate can create (opt-in, never on hosts
   that disable NVLS).
