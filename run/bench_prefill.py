@@ -80,41 +80,54 @@ def make_engine(model, mesh, variant: str, args) -> Engine:
   return engine_for(model, mesh, variant, ctas=args.ctas, weave_min_tokens=args.weave_min_tokens)
 
 
-def run(args) -> dict:
-  variants = args.variants or default_variants()
-  layers = args.layers
+def build(args):
+  """(config, mesh, model) for the preset, with --layers (default: 4 on GPU for large presets)."""
   cfg0 = preset(args.preset)
+  layers = args.layers
   if layers is None:
     layers = 4 if (HAS_GPU and cfg0.num_layers > 8) else cfg0.num_layers
   cfg = preset(args.preset, num_layers=layers)
   mesh = make_mesh(args.tp)
+  return cfg, mesh, init_random(cfg, mesh)
+
+
+def run(args, cfg, mesh, model) -> dict:
+  variants = args.variants or default_variants()
+  layers, cfg0 = cfg.num_layers, preset(args.preset)
   tp = mesh.devices.size
   dev = mesh.devices.flat[0]
   progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers, TP={tp} on "
            f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
-  model = init_random(cfg, mesh)
   peak = None
   if HAS_GPU and not args.no_matmul_peak:
     peak = matmul_tflops()
     progress(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s per device")
   rng = np.random.default_rng(0)
-  rows = []
-  for n in args.tokens:
-    tokens = rng.integers(0, cfg.vocab_size, n)
-    row = {"tokens": n}
-    for v in variants:
-      eng = make_engine(model, mesh, v, args)
-      t0 = time.perf_counter()
-      plan, exe, ex_args = eng.prepare(tokens)
-      progress(f"{n:6d} tokens  {v:12s} compiled in {time.perf_counter() - t0:5.1f}s "
-               f"(split={plan.split})")
-      t = time_fn(lambda: exe(*ex_args), warmup=args.warmup, iters=args.iters)
-      row[v] = {"ms": t.median_ms, "spread": t.spread, "split": plan.split}
+  batches = {n: rng.integers(0, cfg.vocab_size, n) for n in args.tokens}
+  rows = {n: {"tokens": n} for n in args.tokens}
+  # Variant-major, fused variants last: a kernel failure (which can poison the CUDA context)
+  # then costs only what comes after it.  Each failure is recorded, never timed as data.
+  order = sorted(variants, key=lambda v: VARIANTS[v][0].startswith("fused"))
+  for v in order:
+    for n in args.tokens:
+      try:
+        eng = make_engine(model, mesh, v, args)
+        t0 = time.perf_counter()
+        plan, exe, ex_args = eng.prepare(batches[n])
+        progress(f"{n:6d} tokens  {v:12s} compiled in {time.perf_counter() - t0:5.1f}s "
+                 f"(split={plan.split})")
+        t = time_fn(lambda: exe(*ex_args), warmup=args.warmup, iters=args.iters)
+      except Exception as e:  # noqa: BLE001 - reported, and the variant is left out of the table
+        progress(f"{n:6d} tokens  {v:12s} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        rows[n][v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        continue
+      rows[n][v] = {"ms": t.median_ms, "spread": t.spread, "split": plan.split}
       progress(f"{n:6d} tokens  {v:12s} {t.median_ms:9.3f} ms  (spread {t.spread:.1%})")
-    flops = layers * layer_flops_per_rank(cfg, n, tp)
-    if peak and "nocomm" in row:
+  rows = [rows[n] for n in args.tokens]
+  for row in rows:
+    flops = layers * layer_flops_per_rank(cfg, row["tokens"], tp)
+    if peak and "ms" in row.get("nocomm", {}):
       row["nocomm_mfu"] = flops / (row["nocomm"]["ms"] * 1e-3) / (peak * 1e12)
-    rows.append(row)
   return {"preset": args.preset, "layers": layers, "tp": tp, "variants": variants,
           "device": getattr(dev, "device_kind", dev.platform), "devices": mesh.devices.size,
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -135,16 +148,18 @@ def table(res: dict) -> str:
       ratios.append(f"{v}/nocomm")
   head += "".join(f" | {r}" for r in ratios) + (" | nocomm MFU" if res["matmul_peak_tflops"] else "") + " |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  ms = lambda row, v: row.get(v, {}).get("ms")
   for row in res["rows"]:
-    cells = [str(row["tokens"])] + [f"{row[v]['ms'] / res['layers']:.3f}" for v in vs]
+    cells = [str(row["tokens"])] + [
+        f"{ms(row, v) / res['layers']:.3f}" if ms(row, v) else "failed" for v in vs]
     for r in ratios:
       if r == "baseline/nocomm":
-        x = row["baseline"]["ms"] / row["nocomm"]["ms"]
+        a, b = ms(row, "baseline"), ms(row, "nocomm")
       elif r.startswith("speedup "):
-        x = row["baseline"]["ms"] / row[r[8:]]["ms"]
+        a, b = ms(row, "baseline"), ms(row, r[8:])
       else:
-        x = row[r.split("/")[0]]["ms"] / row["nocomm"]["ms"]
-      cells.append(f"{x:.3f}")
+        a, b = ms(row, r.split("/")[0]), ms(row, "nocomm")
+      cells.append(f"{a / b:.3f}" if a and b else "-")
     if res["matmul_peak_tflops"]:
       cells.append(f"{row.get('nocomm_mfu', float('nan')):.1%}")
     lines.append("| " + " | ".join(cells) + " |")
@@ -160,7 +175,8 @@ def plot(res: dict, path: str) -> None:
   w = 0.8 / max(len(vs), 1)
   fig, ax = plt.subplots(figsize=(8, 4))
   for i, v in enumerate(vs):
-    sp = [r["baseline"]["ms"] / r[v]["ms"] for r in res["rows"]]
+    sp = [r["baseline"]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) and "ms" in r.get("baseline", {})
+          else 0.0 for r in res["rows"]]
     ax.bar(x + i * w, sp, w, label=v)
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_xticks(x + w * (len(vs) - 1) / 2, [str(r["tokens"]) for r in res["rows"]])
@@ -172,11 +188,8 @@ def plot(res: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def profile(args, res) -> None:
+def profile(args, res, cfg, mesh, model) -> None:
   from weave_jax import trace
-  cfg = preset(args.preset, num_layers=res["layers"])
-  mesh = make_mesh(args.tp)
-  model = init_random(cfg, mesh)
   n = args.profile_tokens or args.tokens[len(args.tokens) // 2]
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, n)
   for v in res["variants"]:
@@ -184,12 +197,13 @@ def profile(args, res) -> None:
     logdir = os.path.join(args.profile, f"{v.replace('+', '_')}_{n}")
     path = trace.capture(exe, *ex_args, logdir=logdir)
     print(f"\n### trace: {v} at {n} tokens ({path})")
-    print(trace.format_report(trace.analyze(path)))
+    print(trace.format_table(trace.analyze(path)), flush=True)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  res = run(args)
+  cfg, mesh, model = build(args)
+  res = run(args, cfg, mesh, model)
   print(table(res))
   out = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
@@ -202,7 +216,7 @@ def main(argv=None):
     plot(res, args.png)
     progress(f"chart written to {args.png}")
   if args.profile:
-    profile(args, res)
+    profile(args, res, cfg, mesh, model)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ class Engine:
     plan = self.plan(n_tokens)
     key = (plan, packed)
     if key not in self._compiled:
+      self._ensure_workspace(plan.padded)
       args = self._example_args(plan, packed)
       msg = plan.padded * self.cfg.hidden_size * jnp.dtype(self.cfg.dtype).itemsize
       opts = xla_options.compile_options(self.platform, weave=plan.split is not None,
@@ -181,6 +182,21 @@ class Engine:
       lowered = self._build(plan, packed).lower(*args)
       self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]
+
+  def _ensure_workspace(self, tokens: int) -> None:
+    """The fused backends need the library's workspace (allocated outside XLA) sized for the
+    largest chunk; (re)allocate it when this mesh/size/dtype is not covered yet."""
+    if not self.backend.name.startswith("fused"):
+      return
+    from weave_jax import fused
+    ws = fused.workspace.current()
+    want_ordinals = tuple(d.local_hardware_id for d in self.mesh.devices.flat)
+    dtype = jnp.dtype(self.cfg.dtype)
+    if (ws is None or ws.max_tokens < tokens or ws.hidden < self.cfg.hidden_size
+        or ws.dtype != dtype or ws.ordinals != want_ordinals):
+      max_tokens = max(tokens, ws.max_tokens if ws is not None else 0, 16384)
+      fused.init_workspace(self.mesh, max_tokens=max_tokens, hidden=self.cfg.hidden_size,
+                           dtype=dtype, transport=getattr(self.backend, "transport", "peer"))
 
   def _example_args(self, plan: Plan, packed: bool):
     i32 = jax.ShapeDtypeStruct((plan.padded,), jnp.int32)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
+
+import jax
 from typing import ClassVar
 
 from weave_jax.comm.base import CommBackend
@@ -56,6 +58,9 @@ class FusedP2P(CommBackend):
   residual_sharded: bool = True
   #: thread blocks of the kernel (2..32); the kernel uses only these SMs.
   ctas: int = 16
+  #: start() only enqueues on the library's side stream and returns a token, so the weave
+  #: schedule may pin it before the other half's compute (see weave_jax.weave).
+  async_start: ClassVar[bool] = True
   transport: ClassVar[str] = "peer"
 
   def _fused_ok(self) -> bool:
@@ -77,20 +82,34 @@ class FusedP2P(CommBackend):
                                      transport=self.transport)
 
   def start(self, partial, residual, weight, *, eps: float):
-    """Launches on the library's side stream; slots rotate so ``num_slots`` may be in flight."""
+    """Launches on the library's side stream; slots rotate so ``num_slots`` may be in flight.
+
+    Returns a pytree of arrays only (the slot is static), so the weave schedule can pin it with
+    ``optimization_barrier``."""
     if not self._fused_ok():
-      return ("done", _rs_ag(partial, residual, weight, eps=eps))
+      return _Handle(None, _rs_ag(partial, residual, weight, eps=eps), -1)
     slot = next(_slots) % ws_lib.current().num_slots
     token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.ctas, slot=slot,
                             transport=self.transport)
-    return ("pending", (token, partial, residual, weight, slot))
+    return _Handle(token, (partial, residual, weight), slot)
 
-  def done(self, handle):
-    state, payload = handle
-    if state == "done":
-      return payload
-    token, partial, residual, weight, slot = payload
-    return ops.fused_done(token, partial, residual, weight, slot=slot)
+  def done(self, handle: "_Handle"):
+    if handle.token is None:            # the rs_ag fallback already computed the result
+      return handle.arrays
+    partial, residual, weight = handle.arrays
+    return ops.fused_done(handle.token, partial, residual, weight, slot=handle.slot)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Handle:
+  """What ``start`` hands to ``done``: the start token (None for the fallback), arrays, slot."""
+  token: object
+  arrays: tuple
+  slot: int
+
+
+jax.tree_util.register_pytree_node(
+    _Handle, lambda h: ((h.token, h.arrays), h.slot), lambda slot, c: _Handle(c[0], c[1], slot))
 
 
 @dataclasses.dataclass(frozen=True)
