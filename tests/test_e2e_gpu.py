@@ -23,6 +23,25 @@ def rel_err(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def check_close(out, ref, cfg, what):
+  """bf16 tolerance.  Dense models: relative L2 error < 2e-2 over all logits.  MoE: top-k routing
+  is discontinuous, so bf16 rounding differences between backends flip the expert choice of a
+  few tokens (whose logits then differ by O(1)); we require the median token within 1e-2 and at
+  most 3% of tokens beyond 5e-2."""
+  assert np.isfinite(out).all(), (what, "non-finite logits")
+  if not cfg.is_moe:
+    err = rel_err(out, ref)
+    print(what, f"rel err {err:.2e}")
+    assert err < 2e-2, (what, err)
+    return
+  a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  tok = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+  frac = float(np.mean(tok > 5e-2))
+  print(what, f"median token err {np.median(tok):.2e}, tokens > 5e-2: {frac:.2%}, "
+        f"global {rel_err(out, ref):.2e}")
+  assert np.median(tok) < 1e-2 and frac < 0.03, (what, float(np.median(tok)), frac)
+
+
 @pytest.fixture(scope="module")
 def mesh():
   if gpu_count() < 2:
@@ -47,12 +66,15 @@ def test_woven_equals_baseline(mesh, family):
   segments = np.repeat(np.arange(len(lengths)), lengths)
   ref = np.asarray(Engine(model, mesh, RunConfig(backend="psum"))(tokens, segment_ids=segments))
   assert np.isfinite(ref).all()
+  ref1 = np.asarray(Engine(model, mesh, RunConfig(backend="psum"))(tokens[:3000]))
+  failures = []
   for backend, weave in _variants():
     eng = Engine(model, mesh, RunConfig(backend=backend, weave=weave, weave_min_tokens=1024))
-    out = np.asarray(eng(tokens, segment_ids=segments))
-    err = rel_err(out, ref)
-    assert np.isfinite(out).all() and err < 2e-2, (backend, weave, err)
-    # Single-sequence (cuDNN causal) path as well.
-    ref1 = np.asarray(Engine(model, mesh, RunConfig(backend="psum"))(tokens[:3000]))
-    out1 = np.asarray(eng(tokens[:3000]))
-    assert rel_err(out1, ref1) < 2e-2, (backend, weave, "single sequence", rel_err(out1, ref1))
+    for what, out, want in (
+        ((family, backend, weave, "packed"), eng(tokens, segment_ids=segments), ref),
+        ((family, backend, weave, "one sequence (cuDNN causal)"), eng(tokens[:3000]), ref1)):
+      try:
+        check_close(np.asarray(out), want, cfg, what)
+      except AssertionError as e:
+        failures.append(str(e))
+  assert not failures, failures
