@@ -26,7 +26,8 @@ def rel_err(a, b):
 def check_close(out, ref, cfg, what):
   """bf16 tolerance.  Dense models: relative L2 error < 2e-2 over all logits.  MoE: top-k routing
   is discontinuous, so bf16 rounding differences between backends flip the expert choice of a
-  few tokens (whose logits then differ by O(1)); we require the median token within 1e-2 and at
+  few tokens (whose logits then differ by O(1)) and, through attention, perturbs the later tokens
+  of the same sequence; we require the median token within 2e-2 (as for dense models) and at
   most 3% of tokens beyond 5e-2."""
   assert np.isfinite(out).all(), (what, "non-finite logits")
   if not cfg.is_moe:
