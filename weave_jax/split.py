@@ -85,6 +85,7 @@ def save_entry(key: str, entry: dict, path: str = TUNING_FILE) -> None:
   """Merge one tuned entry into the table (atomic replace)."""
   table = dict(_load_table(path))
   table[key] = entry
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(table, f, indent=1, sort_keys=True)
