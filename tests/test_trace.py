@@ -19,7 +19,7 @@ from weave_jax import trace as wt
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-GPU_SMALL = FIXTURES / "gpu_trace_small.trace.json.gz"  # committed by the team lead
+GPU_SMALL = FIXTURES / "gpu_trace_small.trace.json.gz"  # 2xH200, jax 0.11.2: woven rs_ag, 2 layers
 GPU_REAL = FIXTURES / "gpu_h200x2_jax0112.trace.json.gz"  # 2xH200, jax 0.11.2, via capture()
 SYNTH = FIXTURES / "synthetic_gpu.trace.json"  # hand-written, GPU-shaped, exact numbers
 
@@ -138,10 +138,13 @@ def test_real_gpu_fixture_without_sidecar(tmp_path):
 @pytest.mark.skipif(not GPU_SMALL.exists(),
                     reason=f"{GPU_SMALL.name} not committed yet (team lead adds a real GPU trace)")
 def test_gpu_trace_small_fixture():
+  """Woven Llama-70B-shaped layers (2 of them, 4096 tokens, rs_ag) on 2xH200: NCCL runs on its
+  own stream beside the GEMMs, so a large part of the collective time is hidden."""
   r = wt.analyze(GPU_SMALL)
-  assert sum(len(s) for s in r.streams.values()) > 1, r.streams
+  assert sum(len(s) for s in r.streams.values()) > 2, r.streams
   assert sum(s.mean.collective_us for s in r.steps) > 0
   assert any(k.startswith("layer_") for k in r.layers), r.layers
+  assert all(0.5 < s.mean.hidden_frac < 0.95 for s in r.steps), [s.mean for s in r.steps]
 
 
 def test_missing_trace_names_dir(tmp_path):
