@@ -56,13 +56,16 @@ def layer_flops_per_rank(cfg: ModelConfig, tokens: int, tp: int) -> float:
   return float(qkv + o + mlp + attn)
 
 
-def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 20) -> float:
-  """Measured bf16 matmul rate of one device (TFLOP/s), on random data (never zeros)."""
+def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 50) -> float:
+  """Measured bf16 matmul rate of one device (TFLOP/s), on random data (never zeros).
+
+  The long warm-up matters: a reading taken while the GPU was still clocking up came out at
+  552 TFLOP/s on an H200 where a warm one gave 709 (2xH200, 2026-11-21)."""
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   f = jax.jit(lambda a, b: a @ b)
-  t = time_fn(lambda: f(a, b), warmup=3, iters=iters)
+  t = time_fn(lambda: f(a, b), warmup=30, iters=iters)
   return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
 
 
