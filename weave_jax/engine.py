@@ -176,9 +176,7 @@ class Engine:
     if key not in self._compiled:
       self._ensure_workspace(plan.padded)
       args = self._example_args(plan, packed)
-      msg = plan.padded * self.cfg.hidden_size * jnp.dtype(self.cfg.dtype).itemsize
-      opts = xla_options.compile_options(self.platform, weave=plan.split is not None,
-                                         message_bytes=msg // (2 if plan.split else 1))
+      opts = xla_options.compile_options(self.platform, weave=plan.split is not None)
       lowered = self._build(plan, packed).lower(*args)
       self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]

@@ -16,13 +16,12 @@ _REJECTED: set[str] = set()
 # collective: COLLECTIVE_KERNEL_INVALID", measured on 2xH200), so we keep XLA's choice.
 
 
-def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[str, object]:
+def compile_options(platform: str, *, weave: bool) -> dict[str, object]:
   """Compiler options for one forward executable.
 
   Args:
     platform: ``jax.devices()[0].platform`` ("gpu", "cpu", ...).
     weave: the executable interleaves two halves; XLA must not merge them back.
-    message_bytes: size of one reduce_add_norm input per rank, to pick the collective kind.
   """
   if platform != "gpu":
     return {}
@@ -36,7 +35,6 @@ def compile_options(platform: str, *, weave: bool, message_bytes: int) -> dict[s
         "xla_gpu_reduce_scatter_combine_threshold_bytes": 0,
         "xla_gpu_all_gather_combine_threshold_bytes": 0,
     })
-  del message_bytes  # see the note on collective kernels above
   return opts
 
 
