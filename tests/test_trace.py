@@ -227,3 +227,18 @@ def test_cli_table_and_json(cpu_capture):
   assert proc.returncode == 0, proc.stderr
   data = json.loads(proc.stdout)
   assert data["steps"][0]["mean"]["collective_ms"] > 0 and "layer_0" in data["layers"]
+
+
+def test_capture_of_compiled_executable_attributes_layers(tmp_path):
+  """The benchmark hands capture() a compiled executable (no .lower): its HLO must still be
+  read, so that ops land in their layers rather than in 'other'."""
+  import numpy as np
+  from weave_jax import Engine, RunConfig, init_random, make_mesh, preset
+
+  cfg = preset("tiny")
+  mesh = make_mesh(2)
+  eng = Engine(init_random(cfg, mesh), mesh, RunConfig(backend="psum"))
+  _, exe, args = eng.prepare(np.arange(16) % cfg.vocab_size)
+  report = wt.analyze(wt.capture(exe, *args, logdir=tmp_path, steps=1, warmup=1))
+  assert report.layer_source == "hlo sidecar"
+  assert {"layer_0", "layer_1"} <= set(report.layers), report.layers

@@ -443,11 +443,12 @@ def capture(fn: Callable, *args: Any, logdir: str | Path, steps: int = 3,
   """Run ``fn(*args)`` under ``jax.profiler.trace`` and return the trace file path.
 
   Each traced call is wrapped in ``StepTraceAnnotation("step", step_num=i)`` and blocked on, so
-  its device work lies inside the step window. If ``fn`` has ``.lower`` (a ``jax.jit``
-  function), the compiled HLO's op table is written as ``hlo_ops.json`` beside the trace.
+  its device work lies inside the step window. The compiled HLO's op table is written as
+  ``hlo_ops.json`` beside the trace when ``fn`` is a compiled executable (``.as_text``) or a
+  ``jax.jit`` function (``.lower``).
 
   Args:
-    fn: the jitted callable.
+    fn: the jitted callable or compiled executable.
     args: its positional arguments.
     logdir: directory for ``jax.profiler.trace``; the trace lands in ``plugins/profile/<run>/``.
     steps: traced calls.
@@ -464,12 +465,16 @@ def capture(fn: Callable, *args: Any, logdir: str | Path, steps: int = 3,
       with jax.profiler.StepTraceAnnotation("step", step_num=i):
         jax.block_until_ready(fn(*args))
   trace = find_trace(logdir)
-  if hasattr(fn, "lower"):
-    table = _hlo_table(fn.lower(*args).compile().as_text())
-    (trace.parent / SIDECAR).write_text(json.dumps(table))
+  if hasattr(fn, "as_text"):                    # jax.stages.Compiled
+    hlo_text = fn.as_text()
+  elif hasattr(fn, "lower"):                    # jax.jit function
+    hlo_text = fn.lower(*args).compile().as_text()
   else:
-    warnings.warn(f"capture: {fn!r} has no .lower (not jax.jit); no {SIDECAR} written, so "
+    hlo_text = None
+    warnings.warn(f"capture: {fn!r} is neither compiled nor jitted; no {SIDECAR} written, so "
                   "CPU traces will attribute every op to 'other'", stacklevel=2)
+  if hlo_text is not None:
+    (trace.parent / SIDECAR).write_text(json.dumps(_hlo_table(hlo_text)))
   return trace
 
 
