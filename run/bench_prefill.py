@@ -96,6 +96,9 @@ def run(args, cfg, mesh, model) -> dict:
   layers, cfg0 = cfg.num_layers, preset(args.preset)
   tp = mesh.devices.size
   dev = mesh.devices.flat[0]
+  if not HAS_GPU:
+    progress("no GPU: running on virtual CPU devices; these timings only show that the harness "
+             "works (the 'devices' share the host's cores)")
   progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers, TP={tp} on "
            f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
   peak = None
