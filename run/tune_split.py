@@ -13,7 +13,6 @@ TokenWeave brute-forces this offline for about a day per model; this takes minut
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -28,7 +27,7 @@ FRACTIONS = (0.375, 0.4375, 0.5, 0.5625, 0.625)
 
 
 def candidates(n: int, cfg, tp: int, sms) -> list[int]:
-  step = math.lcm(64 if n >= 256 else 1, tp)
+  step = split_mod.split_step(n, tp)
   wave = split_mod.wave_aware_split(n, cfg, tp, sms)
   offs = {wave} | {round(n * f / step) * step for f in FRACTIONS}
   return sorted(s for s in offs if 0 < s < n)

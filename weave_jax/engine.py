@@ -25,6 +25,11 @@ from weave_jax.model import Transformer
 from weave_jax.sharding import state_specs
 
 
+# Batches below this many tokens run unsplit when neither RunConfig nor the tuning table says
+# otherwise (the splits of smaller batches are too short to hide anything; BENCHMARKS.md).
+DEFAULT_WEAVE_MIN_TOKENS = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """How to run the model.  Frozen and hashable: it is part of the compile cache key.
@@ -33,7 +38,7 @@ class RunConfig:
   backend_options: extra backend options as (name, value) pairs, e.g. (("ctas", 8),).
   weave: split batches into two halves and overlap their communication.
   weave_min_tokens: batches smaller than this run unsplit; None = the tuned threshold for this
-    device/model/backend (``run/tune_split.py``), else 1024.
+    device/model/backend (``run/tune_split.py``), else ``DEFAULT_WEAVE_MIN_TOKENS``.
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
@@ -105,7 +110,8 @@ class Engine:
     tp, run = self.tp, self.run
     min_tokens = run.weave_min_tokens
     if min_tokens is None:
-      min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend, 1024)
+      min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend,
+                                             DEFAULT_WEAVE_MIN_TOKENS)
     if not run.weave or n_tokens < max(min_tokens, 2 * tp):
       return Plan(n_tokens, _round_up(n_tokens, tp), None)
     if run.split is not None:

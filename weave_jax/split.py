@@ -40,10 +40,16 @@ def wave_cost(m: int, gemms, sms: int) -> float:
   return cost
 
 
+def split_step(n_tokens: int, tp: int, align: int = 64) -> int:
+  """Granularity of split offsets: a multiple of tp, and of ``align`` (a GEMM tile row count)
+  once the batch holds at least 4 such tiles."""
+  return math.lcm(align if n_tokens >= 4 * align else 1, tp)
+
+
 def wave_aware_split(n_tokens: int, cfg: ModelConfig, tp: int, sms: int | None,
                      align: int = 64) -> int:
   """Offset of half B (a multiple of ``align`` and of tp) for a batch of ``n_tokens`` tokens."""
-  step = math.lcm(align if n_tokens >= 4 * align else 1, tp)
+  step = split_step(n_tokens, tp, align)
   middle = n_tokens / 2
   candidates = range(step, n_tokens - step + 1, step)
   if not candidates:
@@ -105,7 +111,7 @@ def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = ""
   wave-aware."""
   frac = tuned_fraction(device_kind, cfg, tp, backend, n_tokens, path)
   if frac is not None:
-    step = math.lcm(64 if n_tokens >= 256 else 1, tp)
+    step = split_step(n_tokens, tp)
     s = round(n_tokens * frac / step) * step
     return min(max(s, step), max(step, n_tokens - step))
   return wave_aware_split(n_tokens, cfg, tp, sms)

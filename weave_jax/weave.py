@@ -49,7 +49,6 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
   ``normed`` / ``residual`` are pairs (A, B).  Returns the final pairs.
   """
   (half_a, half_b), (n_a, n_b), (r_a, r_b) = halves, normed, residual
-  async_start = getattr(backend, "async_start", False)
   h_b = None
   for k, (fn, weight, scope) in enumerate(stages):
     with jax.named_scope(scope):
@@ -62,7 +61,7 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
       p_a, n_b = _barrier((p_a, n_b))          # f_k(A) before f_k(B)
       with jax.named_scope("comm_A"):
         h_a = backend.start(p_a, r_a, weight, eps=eps)
-      if async_start:
+      if backend.async_start:
         h_a, n_b = _barrier((h_a, n_b))
       with jax.named_scope("half_B"):
         p_b, _ = fn(n_b, half_b, ctx)
@@ -71,7 +70,7 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
         n_a, r_a = backend.done(h_a)
       with jax.named_scope("comm_B"):
         h_b = backend.start(p_b, r_b, weight, eps=eps)
-      if async_start:
+      if backend.async_start:
         h_b, n_a = _barrier((h_b, n_a))
   with jax.named_scope("comm_B"):
     n_b, r_b = backend.done(h_b)

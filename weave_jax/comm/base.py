@@ -25,7 +25,7 @@ returns its result.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,10 @@ class CommBackend:
   residual_sharded: bool = False
   #: True when the backend performs no reduction (numerically wrong on purpose).
   is_reference_wrong: bool = False
+  #: True when ``start`` only enqueues work elsewhere and returns a handle at once, so a
+  #: schedule may pin it before other compute (the fused backends); False when ``start`` is the
+  #: whole collective (XLA backends).
+  async_start: ClassVar[bool] = False
 
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
     raise NotImplementedError
