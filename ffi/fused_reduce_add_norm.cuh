@@ -18,9 +18,13 @@
 //                                            the out_slot of EVERY rank (itself included), at
 //                                            their global row
 //   res_slot  (Smax, H) x num_slots          split (start/done) mode only: new residual
-//   pads      uint32 [2 barriers][32 blocks][8 source ranks]   signal words, one 32-bit word per
+//   os_slot   2 parities x (world + 1) x Tos rows x H   one-shot staging (see ONE-SHOT below)
+//   pads      uint32 [5 barriers][32 blocks][8 source ranks]   signal words, one 32-bit word per
 //                                            (barrier, block, source): no flags packed in bytes
-//   epochs    uint32 [32]                    local only: calls block b has taken part in
+//   epochs    uint32 [36]                    local only: [b] calls block b of the two-shot
+//                                            kernel has taken part in; [32] copy-engine calls,
+//                                            [33] its block-arrival counter; [34] one-shot
+//                                            calls, [35] its counter
 // Peers reach in_slot, out_slot and pads through peer pointers (one process, peer access
 // enabled) or CUDA IPC mappings (one process per GPU).  MultimemTransport reads in_slot and
 // writes out_slot through their multicast addresses instead; signals always use unicast words.
@@ -29,12 +33,14 @@
 // owner q's slice (i in [0, rows_q)) belongs to block i % nb.  Block b on rank p does exactly
 // the work that block b on the other ranks depends on, so barriers pair blocks by index:
 //   phase 0  publish:   rows of EVERY owner q assigned to b.  Peer: push partial row q*S+i into
-//                       q's in_slot row [p*S + i] (NVLink stores: posted, no round trip).
+//                       q's in_slot row [p*S + i] (NVLink stores: posted, no round trip); my
+//                       own rows are not staged, phase 1 reads them from `partial`.
 //                       Multimem: copy partial row q*S+i into my in_slot at the same row.
 //   barrier 0 ("start"): my published rows for block b are visible; wait for every peer's b
 //   phase 1  reduce:    rows of MY slice assigned to b, several rows at once (a group of
 //                       threads per row): sum the world staged rows in source order 0..world-1
-//                       from LOCAL memory (Peer) or one multimem.ld_reduce (Multimem), in fp32;
+//                       from LOCAL memory (Peer; source p is `partial` itself) or one
+//                       multimem.ld_reduce (Multimem), in fp32;
 //                       + residual, round (= new residual), RMSNorm, store the normalized row
 //                       into out_slot of every rank (NVLink stores or one multimem.st)
 //   barrier 1 ("end"):  my stores into every out_slot for block b are done AND I have finished
@@ -83,6 +89,40 @@
 // host-mapped memory, fences at system scope, and executes __trap().  The host reads that
 // record after XLA reports the launch failure and raises an error naming rank and barrier.
 // ============================================================================================
+// COPY-ENGINE ALGORITHM (algo 1, peer only): the same two-shot data flow with the NVLink traffic
+// moved to the copy engines, so only the local reduce uses SMs.  On each rank's stream:
+//   1. cudaMemcpyAsync per peer q: my partial rows of q's slice -> q's in_slot [p*S + i]  (push)
+//   2. ce kernel (any grid; blocks are NOT paired, so no co-residency is needed):
+//        every block signals barrier 2 to every peer (my pushes completed before the kernel
+//        started: stream order) and waits for every peer's barrier-2 word (one word per source,
+//        block index 0); then phase 1 as above, but normalized rows go to MY out_slot (and to
+//        `normed` when not in split mode) instead of being pushed;
+//        each block fences (system scope) and counts itself on a device counter; the last block
+//        signals barrier 3 to every peer, waits for every peer's barrier 3, resets the counter
+//        and advances the epoch.
+//   3. cudaMemcpyAsync per peer q: q's out_slot rows of q's slice -> my normed (or my out_slot in
+//        split mode) (pull; q's barrier-3 signal was acquired before my kernel ended).
+// Reuse: I push into q's in_slot (call k+1) only after q's barrier 3 of call k, which q sends
+// after all its blocks finished reading in_slot.  I write my out_slot (call k+1) only after
+// every peer's barrier 2 of call k+1, which each sends after its pull of call k (stream order).
+//
+// ONE-SHOT ALGORITHM (algo 2, peer only, T <= Tos): for small messages, one barrier per call.
+// Block b handles global rows r with r % nb == b:
+//   push   my partial row r -> every peer's os_slot[parity][p][r], and, for rows of my slice,
+//          my residual row -> every peer's os_slot[parity][world][r]   (NVLink stores)
+//   barrier 4 (paired by block, like the two-shot kernel)
+//   reduce every row r of block b (not only my slice): sources in order 0..world-1 (mine from
+//          `partial`), + residual (mine or staged), round, RMSNorm; write normed[r] locally,
+//          and new_residual for the rows of my slice.  Every rank computes every row with the
+//          same operands in the same order, so `normed` is bitwise identical across ranks.
+// parity = epoch & 1 (epoch = one-shot calls so far, advanced by the last block to finish, as
+// in the copy-engine kernel).  Reuse without a second barrier: I write into a peer's parity-x
+// buffer in call k+2 only after my kernel k+1 passed barrier 4, i.e. after every peer's kernel
+// k+1 started, i.e. after every peer's kernel k (the last reader of parity x) finished.
+// Calls of different algorithms use disjoint barrier words and epochs; the buffers they share
+// (in_slot, out_slot) are ordered by the reuse arguments above, because every kernel ends
+// only after the barrier that marks the end of its accesses.
+// ============================================================================================
 #pragma once
 
 #include <cuda_bf16.h>
@@ -93,20 +133,28 @@
 namespace weave {
 
 constexpr int kMaxRanks = 8;
-constexpr int kMaxCtas = 32;
+constexpr int kMaxCtas = 32;       // paired kernels (two-shot, one-shot): pads hold 32 blocks
+constexpr int kMaxCeCtas = 1024;   // the copy-engine kernel's blocks are not paired
 constexpr int kMinCtas = 2;
 constexpr int kThreads = 512;
 constexpr int kMaxVecPerThread = 4;                      // 16-byte vectors per thread per row
 constexpr int kMaxHidden = kThreads * kMaxVecPerThread * 8;  // 16384 elements
-constexpr int kNumBarriers = 2;
+constexpr int kOneShotBytes = 1 << 20;                   // Tos = this / (H * 2) rows, >= 1
+// barrier ids (first index of the pads)
+constexpr int kBarStart = 0, kBarEnd = 1, kBarCeStart = 2, kBarCeEnd = 3, kBarOneShot = 4;
+constexpr int kNumBarriers = 5;
 constexpr int kPadWords = kNumBarriers * kMaxCtas * kMaxRanks;
+// epochs[] words
+constexpr int kEpochCe = kMaxCtas, kCountCe = kMaxCtas + 1;
+constexpr int kEpochOneShot = kMaxCtas + 2, kCountOneShot = kMaxCtas + 3;
+constexpr int kEpochWords = kMaxCtas + 4;
 
 // Host-mapped (cudaHostAllocMapped) error record, one per device.
 struct ErrorRecord {
   int32_t code;     // 0 none, 1 barrier timeout
   int32_t rank;     // rank that timed out
   int32_t peer;     // rank it was waiting for
-  int32_t barrier;  // 0 start, 1 end
+  int32_t barrier;  // kBar*
   int32_t block;    // block index
   uint32_t epoch;   // value it waited for
 };
@@ -115,20 +163,22 @@ struct KernelParams {
   const void* partial;    // (T, H) local, XLA buffer
   const void* residual;   // (S, H) local, XLA buffer
   const void* weight;     // (H,)
-  void* normed;           // (T, H) XLA output; nullptr in split mode (no copy-out phase)
+  void* normed;           // (T, H) XLA output; nullptr in split mode
   void* new_residual;     // (S, H) XLA output, or the workspace res_slot in split mode
   void* in_slots[kMaxRanks];    // rank q's in_slot as seen from this device (staging rows)
   void* out_slots[kMaxRanks];   // rank q's out_slot (the slot chosen for this call)
+  void* os_slots[kMaxRanks];    // rank q's one-shot staging (both parities)
   void* in_mc;                  // multicast address of in_slot (MultimemTransport only)
   void* out_mc;                 // multicast address of out_slot (MultimemTransport only)
   uint32_t* pads[kMaxRanks];    // rank q's signal pads
-  uint32_t* epochs;             // local [kMaxCtas]
+  uint32_t* epochs;             // local [kEpochWords]
   int32_t* claim;               // local device word: first timeout claims the record
   ErrorRecord* err;             // host-mapped record (device alias)
   int64_t tokens;               // T
   int64_t hidden;               // H, multiple of 8
   int64_t shard;                // S = ceil(T / world)
-  int32_t threads_per_row;      // power of 2 in [32, 512] with H / 8 <= threads_per_row * 4
+  int64_t os_rows;              // Tos: rows of one one-shot staging block
+  int32_t threads_per_row;      // power of 2 in [32, 512] with H / 8 <= threads_per_row * kVec
   int32_t rank;
   int32_t world;
   float eps;
@@ -173,25 +223,46 @@ static __device__ __noinline__ void report_timeout(const KernelParams& p, int ba
   __trap();
 }
 
-// Barrier `id` among block blockIdx.x of every rank; see PROTOCOL above.
+// Bounded spin until `word` (written by rank `peer`) reaches `epoch` (wrap-safe compare).
+__device__ __forceinline__ void wait_word(const KernelParams& p, const uint32_t* word, uint32_t epoch,
+                                          int barrier, int peer) {
+  const uint64_t t0 = global_timer_ns();
+  uint32_t spins = 0;
+  while (static_cast<int32_t>(ld_acquire_sys(word) - epoch) < 0) {
+    if ((++spins & 255u) == 0 && global_timer_ns() - t0 > p.timeout_ns) {
+      report_timeout(p, barrier, peer, epoch);
+    }
+  }
+}
+
+// Barrier `id` among block `slot_block` of every rank: thread t < world signals rank t and
+// waits for rank t; see PROTOCOL above.  Called by every thread of the block.
 template <class Transport>
-__device__ __forceinline__ void block_barrier(const KernelParams& p, int id, uint32_t epoch) {
+__device__ __forceinline__ void block_barrier(const KernelParams& p, int id, int slot_block,
+                                              uint32_t epoch) {
   __syncthreads();
   const int t = threadIdx.x;
   if (t < p.world) {
     Transport::alias_fence();
-    st_release_sys(p.pads[t] + pad_index(id, blockIdx.x, p.rank), epoch);
-    const uint32_t* word = p.pads[p.rank] + pad_index(id, blockIdx.x, t);
-    const uint64_t t0 = global_timer_ns();
-    uint32_t spins = 0;
-    while (static_cast<int32_t>(ld_acquire_sys(word) - epoch) < 0) {
-      if ((++spins & 255u) == 0 && global_timer_ns() - t0 > p.timeout_ns) {
-        report_timeout(p, id, t, epoch);
-      }
-    }
+    st_release_sys(p.pads[t] + pad_index(id, slot_block, p.rank), epoch);
+    wait_word(p, p.pads[p.rank] + pad_index(id, slot_block, t), epoch, id, t);
     Transport::alias_fence();
   }
   __syncthreads();
+}
+
+// Grid-wide "everyone is done" for the unpaired kernels: each block fences its writes at system
+// scope and counts itself; returns true in every thread of the last block to arrive, which
+// then holds the acquire side of every block's writes.
+__device__ __forceinline__ bool last_block_to_finish(uint32_t* counter, int* s_flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    *s_flag = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (*s_flag) __threadfence_system();
+  }
+  __syncthreads();
+  return *s_flag;
 }
 
 // ------------------------------------------------------------------ dtype traits
@@ -250,16 +321,17 @@ struct RowSpan {
   char* dst;
 };
 
-// Copies rows of every owner q assigned to this block (local rows i with i % nb == b), with
-// 16-byte accesses.  spans(q) gives the RowSpan of owner q.  (row, vector) pairs are flattened
+// Copies rows of every owner q != skip assigned to this block (local rows i with i % nb == b),
+// with 16-byte accesses.  spans(q) gives the RowSpan of owner q.  (row, vector) pairs are flattened
 // so small H still fills the block, and kUnroll independent loads are in flight per thread
 // before the stores.
 template <class Spans>
-__device__ __forceinline__ void copy_rows(const KernelParams& p, Spans spans) {
+__device__ __forceinline__ void copy_rows(const KernelParams& p, Spans spans, int skip = -1) {
   const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
   const int64_t row_bytes = p.hidden * 2;
   const int nb = gridDim.x, b = blockIdx.x;
   for (int q = 0; q < p.world; ++q) {
+    if (q == skip) continue;
     int64_t rows_q = p.tokens - q * p.shard;
     rows_q = rows_q < 0 ? 0 : (rows_q > p.shard ? p.shard : rows_q);
     if (b >= rows_q) continue;
@@ -291,122 +363,92 @@ __device__ __forceinline__ void copy_rows(const KernelParams& p, Spans spans) {
   }
 }
 
-// ------------------------------------------------------------------ transports
+// ------------------------------------------------------------------ phase 1: reduce + norm
 
-// NVLink stores through peer pointers: push partial rows to their owner, reduce from local
-// memory, push normalized rows to every rank.  Every cross-GPU access is a posted store.
-struct PeerTransport {
-  // phase 0: my partial row q*S+i -> owner q's in_slot row [rank*S + i]
-  __device__ static __forceinline__ void publish(const KernelParams& p) {
-    const int64_t row_bytes = p.hidden * 2;
-    copy_rows(p, [&](int q) {
-      return RowSpan{static_cast<const char*>(p.partial) + q * p.shard * row_bytes,
-                     static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * row_bytes};
-    });
+// Phase 1 walks rows through an Io object, one type per algorithm and transport:
+//   kMultimem                       true: sources are summed by mc_sum (multimem.ld_reduce)
+//   valid(r)                        false: padding row of my slice (new residual = residual)
+//   source(q, r)                    source rank q's partial row r (plain loads)
+//   residual(r), new_residual(r)    residual row; where the new residual goes (nullptr: nowhere)
+//   emit(r, c, v)                   store normalized 16-byte vector c of row r
+//   pad(r, lane, tpr, vpr)          padding row: new residual = residual
+
+// My slice's local rows i in [0, S); shared by the two-shot transports and the copy engine.
+struct SliceRows {
+  const KernelParams& p;
+  int64_t my_rows;
+  uint32_t vpr;
+  __device__ explicit SliceRows(const KernelParams& kp) : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)) {
+    const int64_t n = kp.tokens - kp.rank * kp.shard;
+    my_rows = n < 0 ? 0 : (n > kp.shard ? kp.shard : n);
   }
-  // Sum of the staged rows [src*S + i], src = 0..world-1 in that order, for the vectors
-  // c = lane + v * tpr of my row i.
-  template <typename T>
-  __device__ static __forceinline__ void reduce(const KernelParams& p, int64_t i, int lane,
-                                                float acc[kMaxVecPerThread][8]) {
-    const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
-    const uint4* staged = static_cast<const uint4*>(p.in_slots[p.rank]);
+  __device__ bool valid(int64_t i) const { return i < my_rows; }
+  // Source `rank` is this rank's own `partial` (never staged); the others were pushed into my
+  // in_slot at [q*S + i].
+  __device__ const uint4* source(int q, int64_t i) const {
+    return q == p.rank ? static_cast<const uint4*>(p.partial) + (p.rank * p.shard + i) * vpr
+                       : static_cast<const uint4*>(p.in_slots[p.rank]) + (q * p.shard + i) * vpr;
+  }
+  __device__ const uint4* residual(int64_t i) const {
+    return static_cast<const uint4*>(p.residual) + i * vpr;
+  }
+  __device__ uint4* new_residual(int64_t i) const {
+    return static_cast<uint4*>(p.new_residual) + i * vpr;
+  }
+  __device__ void pad(int64_t i, int lane, int tpr, uint32_t) const {
+    for (uint32_t c = lane; c < vpr; c += tpr) new_residual(i)[c] = residual(i)[c];
+  }
+  __device__ size_t global_offset(int64_t i, uint32_t c) const {
+    return (static_cast<size_t>(p.rank * p.shard + i) * vpr + c) * 16;
+  }
+};
+
+// Sum of every source's row r in rank order 0..world-1, in fp32, for the vectors
+// c = lane + v * tpr.  kVec = 2: two sources' loads are in flight before the first add (one
+// source at a time costs one HBM round trip each); kVec = 4: one source at a time (two would
+// spill).  The adds stay in rank order either way.
+template <typename T, int kVec, class Io>
+__device__ __forceinline__ void sum_sources(const Io& io, int world, int64_t r, int lane, int tpr,
+                                            uint32_t vpr, float acc[kVec][8]) {
 #pragma unroll
-    for (int v = 0; v < kMaxVecPerThread; ++v)
+  for (int v = 0; v < kVec; ++v)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[v][e] = 0.f;
-    for (int q = 0; q < p.world; ++q) {
-      const uint4* row = staged + (q * p.shard + i) * vpr;
-      uint4 t[kMaxVecPerThread];
+    for (int e = 0; e < 8; ++e) acc[v][e] = 0.f;
+  if constexpr (Io::kMultimem) {
+    io.template mc_sum<T, kVec>(r, lane, tpr, acc);
+  } else {
+    constexpr int kStep = kVec <= 2 ? 2 : 1;
+    for (int q = 0; q < world; q += kStep) {
+      const bool two = kStep == 2 && q + 1 < world;
+      const uint4* s0 = io.source(q, r);
+      const uint4* s1 = two ? io.source(q + 1, r) : s0;
+      uint4 t0[kVec], t1[kVec];
 #pragma unroll
-      for (int v = 0; v < kMaxVecPerThread; ++v) {  // all loads of this source in flight
-        const uint32_t c = lane + v * p.threads_per_row;
-        if (c < vpr) t[v] = row[c];
+      for (int v = 0; v < kVec; ++v) {
+        const uint32_t c = lane + v * tpr;
+        if (c < vpr) {
+          t0[v] = s0[c];
+          if (two) t1[v] = s1[c];
+        }
       }
 #pragma unroll
-      for (int v = 0; v < kMaxVecPerThread; ++v) {
-        const uint32_t c = lane + v * p.threads_per_row;
+      for (int v = 0; v < kVec; ++v) {
+        const uint32_t c = lane + v * tpr;
         if (c < vpr) {
           float f[8];
-          Vec<T>::to_float(t[v], f);
+          Vec<T>::to_float(t0[v], f);
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
-        }
-      }
-    }
-  }
-  // Store one normalized vector (global byte offset `off`) into every rank's out_slot,
-  // starting with the next rank so that ranks spread their traffic over the links.
-  __device__ static __forceinline__ void broadcast(const KernelParams& p, size_t off, uint4 v) {
-    for (int k = 0; k < p.world; ++k) {
-      int q = p.rank + 1 + k;
-      q = q >= p.world ? q - p.world : q;
-      *reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[q]) + off) = v;
-    }
-  }
-  __device__ static __forceinline__ void alias_fence() {}
-};
-
-// NVLS multicast: one ld_reduce over the multicast address sums all ranks in the switch; one
-// multimem.st writes every rank.  Only sm_90+; built for sm_90a.  The reduction order is the
-// switch's, identical for all ranks because each row is still computed by one rank only.
-struct MultimemTransport {
-  // phase 0: my partial -> my own in_slot at the same (global) rows
-  __device__ static __forceinline__ void publish(const KernelParams& p) {
-    const int64_t row_bytes = p.hidden * 2;
-    copy_rows(p, [&](int q) {
-      return RowSpan{static_cast<const char*>(p.partial) + q * p.shard * row_bytes,
-                     static_cast<char*>(p.in_slots[p.rank]) + q * p.shard * row_bytes};
-    });
-  }
-  template <typename T>
-  __device__ static __forceinline__ void reduce(const KernelParams& p, int64_t i, int lane,
-                                                float acc[kMaxVecPerThread][8]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
-    const uint4* row = static_cast<const uint4*>(p.in_mc) + (p.rank * p.shard + i) * vpr;
+          if (two) {
+            Vec<T>::to_float(t1[v], f);
 #pragma unroll
-    for (int v = 0; v < kMaxVecPerThread; ++v) {
-      const uint32_t c = lane + v * p.threads_per_row;
-      if (c < vpr) {
-        const uint4* addr = row + c;
-        uint4 r;
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-          asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0,%1,%2,%3}, [%4];"
-                       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                       : "l"(addr)
-                       : "memory");
-        } else {
-          asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {%0,%1,%2,%3}, [%4];"
-                       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                       : "l"(addr)
-                       : "memory");
+            for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
+          }
         }
-        Vec<T>::to_float(r, acc[v]);
       }
     }
-#else
-    __trap();
-#endif
   }
-  __device__ static __forceinline__ void broadcast(const KernelParams& p, size_t off, uint4 v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    char* addr = static_cast<char*>(p.out_mc) + off;
-    asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(addr),
-                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-#else
-    __trap();
-#endif
-  }
-  __device__ static __forceinline__ void alias_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.alias;" ::: "memory");
-#endif
-  }
-};
-
-// ------------------------------------------------------------------ the kernel
+}
 
 // Sum over the threads of one row group (tpr threads = tpr/32 whole warps), in a fixed order.
 // Called by every thread of the block the same number of times.
@@ -423,7 +465,179 @@ __device__ __forceinline__ float group_sum(float v, float* smem, int tpr) {
   return s;
 }
 
-template <typename T, class Transport>
+// Phase 1 over rows r = b + k * nb < nrows of this block (a group of tpr threads per row):
+// sum the sources, add the residual, round (= new residual), RMSNorm, emit.
+template <typename T, int kVec, class Io>
+__device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, int64_t nrows,
+                                          float* smem) {
+  const int tpr = p.threads_per_row;
+  const int groups = kThreads / tpr, g = threadIdx.x / tpr, lane = threadIdx.x % tpr;
+  const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
+  const int nb = gridDim.x, b = blockIdx.x;
+  const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  // kVec = 2: residual and weight loads issued first, so they are in flight with the sources'
+  // (loaded inside the loops below, each would wait behind the previous vector's store, which
+  // may alias).  kVec = 4 keeps the in-loop loads: prefetching would spill.
+  constexpr bool kPrefetch = kVec <= 2;
+  for (int64_t k0 = 0; k0 < nk; k0 += groups) {
+    const int64_t k = k0 + g;
+    const int64_t r = b + k * nb;
+    const bool in = k < nk;
+    const bool row = in && io.valid(r);
+    uint4 x[kVec], w[kVec];
+    float sumsq = 0.f;
+    if (row) {
+      const uint4* res_row = io.residual(r);
+      uint4 res[kVec];
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const uint32_t c = lane + v * tpr;
+          if (c < vpr) {
+            res[v] = res_row[c];
+            w[v] = weight[c];
+          }
+        }
+      }
+      float acc[kVec][8];
+      sum_sources<T, kVec>(io, p.world, r, lane, tpr, vpr, acc);
+      uint4* new_res = io.new_residual(r);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const uint32_t c = lane + v * tpr;
+        if (c < vpr) {
+          float f[8];
+          Vec<T>::to_float(kPrefetch ? res[v] : res_row[c], f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
+          x[v] = Vec<T>::from_float(acc[v]);  // the new residual, rounded to T
+          if (new_res != nullptr) new_res[c] = x[v];
+          Vec<T>::to_float(x[v], f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+        }
+      }
+    } else if (in) {
+      io.pad(r, lane, tpr, vpr);
+    }
+    const float total = group_sum(sumsq, smem, tpr);
+    if (row) {
+      const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const uint32_t c = lane + v * tpr;
+        if (c < vpr) {
+          float xf[8], wf[8];
+          Vec<T>::to_float(x[v], xf);
+          Vec<T>::to_float(kPrefetch ? w[v] : weight[c], wf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
+          io.emit(r, c, Vec<T>::from_float(xf));
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ transports (two-shot)
+
+// NVLink stores through peer pointers: push partial rows to their owner, reduce from local
+// memory, push normalized rows to every rank.  Every cross-GPU access is a posted store.
+struct PeerTransport {
+  // phase 0: my partial row q*S+i -> owner q's in_slot row [rank*S + i], q != rank
+  __device__ static __forceinline__ void publish(const KernelParams& p) {
+    const int64_t row_bytes = p.hidden * 2;
+    copy_rows(p, [&](int q) {
+      return RowSpan{static_cast<const char*>(p.partial) + q * p.shard * row_bytes,
+                     static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * row_bytes};
+    }, /*skip=*/p.rank);
+  }
+  struct Io : SliceRows {
+    static constexpr bool kMultimem = false;
+    using SliceRows::SliceRows;
+    // Store one normalized vector into every rank's out_slot, starting with the next rank so
+    // that ranks spread their traffic over the links.
+    __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
+      const size_t off = global_offset(i, c);
+      for (int k = 0; k < p.world; ++k) {
+        int q = p.rank + 1 + k;
+        q = q >= p.world ? q - p.world : q;
+        *reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[q]) + off) = v;
+      }
+    }
+  };
+  __device__ static __forceinline__ void alias_fence() {}
+};
+
+// NVLS multicast: one ld_reduce over the multicast address sums all ranks in the switch; one
+// multimem.st writes every rank.  Only sm_90+; built for sm_90a.  The reduction order is the
+// switch's, identical for all ranks because each row is still computed by one rank only.
+struct MultimemTransport {
+  // phase 0: my partial -> my own in_slot at the same (global) rows
+  __device__ static __forceinline__ void publish(const KernelParams& p) {
+    const int64_t row_bytes = p.hidden * 2;
+    copy_rows(p, [&](int q) {
+      return RowSpan{static_cast<const char*>(p.partial) + q * p.shard * row_bytes,
+                     static_cast<char*>(p.in_slots[p.rank]) + q * p.shard * row_bytes};
+    });
+  }
+  struct Io : SliceRows {
+    static constexpr bool kMultimem = true;
+    using SliceRows::SliceRows;
+    template <typename T, int kVec>
+    __device__ void mc_sum(int64_t i, int lane, int tpr, float acc[kVec][8]) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      const uint4* row = static_cast<const uint4*>(p.in_mc) + (p.rank * p.shard + i) * vpr;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        const uint32_t c = lane + v * tpr;
+        if (c < vpr) {
+          const uint4* addr = row + c;
+          uint4 r;
+          if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                         : "l"(addr)
+                         : "memory");
+          } else {
+            asm volatile("multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                         : "l"(addr)
+                         : "memory");
+          }
+          Vec<T>::to_float(r, acc[v]);
+        }
+      }
+#else
+      __trap();
+#endif
+    }
+    __device__ const uint4* source(int, int64_t) const { return nullptr; }  // unused
+    __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      char* addr = static_cast<char*>(p.out_mc) + global_offset(i, c);
+      asm volatile("multimem.st.relaxed.sys.global.v4.f32 [%0], {%1,%2,%3,%4};" ::"l"(addr),
+                   "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                   : "memory");
+#else
+      __trap();
+#endif
+    }
+  };
+  __device__ static __forceinline__ void alias_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.alias;" ::: "memory");
+#endif
+  }
+};
+
+// ------------------------------------------------------------------ the kernels
+
+// Two-shot (algo 0).  kVec: 16-byte vectors per thread per row in phase 1 (2 when
+// H <= 8192, else 4); fewer vectors per thread leave registers for a row's loads (two sources,
+// the residual and the weight) to be in flight at once, without spills.
+template <typename T, class Transport, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
   __shared__ float smem[kThreads / 32];
@@ -431,68 +645,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) s_epoch = p.epochs[blockIdx.x] + 1;
   __syncthreads();
   const uint32_t epoch = s_epoch;
-  const int nb = gridDim.x, b = blockIdx.x;
-  const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
 
   Transport::publish(p);  // phase 0
-  block_barrier<Transport>(p, 0, epoch);
-
-  // phase 1: reduce + residual + RMSNorm on my rows (a group of tpr threads per row), broadcast
-  const int tpr = p.threads_per_row;
-  const int groups = kThreads / tpr, g = threadIdx.x / tpr, lane = threadIdx.x % tpr;
-  const int64_t my_start = p.rank * p.shard;
-  int64_t my_rows = p.tokens - my_start;
-  my_rows = my_rows < 0 ? 0 : (my_rows > p.shard ? p.shard : my_rows);
-  const int64_t nr = b < p.shard ? (p.shard - b + nb - 1) / nb : 0;  // shard rows of block b
-  const uint4* weight = static_cast<const uint4*>(p.weight);
-  for (int64_t k0 = 0; k0 < nr; k0 += groups) {
-    const int64_t k = k0 + g;
-    const int64_t i = b + k * nb;  // local row of this group
-    const bool row = k < nr && i < my_rows;
-    const uint4* res_row = static_cast<const uint4*>(p.residual) + i * vpr;
-    uint4* new_res_row = static_cast<uint4*>(p.new_residual) + i * vpr;
-    uint4 x[kMaxVecPerThread];
-    float sumsq = 0.f;
-    if (row) {
-      float acc[kMaxVecPerThread][8];
-      Transport::template reduce<T>(p, i, lane, acc);
-#pragma unroll
-      for (int v = 0; v < kMaxVecPerThread; ++v) {
-        const uint32_t c = lane + v * tpr;
-        if (c < vpr) {
-          float r[8];
-          Vec<T>::to_float(res_row[c], r);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[v][e] += r[e];
-          x[v] = Vec<T>::from_float(acc[v]);  // the new residual, rounded to T
-          new_res_row[c] = x[v];
-          Vec<T>::to_float(x[v], r);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sumsq += r[e] * r[e];
-        }
-      }
-    } else if (k < nr) {  // padding row of the local shard: nothing to reduce
-      for (uint32_t c = lane; c < vpr; c += tpr) new_res_row[c] = res_row[c];
-    }
-    const float total = group_sum(sumsq, smem, tpr);
-    if (row) {
-      const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
-      const size_t row_off = static_cast<size_t>(my_start + i) * vpr * 16;
-#pragma unroll
-      for (int v = 0; v < kMaxVecPerThread; ++v) {
-        const uint32_t c = lane + v * tpr;
-        if (c < vpr) {
-          float xf[8], w[8];
-          Vec<T>::to_float(x[v], xf);
-          Vec<T>::to_float(weight[c], w);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) xf[e] = w[e] * (xf[e] * rstd);
-          Transport::broadcast(p, row_off + c * 16, Vec<T>::from_float(xf));
-        }
-      }
-    }
-  }
-  block_barrier<Transport>(p, 1, epoch);
+  block_barrier<Transport>(p, kBarStart, blockIdx.x, epoch);
+  const typename Transport::Io io(p);
+  norm_rows<T, kVec>(p, io, p.shard, smem);  // phase 1
+  block_barrier<Transport>(p, kBarEnd, blockIdx.x, epoch);
 
   // phase 2: my out_slot -> normed (rows of every owner assigned to block b)
   if (p.normed != nullptr) {
@@ -502,7 +660,132 @@ __global__ void __launch_bounds__(kThreads, 1)
                      static_cast<char*>(p.normed) + q * p.shard * row_bytes};
     });
   }
-  if (threadIdx.x == 0) p.epochs[b] = epoch;
+  if (threadIdx.x == 0) p.epochs[blockIdx.x] = epoch;
+}
+
+// Copy-engine algorithm (algo 1): the kernel between the push and pull copies (see COPY-ENGINE
+// ALGORITHM above).  Normalized rows of my slice go to my out_slot and, unless in split mode,
+// straight into `normed`.
+struct CopyEngineIo : SliceRows {
+  static constexpr bool kMultimem = false;
+  using SliceRows::SliceRows;
+  __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
+    const size_t off = global_offset(i, c);
+    *reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[p.rank]) + off) = v;
+    if (p.normed != nullptr) *reinterpret_cast<uint4*>(static_cast<char*>(p.normed) + off) = v;
+  }
+};
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, 1)
+    ce_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
+  __shared__ float smem[kThreads / 32];
+  __shared__ uint32_t s_epoch;
+  __shared__ int s_last;
+  if (threadIdx.x == 0) s_epoch = p.epochs[kEpochCe] + 1;
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const int t = threadIdx.x;
+  // barrier 2: my pushes completed before this kernel started (stream order); every block
+  // signals (the same value), so no block depends on another block being resident
+  if (t < p.world && t != p.rank) {
+    st_release_sys(p.pads[t] + pad_index(kBarCeStart, 0, p.rank), epoch);
+    wait_word(p, p.pads[p.rank] + pad_index(kBarCeStart, 0, t), epoch, kBarCeStart, t);
+  }
+  __syncthreads();
+  const CopyEngineIo io(p);
+  norm_rows<T, kVec>(p, io, p.shard, smem);
+  if (last_block_to_finish(p.epochs + kCountCe, &s_last)) {
+    // barrier 3: every block's out_slot writes and in_slot reads are done
+    if (t < p.world && t != p.rank) {
+      st_release_sys(p.pads[t] + pad_index(kBarCeEnd, 0, p.rank), epoch);
+      wait_word(p, p.pads[p.rank] + pad_index(kBarCeEnd, 0, t), epoch, kBarCeEnd, t);
+    }
+    if (t == 0) {
+      p.epochs[kCountCe] = 0;
+      p.epochs[kEpochCe] = epoch;
+    }
+  }
+}
+
+// One-shot algorithm (algo 2): staging layout of os_slot (uint4 units), parity x:
+//   [x][q][r]      source q's partial row r        q in [0, world)
+//   [x][world][r]  the residual of global row r (pushed by its owner)
+struct OneShotIo {
+  static constexpr bool kMultimem = false;
+  const KernelParams& p;
+  uint32_t vpr;
+  const uint4* stage;  // my os_slot, this call's parity
+  uint4* out;          // normed, or my out_slot in split mode
+  __device__ OneShotIo(const KernelParams& kp, int parity)
+      : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)) {
+    stage = static_cast<const uint4*>(kp.os_slots[kp.rank]) +
+            static_cast<size_t>(parity) * (kp.world + 1) * kp.os_rows * vpr;
+    out = static_cast<uint4*>(kp.normed != nullptr ? kp.normed : kp.out_slots[kp.rank]);
+  }
+  __device__ bool valid(int64_t) const { return true; }
+  __device__ bool mine(int64_t r) const { return r / p.shard == p.rank; }
+  __device__ const uint4* source(int q, int64_t r) const {
+    return q == p.rank ? static_cast<const uint4*>(p.partial) + r * vpr
+                       : stage + (q * p.os_rows + r) * vpr;
+  }
+  __device__ const uint4* residual(int64_t r) const {
+    return mine(r) ? static_cast<const uint4*>(p.residual) + (r - p.rank * p.shard) * vpr
+                   : stage + (p.world * p.os_rows + r) * vpr;
+  }
+  __device__ uint4* new_residual(int64_t r) const {
+    return mine(r) ? static_cast<uint4*>(p.new_residual) + (r - p.rank * p.shard) * vpr : nullptr;
+  }
+  __device__ void pad(int64_t, int, int, uint32_t) const {}
+  __device__ void emit(int64_t r, uint32_t c, uint4 v) const { out[r * vpr + c] = v; }
+};
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, 1)
+    oneshot_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
+  __shared__ float smem[kThreads / 32];
+  __shared__ uint32_t s_epoch;
+  __shared__ int s_last;
+  if (threadIdx.x == 0) s_epoch = p.epochs[kEpochOneShot] + 1;
+  __syncthreads();
+  const uint32_t epoch = s_epoch;
+  const int parity = static_cast<int>(epoch & 1u);
+  const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
+  const int nb = gridDim.x, b = blockIdx.x;
+  const size_t parity_off = static_cast<size_t>(parity) * (p.world + 1) * p.os_rows * vpr;
+  // push: rows r % nb == b of my partial (and of my residual, for rows of my slice)
+  const int64_t nr = b < p.tokens ? (p.tokens - b + nb - 1) / nb : 0;
+  const int64_t total = nr * vpr;
+  for (int64_t idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int64_t k = idx / vpr, c = idx - k * vpr;
+    const int64_t r = b + k * nb;
+    const bool mine = r / p.shard == p.rank;
+    const uint4 v = static_cast<const uint4*>(p.partial)[r * vpr + c];
+    uint4 res;
+    if (mine) res = static_cast<const uint4*>(p.residual)[(r - p.rank * p.shard) * vpr + c];
+    for (int k2 = 1; k2 < p.world; ++k2) {
+      int q = p.rank + k2;
+      q = q >= p.world ? q - p.world : q;
+      uint4* peer = static_cast<uint4*>(p.os_slots[q]) + parity_off;
+      peer[(p.rank * p.os_rows + r) * vpr + c] = v;
+      if (mine) peer[(p.world * p.os_rows + r) * vpr + c] = res;
+    }
+  }
+  block_barrier<PeerTransport>(p, kBarOneShot, b, epoch);
+  const OneShotIo io(p, parity);
+  norm_rows<T, kVec>(p, io, p.tokens, smem);
+  // padding rows of my slice (only when T % world != 0): new residual = residual
+  const int64_t first_pad = p.tokens - p.rank * p.shard;
+  for (int64_t i = first_pad < 0 ? 0 : first_pad; i < p.shard; ++i) {
+    if (i % nb != b) continue;
+    for (uint32_t c = threadIdx.x; c < vpr; c += kThreads)
+      static_cast<uint4*>(p.new_residual)[i * vpr + c] =
+          static_cast<const uint4*>(p.residual)[i * vpr + c];
+  }
+  if (last_block_to_finish(p.epochs + kCountOneShot, &s_last) && threadIdx.x == 0) {
+    p.epochs[kCountOneShot] = 0;
+    p.epochs[kEpochOneShot] = epoch;
+  }
 }
 
 }  // namespace weave

@@ -1,6 +1,10 @@
 // XLA FFI handlers of the fused AllReduce + residual + RMSNorm kernel.
 //
 //   weave_fused_ran         one call: normed, new_residual            (kernel on XLA's stream)
+//
+// Every handler takes `algo`: 0 two-shot kernel, 1 copy-engine (push copies, reduce kernel,
+// pull copies; peer transport only), 2 one-shot kernel (T <= the workspace's one-shot rows;
+// peer transport only).  See the kernel file for each algorithm's protocol.
 //   weave_fused_ran_graph   the same handler, marked command-buffer compatible
 //   weave_fused_start       kernel on the library's side stream; results stay in the workspace
 //                           slot `slot`; returns a 1-element token
@@ -21,8 +25,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kTransportPeer = 0;
+[[maybe_unused]] constexpr int kTransportPeer = 0;
 constexpr int kTransportMultimem = 1;
+constexpr int kAlgoTwoShot = 0;
+constexpr int kAlgoCopyEngine = 1;
+constexpr int kAlgoOneShot = 2;
 
 ffi::Error op_error(const char* op, const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
@@ -38,10 +45,14 @@ bool is_capturing(cudaStream_t s) {
   return cudaStreamIsCapturing(s, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
 }
 
+// 16-byte vectors per thread per row in phase 1: 2 while a row fits in kThreads * 2 vectors
+// (H <= 8192), else kMaxVecPerThread.
+int vec_per_thread(int64_t H) { return H / 8 <= weave::kThreads * 2 ? 2 : weave::kMaxVecPerThread; }
+
 // Validates shapes against the workspace and fills the kernel parameters.
 ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
                    ffi::AnyBuffer weight, float eps, int32_t ctas, int32_t slot, int32_t transport,
-                   weave::KernelParams* p, weave::DeviceWorkspace** ws_out) {
+                   int32_t algo, weave::KernelParams* p, weave::DeviceWorkspace** ws_out) {
   if (ordinal < 0 || ordinal >= weave::kMaxDevices || !weave::workspace(ordinal).ready)
     return op_error(op, "workspace not initialised on device " + std::to_string(ordinal));
   weave::DeviceWorkspace& w = weave::workspace(ordinal);
@@ -63,11 +74,19 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
   if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
-  if (ctas < weave::kMinCtas || ctas > weave::kMaxCtas)
-    return op_error(op, "ctas " + std::to_string(ctas) + " outside 2..32");
+  if (algo < kAlgoTwoShot || algo > kAlgoOneShot)
+    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine) or 2 (one-shot)");
+  const int max_ctas = algo == kAlgoCopyEngine ? weave::kMaxCeCtas : weave::kMaxCtas;
+  if (ctas < weave::kMinCtas || ctas > max_ctas)
+    return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
   if (transport == kTransportMultimem && w.mc_in == nullptr)
     return op_error(op, "multimem transport requested but the workspace has no multicast buffers");
+  if (transport == kTransportMultimem && algo != kAlgoTwoShot)
+    return op_error(op, "the multimem transport runs the two-shot algorithm only");
+  if (algo == kAlgoOneShot && T > w.os_rows)
+    return op_error(op, "one-shot needs tokens <= " + std::to_string(w.os_rows) + ", got " +
+                            std::to_string(T));
   *p = weave::KernelParams{};
   p->partial = partial.untyped_data();
   p->residual = residual.untyped_data();
@@ -76,6 +95,7 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     p->in_slots[q] = w.peer_in[q];
     p->out_slots[q] = w.peer_out[slot][q];
     p->pads[q] = w.peer_pads[q];
+    p->os_slots[q] = w.peer_os[q];
   }
   p->in_mc = w.mc_in;
   p->out_mc = w.mc_out[slot];
@@ -85,8 +105,10 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   p->tokens = T;
   p->hidden = H;
   p->shard = S;
-  int tpr = 32;  // threads per row: enough that each thread holds <= kMaxVecPerThread vectors
-  while (tpr * weave::kMaxVecPerThread < H / 8) tpr *= 2;
+  p->os_rows = w.os_rows;
+  // threads per row: enough that each thread holds <= kVec vectors (see vec_per_thread)
+  int tpr = 32;
+  while (tpr * vec_per_thread(H) < H / 8) tpr *= 2;
   p->threads_per_row = tpr;
   p->rank = w.rank;
   p->world = w.world;
@@ -96,28 +118,127 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   return ffi::Error::Success();
 }
 
-cudaError_t launch(const weave::KernelParams& p, bool bf16, int32_t transport, int32_t ctas,
-                   cudaStream_t s) {
-  void (*kernel)(const weave::KernelParams);
-  if (transport == kTransportMultimem) {
-    kernel = bf16 ? weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::MultimemTransport>
-                  : weave::fused_reduce_add_norm_kernel<__half, weave::MultimemTransport>;
-  } else {
-    kernel = bf16 ? weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport>
-                  : weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport>;
+int64_t rows_of(const weave::KernelParams& p, int q) {
+  const int64_t n = p.tokens - q * p.shard;
+  return n < 0 ? 0 : (n > p.shard ? p.shard : n);
+}
+
+// One copy of `bytes` between rank `dst_rank`'s and rank `src_rank`'s memory on stream s.
+// One process driving every GPU: cudaMemcpyPeerAsync, which is asynchronous with respect to
+// all work on other devices.  (A plain cudaMemcpyAsync between two devices' pointers appeared
+// to wait for the peer device's queued work, i.e. for the peer's kernel spinning at barrier 2
+// for this very rank: a deadlock, caught by the barrier timeout, on 2 x H200, 2026-11-22.)
+// IPC: the peer's buffer is mapped into this device's context, a local copy.
+cudaError_t copy_between(const weave::DeviceWorkspace& w, void* dst, int dst_rank,
+                         const void* src, int src_rank, size_t bytes, cudaStream_t s) {
+  if (w.peer_ordinal[dst_rank] >= 0 && w.peer_ordinal[src_rank] >= 0)
+    return cudaMemcpyPeerAsync(dst, w.peer_ordinal[dst_rank], src, w.peer_ordinal[src_rank],
+                               bytes, s);
+  return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s);
+}
+
+// Copy-engine algorithm: push copies, the reduce kernel, pull copies into `pull_dst` (normed,
+// or my out_slot in split mode), all on stream s.
+template <typename T, int kVec>
+cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
+                               int32_t ctas, cudaStream_t s, void* pull_dst) {
+  const int64_t rb = p.hidden * 2;
+  for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
+    const int q = (p.rank + k) % p.world;
+    if (const int64_t rows = rows_of(p, q); rows > 0) {
+      cudaError_t e = copy_between(w, static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * rb, q,
+                                   static_cast<const char*>(p.partial) + q * p.shard * rb, p.rank,
+                                   rows * rb, s);
+      if (e != cudaSuccess) return e;
+    }
   }
-  kernel<<<ctas, weave::kThreads, 0, s>>>(p);
+  weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my pull_dst
+    const int q = (p.rank + k) % p.world;
+    if (const int64_t rows = rows_of(p, q); rows > 0) {
+      cudaError_t e = copy_between(w, static_cast<char*>(pull_dst) + q * p.shard * rb, p.rank,
+                                   static_cast<const char*>(p.out_slots[q]) + q * p.shard * rb, q,
+                                   rows * rb, s);
+      if (e != cudaSuccess) return e;
+    }
+  }
+  return cudaSuccess;
+}
+
+template <typename T, int kVec>
+cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
+                         int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s,
+                         void* pull_dst) {
+  switch (algo) {
+    case kAlgoCopyEngine:
+      return launch_copy_engine<T, kVec>(p, w, ctas, s, pull_dst);
+    case kAlgoOneShot:
+      weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+      break;
+    default:
+      if (transport == kTransportMultimem)
+        weave::fused_reduce_add_norm_kernel<T, weave::MultimemTransport, kVec>
+            <<<ctas, weave::kThreads, 0, s>>>(p);
+      else
+        weave::fused_reduce_add_norm_kernel<T, weave::PeerTransport, kVec>
+            <<<ctas, weave::kThreads, 0, s>>>(p);
+  }
   return cudaGetLastError();
 }
+
+// pull_dst: where the copy-engine algorithm pulls peers' rows (normed, or my out_slot).
+cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w, bool bf16,
+                   int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s, void* pull_dst) {
+  const bool v2 = vec_per_thread(p.hidden) == 2;
+  if (bf16)
+    return v2 ? launch_typed<__nv_bfloat16, 2>(p, w, transport, algo, ctas, s, pull_dst)
+              : launch_typed<__nv_bfloat16, 4>(p, w, transport, algo, ctas, s, pull_dst);
+  return v2 ? launch_typed<__half, 2>(p, w, transport, algo, ctas, s, pull_dst)
+            : launch_typed<__half, 4>(p, w, transport, algo, ctas, s, pull_dst);
+}
+
+}  // namespace
+
+// Loads every kernel of the library on the current device.  With CUDA's lazy loading a kernel
+// is otherwise loaded at its first launch, and loading may wait for the device's running work;
+// a peer's kernel spinning at a barrier for this launch would then wait until its timeout.
+cudaError_t weave::preload_kernels() {
+  const void* kernels[] = {
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::MultimemTransport, 2>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::MultimemTransport, 4>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::MultimemTransport, 2>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::MultimemTransport, 4>),
+      reinterpret_cast<const void*>(weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2>),
+      reinterpret_cast<const void*>(weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 4>),
+      reinterpret_cast<const void*>(weave::ce_reduce_add_norm_kernel<__half, 2>),
+      reinterpret_cast<const void*>(weave::ce_reduce_add_norm_kernel<__half, 4>),
+      reinterpret_cast<const void*>(weave::oneshot_reduce_add_norm_kernel<__nv_bfloat16, 2>),
+      reinterpret_cast<const void*>(weave::oneshot_reduce_add_norm_kernel<__nv_bfloat16, 4>),
+      reinterpret_cast<const void*>(weave::oneshot_reduce_add_norm_kernel<__half, 2>),
+      reinterpret_cast<const void*>(weave::oneshot_reduce_add_norm_kernel<__half, 4>),
+  };
+  for (const void* k : kernels) {
+    cudaFuncAttributes attr;
+    if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+namespace {
 
 ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                    ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                    ffi::Result<ffi::AnyBuffer> normed, ffi::Result<ffi::AnyBuffer> new_residual,
-                   float eps, int32_t ctas, int32_t transport) {
+                   float eps, int32_t ctas, int32_t transport, int32_t algo) {
   constexpr const char* op = "weave_fused_ran";
   weave::KernelParams p;
   weave::DeviceWorkspace* w;
-  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, 0, transport, &p, &w);
+  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, 0, transport, algo, &p, &w);
       err.failure())
     return err;
   p.normed = normed->untyped_data();
@@ -130,7 +251,8 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
   }
-  if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, stream);
+  if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
+                             ctas, stream, p.normed);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();
@@ -139,11 +261,11 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
 ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                      ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                      ffi::Result<ffi::AnyBuffer> token, float eps, int32_t ctas, int32_t slot,
-                     int32_t transport) {
+                     int32_t transport, int32_t algo) {
   constexpr const char* op = "weave_fused_start";
   weave::KernelParams p;
   weave::DeviceWorkspace* w;
-  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, &p, &w);
+  if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, algo, &p, &w);
       err.failure())
     return err;
   p.normed = nullptr;  // results stay in out_slot[slot]; done copies them
@@ -152,7 +274,8 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   // inputs and every earlier kernel on XLA's stream (sync calls included) before the side stream
   cudaEventRecord(w->ev_inputs, stream);
   cudaStreamWaitEvent(w->side, w->ev_inputs, 0);
-  if (cudaError_t e = launch(p, partial.element_type() == ffi::DataType::BF16, transport, ctas, w->side);
+  if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
+                             ctas, w->side, w->out_slot[slot]);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   cudaEventRecord(w->ev_done[slot], w->side);
@@ -201,8 +324,9 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
       .Ret<ffi::AnyBuffer>()                     /* normed (T, H), replicated */              \
       .Ret<ffi::AnyBuffer>()                     /* new residual (S, H) */                    \
       .Attr<float>("eps")                        /* RMSNorm epsilon */                        \
-      .Attr<int32_t>("ctas")                     /* grid size, 2..32, same on every rank */   \
-      .Attr<int32_t>("transport")                /* 0 peer, 1 multimem */
+      .Attr<int32_t>("ctas")                     /* grid size, same on every rank */          \
+      .Attr<int32_t>("transport")                /* 0 peer, 1 multimem */                     \
+      .Attr<int32_t>("algo")                     /* 0 two-shot, 1 copy engine, 2 one-shot */
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran, RanImpl, WEAVE_RAN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran_graph, RanImpl, WEAVE_RAN_BINDING,
@@ -219,7 +343,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_start, StartImpl,
                                   .Attr<float>("eps")
                                   .Attr<int32_t>("ctas")
                                   .Attr<int32_t>("slot")   // workspace output slot
-                                  .Attr<int32_t>("transport"));
+                                  .Attr<int32_t>("transport")
+                                  .Attr<int32_t>("algo"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_done, DoneImpl,
                               ffi::Ffi::Bind()

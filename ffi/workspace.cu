@@ -7,9 +7,12 @@
 //   in_slot                      world * Smax * H * B   (~ Tmax * H * B)
 //   out_slot   x num_slots       world * Smax * H * B each
 //   res_slot   x num_slots       Smax * H * B each      (start/done mode)
-//   pads + epochs + claim        2 KiB + 128 B + 4 B
+//   os_slot                      2 * (world + 1) * Tos * H * B, Tos = max(1, min(Tmax, 1 MiB / (H * B)))
+//                                (one-shot staging: <= 2 * (world + 1) MiB, 6 MiB at world 2)
+//   pads + epochs + claim        5 KiB + 144 B + 4 B
 //   error record                 24 B of pinned host memory (mapped)
-// e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 = 2 GiB.
+// e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 + 6 MiB
+// = 2 GiB + 6 MiB.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -60,15 +63,19 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
   const size_t slot = res * world;  // world * ceil(Tmax / world) rows
   WS_CHECK(cudaSetDevice(ordinal));
+  WS_CHECK(weave::preload_kernels());
   WS_CHECK(cudaMalloc(&w.in_slot, slot));
   for (int s = 0; s < num_slots; ++s) {
     WS_CHECK(cudaMalloc(&w.out_slot[s], slot));
     WS_CHECK(cudaMalloc(&w.res_slot[s], res));
   }
+  w.os_rows = weave::kOneShotBytes / (hidden * dtype_bytes);
+  w.os_rows = w.os_rows < 1 ? 1 : (w.os_rows > max_tokens ? max_tokens : w.os_rows);
+  WS_CHECK(cudaMalloc(&w.os_slot, static_cast<size_t>(2 * (world + 1)) * w.os_rows * hidden * dtype_bytes));
   WS_CHECK(cudaMalloc(&w.pads, weave::kPadWords * sizeof(uint32_t)));
   WS_CHECK(cudaMemset(w.pads, 0, weave::kPadWords * sizeof(uint32_t)));
-  WS_CHECK(cudaMalloc(&w.epochs, weave::kMaxCtas * sizeof(uint32_t)));
-  WS_CHECK(cudaMemset(w.epochs, 0, weave::kMaxCtas * sizeof(uint32_t)));
+  WS_CHECK(cudaMalloc(&w.epochs, weave::kEpochWords * sizeof(uint32_t)));
+  WS_CHECK(cudaMemset(w.epochs, 0, weave::kEpochWords * sizeof(uint32_t)));
   WS_CHECK(cudaMalloc(&w.claim, sizeof(int32_t)));
   WS_CHECK(cudaMemset(w.claim, 0, sizeof(int32_t)));
   WS_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&w.err_host), sizeof(weave::ErrorRecord),
@@ -130,6 +137,8 @@ int weave_ws_init_local(int n, const int* ordinals, int64_t max_tokens, int64_t 
       const DeviceWorkspace& p = weave::workspace(ordinals[j]);
       w.peer_in[j] = p.in_slot;
       w.peer_pads[j] = p.pads;
+      w.peer_os[j] = p.os_slot;
+      w.peer_ordinal[j] = ordinals[j];
       for (int s = 0; s < num_slots; ++s) w.peer_out[s][j] = p.out_slot[s];
     }
     w.ready = true;
@@ -181,7 +190,7 @@ int weave_ws_probe(int n, const int* ordinals, char* errbuf, int errlen) {
 
 // ---- one process per GPU (jax.distributed): CUDA IPC.  UNVERIFIED on GPUs in this project:
 // written against the CUDA IPC API and the exchange DESIGN.md saw working, never run here.
-constexpr int kIpcHandles = 2 + weave::kMaxSlots;  // in_slot, pads, out_slot[kMaxSlots]
+constexpr int kIpcHandles = 3 + weave::kMaxSlots;  // in_slot, pads, os_slot, out_slot[kMaxSlots]
 
 int weave_ws_ipc_handle_bytes() { return kIpcHandles * static_cast<int>(sizeof(cudaIpcMemHandle_t)); }
 
@@ -197,7 +206,8 @@ int weave_ws_init_ipc_export(int ordinal, int rank, int world, int64_t max_token
   cudaIpcMemHandle_t h[kIpcHandles] = {};
   WS_CHECK(cudaIpcGetMemHandle(&h[0], w.in_slot));
   WS_CHECK(cudaIpcGetMemHandle(&h[1], w.pads));
-  for (int s = 0; s < num_slots; ++s) WS_CHECK(cudaIpcGetMemHandle(&h[2 + s], w.out_slot[s]));
+  WS_CHECK(cudaIpcGetMemHandle(&h[2], w.os_slot));
+  for (int s = 0; s < num_slots; ++s) WS_CHECK(cudaIpcGetMemHandle(&h[3 + s], w.out_slot[s]));
   memcpy(handles_out, h, sizeof(h));
   return 0;
 }
@@ -211,6 +221,7 @@ int weave_ws_init_ipc_open(int ordinal, const uint8_t* all_handles, char* errbuf
     if (q == w.rank) {
       w.peer_in[q] = w.in_slot;
       w.peer_pads[q] = w.pads;
+      w.peer_os[q] = w.os_slot;
       for (int s = 0; s < w.num_slots; ++s) w.peer_out[s][q] = w.out_slot[s];
       continue;
     }
@@ -219,8 +230,9 @@ int weave_ws_init_ipc_open(int ordinal, const uint8_t* all_handles, char* errbuf
     WS_CHECK(cudaIpcOpenMemHandle(&w.peer_in[q], h[0], cudaIpcMemLazyEnablePeerAccess));
     WS_CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&w.peer_pads[q]), h[1],
                                   cudaIpcMemLazyEnablePeerAccess));
+    WS_CHECK(cudaIpcOpenMemHandle(&w.peer_os[q], h[2], cudaIpcMemLazyEnablePeerAccess));
     for (int s = 0; s < w.num_slots; ++s)
-      WS_CHECK(cudaIpcOpenMemHandle(&w.peer_out[s][q], h[2 + s], cudaIpcMemLazyEnablePeerAccess));
+      WS_CHECK(cudaIpcOpenMemHandle(&w.peer_out[s][q], h[3 + s], cudaIpcMemLazyEnablePeerAccess));
   }
   w.ipc = true;
   w.ready = true;
@@ -239,6 +251,7 @@ int weave_ws_free_all(char* errbuf, int errlen) {
         if (q == w.rank) continue;
         if (w.peer_in[q]) cudaIpcCloseMemHandle(w.peer_in[q]);
         if (w.peer_pads[q]) cudaIpcCloseMemHandle(w.peer_pads[q]);
+        if (w.peer_os[q]) cudaIpcCloseMemHandle(w.peer_os[q]);
         for (int s = 0; s < w.num_slots; ++s)
           if (w.peer_out[s][q]) cudaIpcCloseMemHandle(w.peer_out[s][q]);
       }
@@ -251,6 +264,7 @@ int weave_ws_free_all(char* errbuf, int errlen) {
       cudaFree(w.res_slot[s]);
       if (w.ev_done[s]) cudaEventDestroy(w.ev_done[s]);
     }
+    cudaFree(w.os_slot);
     cudaFree(w.pads);
     cudaFree(w.epochs);
     cudaFree(w.claim);

@@ -28,8 +28,10 @@ struct DeviceWorkspace {
   void* in_slot = nullptr;                  // (world * Smax, H), Smax = ceil(Tmax / world)
   void* out_slot[kMaxSlots] = {};           // (world * Smax, H) each
   void* res_slot[kMaxSlots] = {};           // (ceil(Tmax / world), H) each
+  void* os_slot = nullptr;                  // one-shot staging: 2 x (world + 1) x os_rows x H
+  int64_t os_rows = 0;                      // Tos = max(1, min(Tmax, kOneShotBytes / (H * B)))
   uint32_t* pads = nullptr;                 // kPadWords
-  uint32_t* epochs = nullptr;               // kMaxCtas
+  uint32_t* epochs = nullptr;               // kEpochWords
   int32_t* claim = nullptr;                 // 1 word
   ErrorRecord* err_host = nullptr;          // cudaHostAllocMapped
   ErrorRecord* err_dev = nullptr;           // its device alias
@@ -37,6 +39,10 @@ struct DeviceWorkspace {
   void* peer_in[kMaxRanks] = {};
   void* peer_out[kMaxSlots][kMaxRanks] = {};
   uint32_t* peer_pads[kMaxRanks] = {};
+  void* peer_os[kMaxRanks] = {};
+  // CUDA ordinal of every rank (one process driving all GPUs), or -1 (IPC: peers' buffers are
+  // mapped into this device's context)
+  int peer_ordinal[kMaxRanks] = {-1, -1, -1, -1, -1, -1, -1, -1};
   // multicast addresses (MultimemTransport only; set by the gated creator)
   void* mc_in = nullptr;
   void* mc_out[kMaxSlots] = {};
@@ -50,5 +56,8 @@ struct DeviceWorkspace {
 };
 
 DeviceWorkspace& workspace(int ordinal);
+
+// Forces every kernel of the library to load on the current device (handlers.cu).
+cudaError_t preload_kernels();
 
 }  // namespace weave

@@ -1,11 +1,14 @@
 """Microbenchmark: AllReduce + residual add + RMSNorm on 2 GPUs, H=8192, bf16.
 
-    python run/bench_allreduce_norm.py [--hidden 8192] [--min-tokens 64] [--max-tokens 32768]
+    python run/bench_allreduce_norm.py [--hidden 8192] [--min-tokens 8] [--max-tokens 32768]
 
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
   xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
-  fused_p2p_cN      the fused kernel (peer transport) with N CTAs
+  fused_p2p_cN      the fused two-shot kernel (peer transport) with N CTAs
+  fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
+  fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)
+  fused_auto        what the fused_p2p backend runs by default (ops.choose_algorithm)
   torch_1shot_norm  torch.ops.symm_mem.one_shot_all_reduce + add + rms_norm (2 processes)
   torch_2shot_norm  torch.ops.symm_mem.two_shot_all_reduce_ + add + rms_norm (2 processes)
 
@@ -14,6 +17,9 @@ between calls), timed with wall clock around block_until_ready over several repe
 warm-up; the median divided by N is reported (it includes 1/N of one dispatch).  Torch methods
 use CUDA events around N calls.  Multicast stays disabled everywhere (TORCH_SYMM_MEM_DISABLE_
 MULTICAST=1 is forced for the torch processes).  Writes benchmarks/results/allreduce_norm_<device>.json.
+
+--device-time also profiles one repeat of every JAX method per size and reports dev_us: the GPU
+busy time per call on device 0 (union of its kernels and copies), without host launch gaps.
 """
 from __future__ import annotations
 
@@ -36,7 +42,22 @@ def n_calls(tokens: int) -> int:
   return 64 if tokens <= 1024 else 32 if tokens <= 8192 else 8
 
 
-def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
+def device_busy_us(logdir, n_calls_by_step):
+  """{step: busy us per call on GPU 0} from a profile whose steps are StepTraceAnnotations."""
+  from weave_jax import trace as tr
+
+  events = tr.load_events(tr.find_trace(logdir))
+  ops = [o for o in tr.device_ops(events) if o.device.endswith(":0") or o.device.endswith("GPU:0")]
+  out = {}
+  for step, start, end in tr.step_windows(events):
+    spans = [(o.start, o.end) for o in ops if start <= o.start <= end]
+    if spans:
+      out[step] = tr.measure(spans) / n_calls_by_step[step]
+  return out
+
+
+def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), oneshot_ctas=(),
+                device_time=False):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -46,6 +67,7 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
   from weave_jax.comm.base import AXIS
   from weave_jax.comm.xla import Psum, ReduceScatterAllGather
   from weave_jax.fused import ops
+  from weave_jax.fused import workspace as ws_lib
 
   gpus = jax.devices("gpu")[:2]
   tp = len(gpus)
@@ -69,6 +91,15 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
   for c in ctas_list:
     methods[f"fused_p2p_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
+  for c in oneshot_ctas:
+    methods[f"fused_1shot_c{c}"] = (
+        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="one_shot",
+                                                       ctas=c), True)
+  for g in ce_grids:
+    methods[f"fused_ce_g{g}"] = (
+        lambda p, r, w, g=g: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="copy_engine",
+                                                       ce_ctas=g), True)
+  methods["fused_auto"] = (lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS), True)
   for c in cmdbuf_ctas:  # the command-buffer-compatible target: XLA may capture it in a graph
     methods[f"fused_p2p_c{c}_cmdbuf"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c,
@@ -81,7 +112,10 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
     partial = jax.random.normal(k[0], (tp * tokens, hidden)).astype(jnp.bfloat16)
     res_full = jax.random.normal(k[1], (tokens, hidden)).astype(jnp.bfloat16)
     weight = (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(jnp.bfloat16)
+    timed = []  # (row index, compiled fn) for --device-time
     for name, (step, sharded) in methods.items():
+      if name.startswith("fused_1shot") and tokens > ops.one_shot_rows(ws_lib.current()):
+        continue
       try:
         f = make(step, sharded, n)
         args = (partial, res_full, weight)
@@ -95,9 +129,24 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps):
           times.append((time.perf_counter() - t0) / n)
         rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
                          us_min=min(times) * 1e6, calls=n, reps=reps, command_buffer=in_graph))
+        timed.append((len(rows) - 1, f))
       except Exception as e:  # report, keep going
+        if (timeout := fused.timeout_error()) is not None:  # names the rank and barrier
+          e = timeout
         rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
       print(rows[-1], flush=True)
+    if device_time and timed:
+      import tempfile
+      with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+          for step, (_, f) in enumerate(timed):
+            with jax.profiler.StepTraceAnnotation("step", step_num=step):
+              jax.block_until_ready(f(partial, res_full, weight))
+        busy = device_busy_us(logdir, {s: n for s in range(len(timed))})
+      for step, (i, _) in enumerate(timed):
+        if step in busy:
+          rows[i]["dev_us"] = busy[step]
+      print({rows[i]["method"]: round(rows[i].get("dev_us", -1), 1) for i, _ in timed}, flush=True)
   fused.free_workspace()
   return rows
 
@@ -188,7 +237,8 @@ def table(rows, sizes, hidden, world=2):
         cells.append("err" if r else "-")
         continue
       busbw = 2 * (world - 1) / world * t * hidden * 2 / (r["us"] * 1e-6) / 1e9
-      cells.append(f"{r['us']:.1f} µs / {busbw:.0f} GB/s")
+      dev = f" (dev {r['dev_us']:.1f})" if "dev_us" in r else ""
+      cells.append(f"{r['us']:.1f}{dev} µs / {busbw:.0f} GB/s")
     lines.append(f"| {m} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -196,11 +246,16 @@ def table(rows, sizes, hidden, world=2):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--hidden", type=int, default=8192)
-  ap.add_argument("--min-tokens", type=int, default=64)
+  ap.add_argument("--min-tokens", type=int, default=8)
   ap.add_argument("--max-tokens", type=int, default=32768)
-  ap.add_argument("--ctas", default="2,4,8,16,32")
-  ap.add_argument("--cmdbuf-ctas", default="8,16", help="CTA counts also timed via the "
+  ap.add_argument("--ctas", default="2,4,8,16,32", help="two-shot kernel CTA counts")
+  ap.add_argument("--cmdbuf-ctas", default="", help="CTA counts also timed via the "
                   "command-buffer-compatible target ('' for none)")
+  ap.add_argument("--ce-grids", default="", help="copy-engine reduce-kernel grids (experimental: "
+                  "needs WEAVE_EXPERIMENTAL_COPY_ENGINE=1)")
+  ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
+  ap.add_argument("--device-time", action="store_true",
+                  help="also profile each method once per size and report GPU busy time per call")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--json", help="also write the results JSON here")
@@ -215,8 +270,9 @@ def main():
       rows += torch_methods(args.hidden, sizes, args.reps)
     except Exception:
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
-  rows += jax_methods(args.hidden, sizes, [int(c) for c in args.ctas.split(",")],
-                      [int(c) for c in args.cmdbuf_ctas.split(",") if c], args.reps)
+  ints = lambda text: [int(c) for c in text.split(",") if c]
+  rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints(args.cmdbuf_ctas), args.reps,
+                      ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time)
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   meta = dict(hidden=args.hidden, dtype="bf16", world=2, jax=jax.__version__,

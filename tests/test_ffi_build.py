@@ -15,16 +15,25 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 
 INSTANTIATE = """
 #include "fused_reduce_add_norm.cuh"
-template __global__ void weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::%(t)s>(
+template __global__ void weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::%(t)s, 2>(
     const __grid_constant__ weave::KernelParams);
-template __global__ void weave::fused_reduce_add_norm_kernel<__half, weave::%(t)s>(
+template __global__ void weave::fused_reduce_add_norm_kernel<__half, weave::%(t)s, 4>(
+    const __grid_constant__ weave::KernelParams);
+%(extra)s
+"""
+# the copy-engine and one-shot kernels exist for the peer transport only
+PEER_ONLY = """
+template __global__ void weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2>(
+    const __grid_constant__ weave::KernelParams);
+template __global__ void weave::oneshot_reduce_add_norm_kernel<__half, 4>(
     const __grid_constant__ weave::KernelParams);
 """
 
 
 def _compile(tmp_path, transport, arch, kind):
   src = tmp_path / f"{transport}.cu"
-  src.write_text(INSTANTIATE % {"t": transport})
+  extra = PEER_ONLY if transport == "PeerTransport" else ""
+  src.write_text(INSTANTIATE % {"t": transport, "extra": extra})
   out = tmp_path / f"{transport}_{arch}.{kind}"
   flag = {"ptx": "-ptx", "cubin": "-cubin"}[kind]
   code = f"compute_{arch}" if kind == "ptx" else f"sm_{arch}"
@@ -66,6 +75,8 @@ def test_peer_path_compiles_with_system_scope_protocol(tmp_path):
   for needle in ("st.release.sys.global.u32", "ld.acquire.sys.global.u32", "%globaltimer", "trap"):
     assert needle in ptx, needle
   assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx  # 16-byte accesses
+  for kernel in ("ce_reduce_add_norm_kernel", "oneshot_reduce_add_norm_kernel"):
+    assert kernel in ptx, kernel
   _compile(tmp_path, "PeerTransport", "80", "cubin")
 
 

@@ -47,10 +47,36 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"ctas": 1}, ValueError, r"fused_reduce_add_norm: ctas=1 outside 2\.\.32"),
     (_args(), {"ctas": 33}, ValueError, r"fused_reduce_add_norm: ctas=33 outside 2\.\.32"),
     (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
+    (_args(), {"algorithm": "ring"}, ValueError, r"algorithm='ring' must be 'auto' or one of"),
+    (_args(), {"algorithm": "copy_engine"}, ValueError, r"copy_engine' is experimental and off"),
 ])
 def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
   with pytest.raises(exc, match=msg):
     ops.fused_reduce_add_norm(*args, eps=1e-6, **kw)
+
+
+def test_one_shot_capacity_and_auto_choice(monkeypatch):
+  ws = _fake_ws(max_tokens=4096, hidden=8192)
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", ws)
+  monkeypatch.setattr(_lib, "register_targets", lambda: pytest.fail("reached launch"))
+  assert ops.one_shot_rows(ws) == 64  # 1 MiB / (8192 * 2 B)
+  with pytest.raises(ValueError, match=r"one_shot' needs tokens <= 64 .*got 65"):
+    ops.fused_reduce_add_norm(*_args(tokens=65, hidden=8192), eps=1e-6, algorithm="one_shot")
+  choose = lambda t: ops.choose_algorithm(t, 8192, 2, ws)
+  small = ops.AUTO_ONE_SHOT_MAX_BYTES // (8192 * 2)
+  assert choose(1) == choose(small) == "one_shot"
+  assert choose(small + 1) == choose(4096) == "two_shot"
+  monkeypatch.setenv(ops.ENV_EXPERIMENTAL_CE, "1")
+  for ce_ctas, msg in ((1, r"ce_ctas=1 outside 2\.\.1024"), (2000, "ce_ctas=2000 outside")):
+    with pytest.raises(ValueError, match=msg):
+      ops.fused_reduce_add_norm(*_args(tokens=64, hidden=8192), eps=1e-6,
+                                algorithm="copy_engine", ce_ctas=ce_ctas)
+  assert ops.choose_algorithm(1, 8192, 2, ws, transport="multimem") == "two_shot"
+  mm = _fake_ws(max_tokens=4096, hidden=8192, transport="multimem")
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", mm)
+  with pytest.raises(ValueError, match="multimem transport runs only algorithm='two_shot'"):
+    ops.fused_reduce_add_norm(*_args(tokens=64, hidden=8192), eps=1e-6, transport="multimem",
+                              algorithm="copy_engine")
 
 
 def test_start_validates_too(fake_ws):
@@ -82,6 +108,13 @@ def test_backend_options():
     get_backend("fused_p2p", ctas=64)
   with pytest.raises(ValueError, match="unknown options"):
     get_backend("fused_p2p", blocks=8)
+  assert get_backend("fused_p2p", algorithm="copy_engine", ce_ctas=128).ce_ctas == 128
+  with pytest.raises(ValueError, match="algorithm='ring'"):
+    get_backend("fused_p2p", algorithm="ring")
+  with pytest.raises(ValueError, match="ce_ctas=1 outside"):
+    get_backend("fused_p2p", ce_ctas=1)
+  with pytest.raises(ValueError, match="runs only two_shot"):
+    get_backend("fused_multimem", algorithm="one_shot")
 
 
 def test_failed_probe_falls_back_to_rs_ag_with_one_warning(monkeypatch):

@@ -57,13 +57,21 @@ def _smap(f, in_specs, out_specs):
   return jax.shard_map(f, mesh=MESH, in_specs=in_specs, out_specs=out_specs)
 
 
+def _call_kw(algorithm, ctas):
+  """ops keyword arguments: `ctas` is the grid of whichever kernel the algorithm runs."""
+  if algorithm == "copy_engine":
+    return dict(algorithm=algorithm, ce_ctas=ctas)
+  return dict(algorithm=algorithm, ctas=ctas)
+
+
 @functools.lru_cache(maxsize=None)
-def _check_fn(tokens, hidden, dtype, ctas):
+def _check_fn(tokens, hidden, dtype, ctas, algorithm="two_shot"):
   """jit: random inputs -> (rel-L2 normed, rel-L2 residual, nan count, cross-rank diffs)."""
   shard = -(-tokens // TP)
 
   def local(partial, residual, weight):
-    normed, new_res = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, ctas=ctas)
+    normed, new_res = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS,
+                                                **_call_kw(algorithm, ctas))
     # reference: fp32 psum, x rounded to dtype, fp32 norm (kept in fp32 for the comparison)
     total = jax.lax.psum(partial.astype(jnp.float32), AXIS)
     res_full = jax.lax.all_gather(residual, AXIS, axis=0, tiled=True)[:tokens]
@@ -99,44 +107,58 @@ def _check_fn(tokens, hidden, dtype, ctas):
   return run
 
 
-def _random_shapes(n, seed):
+ONE_SHOT_ROWS = (1 << 20) // (MAX_HIDDEN * 2)  # ops.one_shot_rows of the fixture's workspace
+
+
+def _random_shapes(n, seed, algorithm):
   rng = np.random.default_rng(seed)
   shapes = []
+  max_tokens = ONE_SHOT_ROWS if algorithm == "one_shot" else MAX_TOKENS
   for _ in range(n):
-    tokens = int(np.exp(rng.uniform(0, np.log(MAX_TOKENS + 1))))
-    tokens = max(1, min(tokens, MAX_TOKENS))
+    tokens = int(np.exp(rng.uniform(0, np.log(max_tokens + 1))))
+    tokens = max(1, min(tokens, max_tokens))
     hidden = 8 * int(rng.integers(1024 // 8, MAX_HIDDEN // 8 + 1))
     while tokens * hidden > 2**27:  # keep each case <= 256 MiB per rank: time, not correctness
       tokens //= 2
-    shapes.append((max(tokens, 1), hidden, int(rng.choice([2, 4, 8, 16, 32]))))
+    grids = [2, 16, 64, 132, 264] if algorithm == "copy_engine" else [2, 4, 8, 16, 32]
+    shapes.append((max(tokens, 1), hidden, int(rng.choice(grids)), algorithm))
   return shapes
 
 
-# 2 dtypes x 100 = 200 random shapes, plus fixed edge cases.
-EDGE = [(1, 1024, 2), (2, 1024, 32), (3, 8, 2), (33, 16384, 4), (32768, 4096, 16), (1025, 8192, 8)]
+# Per dtype: 100 two-shot + 30 one-shot random shapes (2 dtypes: 260), plus fixed edge cases.
+# WEAVE_TEST_SHAPES scales both down for a smoke run.  The experimental copy-engine algorithm
+# runs only in test_copy_engine_experimental (a child process: it may trap).
+EDGE = [(1, 1024, 2, "two_shot"), (2, 1024, 32, "two_shot"), (3, 8, 2, "two_shot"),
+        (33, 16384, 4, "two_shot"), (32768, 4096, 16, "two_shot"), (1025, 8192, 8, "two_shot"),
+        (1, 16384, 2, "one_shot"), (3, 8, 32, "one_shot"),
+        (ONE_SHOT_ROWS, 16384, 16, "one_shot"), (31, 8192, 5, "one_shot")]
 
 
 N_SHAPES = int(os.environ.get("WEAVE_TEST_SHAPES", "100"))  # per dtype; a smoke run may lower it
+CASES = (EDGE + _random_shapes(N_SHAPES, 4, "two_shot")
+         + _random_shapes(max(1, 3 * N_SHAPES // 10), 6, "one_shot"))
 
 
-@pytest.mark.parametrize("case", EDGE + _random_shapes(N_SHAPES, seed=4), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_psum_reference(ws, case):
-  tokens, hidden, ctas = case
+  tokens, hidden, ctas, algorithm = case
   ws_lib.poison_slots()
   rel, rel_res, nans, cross = jax.device_get(
-      _check_fn(tokens, hidden, ws.dtype, ctas)(jax.random.key(hash(case) % 2**31)))
+      _check_fn(tokens, hidden, ws.dtype, ctas, algorithm)(jax.random.key(hash(case) % 2**31)))
   assert nans == 0, f"{case}: {nans} NaN outputs (unwritten rows?)"
   assert rel < TOL[ws.dtype], f"{case}: normed rel-L2 {rel}"
   assert rel_res < TOL[ws.dtype], f"{case}: residual rel-L2 {rel_res}"
   assert cross == 0, f"{case}: ranks differ in {cross} elements"
 
 
-def test_start_done_matches_sync(ws):
-  tokens, hidden = 4096, 4096
+@pytest.mark.parametrize("algorithm", ["two_shot", "one_shot"])
+def test_start_done_matches_sync(ws, algorithm):
+  tokens, hidden = (24, 4096) if algorithm == "one_shot" else (4096, 4096)
+  kw = _call_kw(algorithm, 8)
 
   def local(partial, residual, weight):
-    a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, ctas=8)
-    tok = ops.fused_start(partial, residual, weight, eps=EPS, ctas=8, slot=1)
+    a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, **kw)
+    tok = ops.fused_start(partial, residual, weight, eps=EPS, slot=1, **kw)
     b = ops.fused_done(tok, partial, residual, weight, slot=1)
     return a[0][None], b[0][None], a[1], b[1]
 
@@ -175,20 +197,30 @@ def test_backend_seam(ws):
   np.testing.assert_array_equal(r1, r3)
 
 
+# (tokens, algorithm, grid) of the calls each loop iteration makes, in order: every algorithm
+# and two sizes, so buffers and barrier words are handed between algorithms back to back.
+LOOP_CALLS = ((1000, "two_shot", 16), (20, "one_shot", 4), (257, "two_shot", 4),
+              (3, "one_shot", 32))
+
+
 def _loop_fn(n_iter, cmd_buffer, dtype):
-  """n_iter iterations x 2 calls (T=1000 then T=257, H=4096) in one fori_loop; counts elements
-  that differ from the first call's results (the kernel is deterministic: must stay 0)."""
+  """n_iter iterations x len(LOOP_CALLS) calls (H=4096) in one fori_loop; counts elements that
+  differ from each call's standalone result (the kernels are deterministic: must stay 0)."""
   hidden = 4096
 
-  def local(pa, ra, pb, rb, w, expa, expb):
+  def local(w, *args):
+    inputs, expected = args[:2 * len(LOOP_CALLS)], args[2 * len(LOOP_CALLS):]
+
     def body(i, count):
-      na, _ = ops.fused_reduce_add_norm(pa, ra, w, eps=EPS, ctas=16, cmd_buffer=cmd_buffer)
-      nb, _ = ops.fused_reduce_add_norm(pb, rb, w, eps=EPS, ctas=4, cmd_buffer=cmd_buffer)
-      return count + jnp.sum(na != expa[0]) + jnp.sum(nb != expb[0])
-    zero = (pa[0, 0] != pa[0, 0]).astype(jnp.int32)  # 0, varying over tp like the body's count
+      for k, (_, algorithm, grid) in enumerate(LOOP_CALLS):
+        n, _ = ops.fused_reduce_add_norm(inputs[2 * k], inputs[2 * k + 1], w, eps=EPS,
+                                         cmd_buffer=cmd_buffer, **_call_kw(algorithm, grid))
+        count = count + jnp.sum(n != expected[k][0])
+      return count
+    zero = (inputs[0][0, 0] != inputs[0][0, 0]).astype(jnp.int32)  # 0, varying over tp
     return jax.lax.fori_loop(0, n_iter, body, zero)[None]
 
-  spec = (P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(), P(AXIS), P(AXIS))
+  spec = (P(),) + (P(AXIS),) * (3 * len(LOOP_CALLS))
   return jax.jit(_smap(local, spec, P(AXIS))), hidden
 
 
@@ -199,38 +231,37 @@ LOOP_CHILD = textwrap.dedent("""
   from weave_jax import fused
   from weave_jax.fused import ops
   fused.init_workspace(t.MESH, max_tokens=4096, hidden=4096, dtype=jnp.bfloat16)
-  print("ok", t._loop_check(5000, cmd_buffer=True, dtype=jnp.bfloat16))
+  print("ok", t._loop_check(2500, cmd_buffer=True, dtype=jnp.bfloat16))
 """)
 
 
 def _loop_check(n_iter, cmd_buffer, dtype):
   f, hidden = _loop_fn(n_iter, cmd_buffer, dtype)
-  k = jax.random.split(jax.random.key(3), 4)
-  ta, tb = 1000, 257
-  pa = jax.random.normal(k[0], (TP * ta, hidden)).astype(dtype)
-  ra = jax.random.normal(k[1], (ta, hidden)).astype(dtype)
-  pb = jax.random.normal(k[2], (TP * tb, hidden)).astype(dtype)
-  rb = jax.random.normal(k[3], (TP * (-(-tb // TP)), hidden)).astype(dtype)
+  k = iter(jax.random.split(jax.random.key(3), 2 * len(LOOP_CALLS)))
   w = jnp.ones((hidden,), dtype)
-
-  def one(p, r):
-    return ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=8)[0][None]
-  g = jax.jit(_smap(lambda p, r: one(p, r), (P(AXIS), P(AXIS)), P(AXIS)))
-  expa, expb = g(pa, ra), g(pb, rb)
-  text = f.lower(pa, ra, pb, rb, w, expa, expb).compile().as_text()
-  counts = np.asarray(f(pa, ra, pb, rb, w, expa, expb))
+  inputs, expected = [], []
+  for tokens, algorithm, grid in LOOP_CALLS:
+    p = jax.random.normal(next(k), (TP * tokens, hidden)).astype(dtype)
+    r = jax.random.normal(next(k), (TP * (-(-tokens // TP)), hidden)).astype(dtype)
+    kw = _call_kw(algorithm, grid)
+    g = jax.jit(_smap(lambda p, r, kw=kw: ops.fused_reduce_add_norm(p, r, w, eps=EPS, **kw)[0][None],
+                      (P(AXIS), P(AXIS)), P(AXIS)))
+    inputs += [p, r]
+    expected.append(g(p, r))
+  text = f.lower(w, *inputs, *expected).compile().as_text()
+  counts = np.asarray(f(w, *inputs, *expected))
   return int(counts.sum()), ("command_buffer" in text)
 
 
 def test_10k_calls_alternating_sizes(ws):
-  mismatches, _ = _loop_check(5000, cmd_buffer=False, dtype=ws.dtype)
+  mismatches, _ = _loop_check(2500, cmd_buffer=False, dtype=ws.dtype)
   assert mismatches == 0
 
 
-def _child(code, env_extra, timeout=300):
+def _child(code, env_extra, timeout=300, **fmt):
   env = dict(os.environ, **env_extra)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, "-c", code.format(root=root)], env=env,
+  return subprocess.run([sys.executable, "-c", code.format(root=root, **fmt)], env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -251,11 +282,13 @@ TIMEOUT_CHILD = textwrap.dedent("""
   from weave_jax.fused import ops
   gpus = jax.devices("gpu")[:2]
   fused.init_workspace(gpus, max_tokens=64, hidden=1024, dtype=jnp.bfloat16, timeout_ms=300)
+  algorithm = {algorithm!r}
   # only rank 0 launches: rank 1 is left out, so rank 0's start barrier must time out
   x = jax.device_put(jnp.ones((64, 1024), jnp.bfloat16), gpus[0])
   r = jax.device_put(jnp.ones((32, 1024), jnp.bfloat16), gpus[0])
   w = jax.device_put(jnp.ones((1024,), jnp.bfloat16), gpus[0])
-  f = jax.jit(lambda x, r, w: ops.fused_reduce_add_norm(x, r, w, eps=1e-6, ctas=2))
+  f = jax.jit(lambda x, r, w: ops.fused_reduce_add_norm(x, r, w, eps=1e-6, ctas=2, ce_ctas=2,
+                                                        algorithm=algorithm))
   try:
     with fused.raise_on_timeout():
       jax.block_until_ready(f(x, r, w))
@@ -267,11 +300,13 @@ TIMEOUT_CHILD = textwrap.dedent("""
 """)
 
 
-def test_timeout_names_rank_and_barrier():
-  r = _child(TIMEOUT_CHILD, {}, timeout=120)
+@pytest.mark.parametrize("algorithm, barrier",
+                         [("two_shot", 0), ("copy_engine", 2), ("one_shot", 4)])
+def test_timeout_names_rank_and_barrier(algorithm, barrier):
+  r = _child(TIMEOUT_CHILD, {"WEAVE_EXPERIMENTAL_COPY_ENGINE": "1"}, timeout=120, algorithm=algorithm)
   out = r.stdout + r.stderr
   assert "TIMEOUT-ERROR:" in out, out[-4000:]
-  assert "rank 0" in out and "barrier 0" in out and "waiting for rank 1" in out, out[-4000:]
+  assert ("rank 0" in out and f"barrier {barrier}" in out and "waiting for rank 1" in out), out[-4000:]
 
 
 def test_bad_inputs_raise_before_launch(ws):
@@ -291,6 +326,10 @@ def test_bad_inputs_raise_before_launch(ws):
       ops.fused_reduce_add_norm(args["partial"], args["residual"], args["weight"], eps=EPS)
   with pytest.raises(ValueError, match="ctas=33"):
     ops.fused_reduce_add_norm(**good, eps=EPS, ctas=33)
+  with pytest.raises(ValueError, match="one_shot' needs tokens"):
+    ops.fused_reduce_add_norm(jnp.zeros((ONE_SHOT_ROWS + 1, 1024), ws.dtype),
+                              jnp.zeros((-(-(ONE_SHOT_ROWS + 1) // 2), 1024), ws.dtype),
+                              good["weight"], eps=EPS, algorithm="one_shot")
   # nothing launched: a real call afterwards still pairs with the peer
   mism, _ = _loop_check(2, cmd_buffer=False, dtype=ws.dtype)
   assert mism == 0
@@ -321,3 +360,50 @@ def test_uninitialised_workspace_raises(ws):
                                 jnp.zeros((1024,), ws.dtype), eps=EPS)
   finally:
     fused.init_workspace(MESH, max_tokens=MAX_TOKENS, hidden=MAX_HIDDEN, dtype=ws.dtype)
+
+
+CE_CHILD = textwrap.dedent("""
+  import os, sys, numpy as np, jax, jax.numpy as jnp
+  os.environ["WEAVE_EXPERIMENTAL_COPY_ENGINE"] = "1"
+  sys.path.insert(0, {root!r})
+  from tests import test_fused_gpu as t
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  fused.init_workspace(t.MESH, max_tokens=4096, hidden=8192, dtype=jnp.bfloat16, timeout_ms=3000)
+  # single calls: correctness against the fp32 psum reference
+  for tokens, hidden, grid in ((1, 1024, 2), (3, 8, 1024), (4096, 4096, 132), (1025, 8192, 7)):
+    rel, rel_res, nans, cross = jax.device_get(
+        t._check_fn(tokens, hidden, jnp.bfloat16, grid, "copy_engine")(jax.random.key(tokens)))
+    print("single", tokens, hidden, grid, float(rel), float(rel_res), int(nans), int(cross), flush=True)
+  # back to back: 128 chained tiny calls, 3 times
+  def local(p, r, w):
+    for _ in range(128):
+      p, r = ops.fused_reduce_add_norm(p, r, w, eps=1e-6, algorithm="copy_engine", ce_ctas=132)
+    return p[None], r
+  f = jax.jit(t._smap(local, (t.P(t.AXIS), t.P(t.AXIS), t.P()), (t.P(t.AXIS), t.P(t.AXIS))))
+  p = jnp.ones((2 * 8, 8192), jnp.bfloat16); r = jnp.ones((8, 8192), jnp.bfloat16)
+  try:
+    with fused.raise_on_timeout():
+      for _ in range(3):
+        jax.block_until_ready(f(p, r, jnp.ones((8192,), jnp.bfloat16)))
+    print("BACK-TO-BACK OK", flush=True)
+  except fused.FusedTimeoutError as e:
+    print("BACK-TO-BACK TIMEOUT:", e, flush=True)
+  os._exit(0)
+""")
+
+
+def test_copy_engine_experimental():
+  """The experimental copy-engine algorithm, in a child process (a barrier timeout traps and
+  kills the CUDA context).  Single calls must match the reference; the back-to-back run is
+  reported, and expected to time out (known deadlock, ffi/NOTES.md)."""
+  r = _child(CE_CHILD, {}, timeout=240)
+  out = r.stdout + r.stderr
+  print("\n".join(line for line in r.stdout.splitlines() if line.startswith(("single", "BACK"))))
+  singles = [line.split() for line in r.stdout.splitlines() if line.startswith("single")]
+  assert len(singles) == 4, out[-4000:]
+  for _, tokens, hidden, grid, rel, rel_res, nans, cross in singles:
+    assert float(rel) < 1e-2 and float(rel_res) < 1e-2 and nans == "0" and cross == "0", singles
+  assert "BACK-TO-BACK" in r.stdout, out[-4000:]
+  if "BACK-TO-BACK TIMEOUT" in r.stdout:
+    pytest.xfail("copy-engine back-to-back calls deadlocked (known; ffi/NOTES.md)")

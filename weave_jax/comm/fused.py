@@ -40,15 +40,30 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
+_OPTIONS = ("ctas", "algorithm", "ce_ctas")
+
+
 def make_backend(name: str, **options) -> CommBackend:
-  """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` (2..32)."""
+  """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` (2..32), ``algorithm`` ("auto",
+  "one_shot", "two_shot", "copy_engine"), ``ce_ctas`` (2..1024)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
-  unknown = set(options) - {"ctas"}
+  unknown = set(options) - set(_OPTIONS)
   if unknown:
-    raise ValueError(f"backend {name!r}: unknown options {sorted(unknown)}; it takes ctas")
+    raise ValueError(f"backend {name!r}: unknown options {sorted(unknown)}; it takes "
+                     f"{', '.join(_OPTIONS)}")
   ctas = options.get("ctas", cls.ctas)
   if not ops.MIN_CTAS <= ctas <= ops.MAX_CTAS:
     raise ValueError(f"backend {name!r}: ctas={ctas} outside {ops.MIN_CTAS}..{ops.MAX_CTAS}")
+  ce_ctas = options.get("ce_ctas", cls.ce_ctas)
+  if not ops.MIN_CTAS <= ce_ctas <= ops.MAX_CE_CTAS:
+    raise ValueError(f"backend {name!r}: ce_ctas={ce_ctas} outside {ops.MIN_CTAS}.."
+                     f"{ops.MAX_CE_CTAS}")
+  algorithm = options.get("algorithm", cls.algorithm)
+  if algorithm != "auto" and algorithm not in ops.ALGORITHMS:
+    raise ValueError(f"backend {name!r}: algorithm={algorithm!r} must be 'auto' or one of "
+                     f"{sorted(ops.ALGORITHMS)}")
+  if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
+    raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
   return cls(**options)
 
 
@@ -56,8 +71,13 @@ def make_backend(name: str, **options) -> CommBackend:
 class FusedP2P(CommBackend):
   name: str = "fused_p2p"
   residual_sharded: bool = True
-  #: thread blocks of the kernel (2..32); the kernel uses only these SMs.
+  #: thread blocks (2..32) of the one-shot and two-shot kernels; they use only these SMs.
   ctas: int = 16
+  #: "auto" (by message size, ``weave_jax.fused.ops.choose_algorithm``), "one_shot",
+  #: "two_shot" or "copy_engine".
+  algorithm: str = "auto"
+  #: blocks of the copy-engine algorithm's local reduce kernel (2..1024).
+  ce_ctas: int = ops.DEFAULT_CE_CTAS
   #: start() only enqueues on the library's side stream and returns a token, so the weave
   #: schedule may pin it before the other half's compute (see weave_jax.weave).
   async_start: ClassVar[bool] = True
@@ -75,11 +95,15 @@ class FusedP2P(CommBackend):
                     stacklevel=3)
     return False
 
+  def _algo(self) -> dict:
+    algorithm = "two_shot" if self.transport != "peer" else self.algorithm
+    return dict(algorithm=algorithm, ce_ctas=self.ce_ctas)
+
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
     if not self._fused_ok():
       return _rs_ag(partial, residual, weight, eps=eps)
     return ops.fused_reduce_add_norm(partial, residual, weight, eps=eps, ctas=self.ctas,
-                                     transport=self.transport)
+                                     transport=self.transport, **self._algo())
 
   def start(self, partial, residual, weight, *, eps: float):
     """Launches on the library's side stream; slots rotate so ``num_slots`` may be in flight.
@@ -90,7 +114,7 @@ class FusedP2P(CommBackend):
       return _Handle(None, _rs_ag(partial, residual, weight, eps=eps), -1)
     slot = next(_slots) % ws_lib.current().num_slots
     token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.ctas, slot=slot,
-                            transport=self.transport)
+                            transport=self.transport, **self._algo())
     return _Handle(token, (partial, residual, weight), slot)
 
   def done(self, handle: "_Handle"):

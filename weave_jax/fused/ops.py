@@ -9,10 +9,24 @@ Every function here runs INSIDE ``jax.shard_map`` over the TP axis (local shapes
 
 Inputs are validated in Python before anything launches; each error names the op and the bad
 value.  The kernel itself is documented in ``ffi/fused_reduce_add_norm.cuh``.
+
+Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm``):
+
+    one_shot     every rank pushes its whole partial (and its residual rows) to every peer and
+                 normalizes every row itself: one barrier; T <= the workspace's one-shot rows
+    two_shot     reduce-scatter by NVLink stores, norm on my rows, all-gather by NVLink stores:
+                 two barriers, ``ctas`` SMs do all the copying
+    copy_engine  EXPERIMENTAL, off unless WEAVE_EXPERIMENTAL_COPY_ENGINE=1: the two-shot data
+                 flow with the NVLink copies on the copy engines (push before, pull after a local
+                 reduce kernel of ``ce_ctas`` blocks).  Correct on every shape tested, but with
+                 one process driving both GPUs, back-to-back calls deadlocked (caught by the
+                 barrier timeout) because a cross-device copy waited for the peer GPU's queued
+                 kernel; see ffi/NOTES.md.  "auto" never picks it.
 """
 from __future__ import annotations
 
 import inspect
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +36,59 @@ from weave_jax.fused import _lib
 from weave_jax.fused import workspace as ws_lib
 
 MIN_CTAS, MAX_CTAS = 2, 32
+MAX_CE_CTAS = 1024        # kMaxCeCtas: the copy-engine kernel's blocks are not paired
+ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
+ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2}
+
+# "auto" threshold, from run/bench_allreduce_norm.py on 2 x H200 (BENCHMARKS.md, "Fused
+# AllReduce + RMSNorm microbenchmark").
+AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
+DEFAULT_CE_CTAS = 64
+ENV_EXPERIMENTAL_CE = "WEAVE_EXPERIMENTAL_COPY_ENGINE"
+
+
+def one_shot_rows(ws) -> int:
+  """Largest T the one-shot algorithm takes with workspace ``ws`` (mirrors workspace.cu)."""
+  return max(1, min(ws.max_tokens, ONE_SHOT_BYTES // (ws.hidden * ws.dtype.itemsize)))
+
+
+def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str = "peer") -> str:
+  """The algorithm "auto" runs for a (tokens, hidden) message: one-shot for small messages,
+  else the two-shot kernel (multimem: always two-shot)."""
+  if transport != "peer":
+    return "two_shot"
+  if tokens * hidden * itemsize <= AUTO_ONE_SHOT_MAX_BYTES and tokens <= one_shot_rows(ws):
+    return "one_shot"
+  return "two_shot"
+
+
+def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transport: str):
+  """(algorithm, grid) for a call, validated.  Runs after _validate."""
+  ws = ws_lib.current()
+  if algorithm == "auto":
+    algorithm = choose_algorithm(partial.shape[0], partial.shape[1], partial.dtype.itemsize, ws,
+                                 transport)
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"{op}: algorithm={algorithm!r} must be 'auto' or one of {sorted(ALGORITHMS)}")
+  if transport != "peer" and algorithm != "two_shot":
+    raise ValueError(f"{op}: the {transport} transport runs only algorithm='two_shot'")
+  if algorithm == "one_shot" and partial.shape[0] > one_shot_rows(ws):
+    raise ValueError(f"{op}: algorithm='one_shot' needs tokens <= {one_shot_rows(ws)} "
+                     f"({ONE_SHOT_BYTES >> 20} MiB per source at hidden={ws.hidden}), got "
+                     f"{partial.shape[0]}")
+  if algorithm == "copy_engine":
+    if os.environ.get(ENV_EXPERIMENTAL_CE) != "1":
+      raise ValueError(f"{op}: algorithm='copy_engine' is experimental and off: with one process "
+                       "driving every GPU, back-to-back calls can deadlock until the barrier "
+                       f"timeout (ffi/NOTES.md); set {ENV_EXPERIMENTAL_CE}=1 to run it anyway")
+    if not (isinstance(ce_ctas, (int, np.integer)) and MIN_CTAS <= ce_ctas <= MAX_CE_CTAS):
+      raise ValueError(f"{op}: ce_ctas={ce_ctas} outside {MIN_CTAS}..{MAX_CE_CTAS}")
+    grid = int(ce_ctas)
+  else:
+    grid = int(ctas)
+  _lib.register_targets()  # last: everything above raises before anything can launch
+  return algorithm, grid
 
 
 def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
@@ -58,11 +124,11 @@ def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
   if transport != ws.transport:
     raise ValueError(f"{op}: transport={transport!r} but the workspace was built for "
                      f"{ws.transport!r}")
-  _lib.register_targets()
 
 
 def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 16,
-                          transport: str = "peer", cmd_buffer: bool = False):
+                          transport: str = "peer", algorithm: str = "auto",
+                          ce_ctas: int = DEFAULT_CE_CTAS, cmd_buffer: bool = False):
   """One fused call on XLA's stream.  Returns (normed (T, H), new_residual (S, H)).
 
   Args:
@@ -70,26 +136,30 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     residual: (ceil(T / world), H) this rank's residual shard.
     weight: (H,) RMSNorm scale.
     eps: RMSNorm epsilon.
-    ctas: thread blocks (2..32), equal on every rank.
+    ctas: thread blocks (2..32) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
+    algorithm: "auto", "one_shot", "two_shot" or "copy_engine" (module docstring).
+    ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     cmd_buffer: use the target whose handler carries the command-buffer-compatible trait.
       NOT the default: on 2xH200 / JAX 0.11.2 XLA did not capture it into a command buffer
       (even with --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE), so graph replay of
       this kernel is untested.  The protocol is built for replay (device-resident epochs).
   """
   _validate("fused_reduce_add_norm", partial, residual, weight, ctas, transport)
+  algorithm, grid = _resolve("fused_reduce_add_norm", partial, algorithm, ctas, ce_ctas, transport)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
   # has_side_effect: a call whose outputs are unused on one rank must still run there, or the
   # other ranks' barriers would time out.
   return jax.ffi.ffi_call(target, out, has_side_effect=True)(
-      partial, residual, weight, eps=np.float32(eps), ctas=np.int32(ctas),
-      transport=np.int32(_TRANSPORTS[transport]))
+      partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid),
+      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
 
 
 def fused_start(partial, residual, weight, *, eps: float, ctas: int = 16, slot: int = 0,
-                transport: str = "peer"):
+                transport: str = "peer", algorithm: str = "auto",
+                ce_ctas: int = DEFAULT_CE_CTAS):
   """Launches the kernel on the library's side stream; results stay in workspace slot ``slot``.
 
   Returns a (1,) uint32 token for ``fused_done``.  At most ``num_slots`` starts may be in flight
@@ -99,10 +169,11 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = 16, slot: 
   if ws is not None and not 0 <= slot < ws.num_slots:
     raise ValueError(f"fused_start: slot={slot} outside 0..{ws.num_slots - 1}")
   _validate("fused_start", partial, residual, weight, ctas, transport)
+  algorithm, grid = _resolve("fused_start", partial, algorithm, ctas, ce_ctas, transport)
   return jax.ffi.ffi_call("weave_fused_start", jax.ShapeDtypeStruct((1,), jnp.uint32),
                           has_side_effect=True)(
-      partial, residual, weight, eps=np.float32(eps), ctas=np.int32(ctas), slot=np.int32(slot),
-      transport=np.int32(_TRANSPORTS[transport]))
+      partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid), slot=np.int32(slot),
+      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
 
 
 def fused_done(token, partial, residual, weight, *, slot: int = 0):

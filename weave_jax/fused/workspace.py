@@ -4,9 +4,10 @@ The workspace lives outside XLA's allocator (cudaMalloc in ``ffi/workspace.cu``)
 device, and the FFI handlers find it by device ordinal.  Footprint per device (Tmax tokens,
 H hidden, 2-byte dtype, ``num_slots`` slots, ``world`` ranks, Smax = ceil(Tmax / world))::
 
-    (1 + num_slots) * world * Smax * H * 2  +  num_slots * Smax * H * 2  +  ~2.2 KiB
+    (1 + num_slots) * world * Smax * H * 2  +  num_slots * Smax * H * 2
+    + 2 * (world + 1) * Tos * H * 2  +  ~5.2 KiB,      Tos = max(1, min(Tmax, 1 MiB / (H * 2)))
 
-e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 2 GiB per device.
+e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 2 GiB + 6 MiB per device.
 
 One process driving every GPU: peer pointers (peer access enabled).  One process per GPU
 (``jax.distributed``): CUDA IPC handles exchanged through the distributed runtime's key-value
@@ -29,7 +30,9 @@ from weave_jax.fused import _lib
 ENV_TIMEOUT_MS = "WEAVE_FUSED_TIMEOUT_MS"
 DEFAULT_TIMEOUT_MS = 10_000.0
 MAX_HIDDEN = 16384  # kThreads * kMaxVecPerThread * 8 in ffi/fused_reduce_add_norm.cuh
-BARRIER_NAMES = {0: "start (inputs published)", 1: "end (outputs delivered)"}
+BARRIER_NAMES = {0: "start (inputs published)", 1: "end (outputs delivered)",
+                 2: "copy-engine start (inputs pushed)", 3: "copy-engine end (outputs ready)",
+                 4: "one-shot (inputs published)"}
 
 
 @dataclasses.dataclass(frozen=True)
