@@ -19,12 +19,12 @@
 //                                            their global row
 //   res_slot  (Smax, H) x num_slots          split (start/done) mode only: new residual
 //   os_slot   2 parities x (world + 1) x Tos rows x H   one-shot staging (see ONE-SHOT below)
-//   pads      uint32 [5 barriers][32 blocks][8 source ranks]   signal words, one 32-bit word per
+//   pads      uint32 [5 barriers][128 blocks][8 source ranks]   signal words, one 32-bit word per
 //                                            (barrier, block, source): no flags packed in bytes
-//   epochs    uint32 [36]                    local only: [b] calls block b of the two-shot
-//                                            kernel has taken part in; [32] copy-engine calls,
-//                                            [33] its block-arrival counter; [34] one-shot
-//                                            calls, [35] its counter
+//   epochs    uint32 [132]                   local only: [b] calls block b of the two-shot
+//                                            kernel has taken part in; [128] copy-engine calls,
+//                                            [129] its block-arrival counter; [130] one-shot
+//                                            calls, [131] its counter
 // Peers reach in_slot, out_slot and pads through peer pointers (one process, peer access
 // enabled) or CUDA IPC mappings (one process per GPU).  MultimemTransport reads in_slot and
 // writes out_slot through their multicast addresses instead; signals always use unicast words.
@@ -133,7 +133,10 @@
 namespace weave {
 
 constexpr int kMaxRanks = 8;
-constexpr int kMaxCtas = 32;       // paired kernels (two-shot, one-shot): pads hold 32 blocks
+// Paired kernels (two-shot, one-shot): pads hold 128 blocks.  Pairs make progress without
+// co-residency as long as blocks are dispatched in index order on every rank (each rank's
+// lowest waiting block is paired with a resident one).  128 <= the 132 SMs of H100/H200.
+constexpr int kMaxCtas = 128;
 constexpr int kMaxCeCtas = 1024;   // the copy-engine kernel's blocks are not paired
 constexpr int kMinCtas = 2;
 constexpr int kThreads = 512;

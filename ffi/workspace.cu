@@ -9,7 +9,7 @@
 //   res_slot   x num_slots       Smax * H * B each      (start/done mode)
 //   os_slot                      2 * (world + 1) * Tos * H * B, Tos = max(1, min(Tmax, 1 MiB / (H * B)))
 //                                (one-shot staging: <= 2 * (world + 1) MiB, 6 MiB at world 2)
-//   pads + epochs + claim        5 KiB + 144 B + 4 B
+//   pads + epochs + claim        20 KiB + 528 B + 4 B
 //   error record                 24 B of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 + 6 MiB
 // = 2 GiB + 6 MiB.

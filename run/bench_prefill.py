@@ -53,7 +53,8 @@ def parse_args(argv=None):
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20 if gpu else 5)
-  p.add_argument("--weave-min-tokens", type=int, default=None)
+  p.add_argument("--weave-min-tokens", type=int, default=None,
+                 help="smallest woven batch for the +weave variants (default: 1, always weave)")
   p.add_argument("--ctas", type=int, default=None, help="CTAs of the fused kernel")
   p.add_argument("--json", default=None, help="write results here (default under benchmarks/results/)")
   p.add_argument("--png", default=None, help="write a bar chart here")

@@ -44,8 +44,8 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(res_dtype=jnp.float16), {}, TypeError, r"fused_reduce_add_norm: dtype mismatch"),
     (_args(w_dtype=jnp.float32), {}, TypeError, r"fused_reduce_add_norm: dtype mismatch"),
     (_args(shard=31), {}, ValueError, r"fused_reduce_add_norm: residual shape \(31, 1024\)"),
-    (_args(), {"ctas": 1}, ValueError, r"fused_reduce_add_norm: ctas=1 outside 2\.\.32"),
-    (_args(), {"ctas": 33}, ValueError, r"fused_reduce_add_norm: ctas=33 outside 2\.\.32"),
+    (_args(), {"ctas": 1}, ValueError, r"fused_reduce_add_norm: ctas=1 outside 2\.\.128"),
+    (_args(), {"ctas": 129}, ValueError, r"fused_reduce_add_norm: ctas=129 outside 2\.\.128"),
     (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
     (_args(), {"algorithm": "ring"}, ValueError, r"algorithm='ring' must be 'auto' or one of"),
     (_args(), {"algorithm": "copy_engine"}, ValueError, r"copy_engine' is experimental and off"),
@@ -80,8 +80,8 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
 
 
 def test_start_validates_too(fake_ws):
-  with pytest.raises(ValueError, match="fused_start: ctas=40"):
-    ops.fused_start(*_args(), eps=1e-6, ctas=40)
+  with pytest.raises(ValueError, match="fused_start: ctas=140"):
+    ops.fused_start(*_args(), eps=1e-6, ctas=140)
   with pytest.raises(ValueError, match="fused_start: slot=2"):
     ops.fused_start(*_args(), eps=1e-6, slot=2)
 
@@ -104,11 +104,15 @@ def test_backend_options():
   b = get_backend("fused_p2p", ctas=8)
   assert (b.name, b.ctas, b.residual_sharded) == ("fused_p2p", 8, True)
   assert get_backend("fused_multimem").name == "fused_multimem"
-  with pytest.raises(ValueError, match="ctas=64"):
-    get_backend("fused_p2p", ctas=64)
+  with pytest.raises(ValueError, match="ctas=200"):
+    get_backend("fused_p2p", ctas=200)
   with pytest.raises(ValueError, match="unknown options"):
     get_backend("fused_p2p", blocks=8)
   assert get_backend("fused_p2p", algorithm="copy_engine", ce_ctas=128).ce_ctas == 128
+  d = get_backend("fused_p2p")
+  assert (d.ctas, d.weave_ctas) == (128, 32)  # measured defaults: unsplit / woven
+  with pytest.raises(ValueError, match="weave_ctas=1 outside"):
+    get_backend("fused_p2p", weave_ctas=1)
   with pytest.raises(ValueError, match="algorithm='ring'"):
     get_backend("fused_p2p", algorithm="ring")
   with pytest.raises(ValueError, match="ce_ctas=1 outside"):

@@ -41,6 +41,10 @@ def test_tuned_table_overrides_heuristic(tmp_path):
   # Another backend or device is not affected.
   assert split_mod.weave_threshold("H200", cfg, 2, "psum", 1024, path) == 1024
   assert split_mod.choose_split(4096, cfg, 2, "H100", 132, "rs_ag", path) != 1536
+  # null: woven was never faster where measured -> never weave
+  never = split_mod.tuning_key("H200", cfg, 2, "fused_p2p")
+  split_mod.save_entry(never, {"min_tokens": None}, path)
+  assert split_mod.weave_threshold("H200", cfg, 2, "fused_p2p", 1024, path) > 10**9
 
 
 def test_engine_plan_threshold_and_padding():

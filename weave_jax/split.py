@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 from weave_jax.config import ModelConfig
 
@@ -119,6 +120,11 @@ def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = ""
 
 def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str, default: int,
                     path: str = TUNING_FILE) -> int:
-  """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise)."""
+  """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise).
+
+  A tuned ``"min_tokens": null`` means the woven layer was slower than the unsplit one at every
+  measured size: never weave (returns ``sys.maxsize``)."""
   entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
-  return int(entry.get("min_tokens", default))
+  if "min_tokens" not in entry:
+    return default
+  return sys.maxsize if entry["min_tokens"] is None else int(entry["min_tokens"])

@@ -40,20 +40,21 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
-_OPTIONS = ("ctas", "algorithm", "ce_ctas")
+_OPTIONS = ("ctas", "weave_ctas", "algorithm", "ce_ctas")
 
 
 def make_backend(name: str, **options) -> CommBackend:
-  """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` (2..32), ``algorithm`` ("auto",
-  "one_shot", "two_shot", "copy_engine"), ``ce_ctas`` (2..1024)."""
+  """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
+  ``algorithm`` ("auto", "one_shot", "two_shot", "copy_engine"), ``ce_ctas`` (2..1024)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
     raise ValueError(f"backend {name!r}: unknown options {sorted(unknown)}; it takes "
                      f"{', '.join(_OPTIONS)}")
-  ctas = options.get("ctas", cls.ctas)
-  if not ops.MIN_CTAS <= ctas <= ops.MAX_CTAS:
-    raise ValueError(f"backend {name!r}: ctas={ctas} outside {ops.MIN_CTAS}..{ops.MAX_CTAS}")
+  for field in ("ctas", "weave_ctas"):
+    value = options.get(field, getattr(cls, field))
+    if not ops.MIN_CTAS <= value <= ops.MAX_CTAS:
+      raise ValueError(f"backend {name!r}: {field}={value} outside {ops.MIN_CTAS}..{ops.MAX_CTAS}")
   ce_ctas = options.get("ce_ctas", cls.ce_ctas)
   if not ops.MIN_CTAS <= ce_ctas <= ops.MAX_CE_CTAS:
     raise ValueError(f"backend {name!r}: ce_ctas={ce_ctas} outside {ops.MIN_CTAS}.."
@@ -71,8 +72,13 @@ def make_backend(name: str, **options) -> CommBackend:
 class FusedP2P(CommBackend):
   name: str = "fused_p2p"
   residual_sharded: bool = True
-  #: thread blocks (2..32) of the one-shot and two-shot kernels; they use only these SMs.
-  ctas: int = 16
+  #: thread blocks (2..128) of unsplit calls (``reduce_add_norm``).  128: the fastest kernel
+  #: setting measured on 2 x H200 (1.3-1.5x XLA psum + norm from 16 to 512 MiB, BENCHMARKS.md).
+  ctas: int = 128
+  #: thread blocks of the start/done calls that the weave schedule overlaps with the other
+  #: half's compute: fewer SMs taken from the GEMMs.  32: the best woven setting measured
+  #: (32 / 64 / 128 CTAs on Llama-3.3-70B shapes, BENCHMARKS.md).
+  weave_ctas: int = 32
   #: "auto" (by message size, ``weave_jax.fused.ops.choose_algorithm``), "one_shot",
   #: "two_shot" or "copy_engine".
   algorithm: str = "auto"
@@ -113,7 +119,7 @@ class FusedP2P(CommBackend):
     if not self._fused_ok():
       return _Handle(None, _rs_ag(partial, residual, weight, eps=eps), -1)
     slot = next(_slots) % ws_lib.current().num_slots
-    token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.ctas, slot=slot,
+    token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.weave_ctas, slot=slot,
                             transport=self.transport, **self._algo())
     return _Handle(token, (partial, residual, weight), slot)
 

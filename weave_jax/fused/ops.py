@@ -35,7 +35,7 @@ import numpy as np
 from weave_jax.fused import _lib
 from weave_jax.fused import workspace as ws_lib
 
-MIN_CTAS, MAX_CTAS = 2, 32
+MIN_CTAS, MAX_CTAS = 2, 128
 MAX_CE_CTAS = 1024        # kMaxCeCtas: the copy-engine kernel's blocks are not paired
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
@@ -136,7 +136,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     residual: (ceil(T / world), H) this rank's residual shard.
     weight: (H,) RMSNorm scale.
     eps: RMSNorm epsilon.
-    ctas: thread blocks (2..32) of the one-shot and two-shot kernels, equal on every rank.
+    ctas: thread blocks (2..128) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
     algorithm: "auto", "one_shot", "two_shot" or "copy_engine" (module docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
