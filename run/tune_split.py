@@ -5,7 +5,10 @@ For each token bucket (powers of two) it times the woven forward at candidate sp
 (the wave-aware choice and fractions around the middle) and the unsplit forward, then stores
 in ``weave_jax/tuning/splits.json``, keyed by device kind, model dims, TP and backend:
   - ``splits``: bucket -> best split fraction;
-  - ``min_tokens``: the smallest bucket from which woven beats unsplit at every larger bucket.
+  - ``weave``: bucket -> whether the best woven forward beat the unsplit one (the engine's
+    per-bucket choice, which takes precedence over the threshold for measured buckets);
+  - ``min_tokens``: the smallest bucket from which woven beats unsplit at every larger bucket
+    (null when it never does), used for buckets that were not measured.
 TokenWeave brute-forces this offline for about a day per model; this takes minutes.
 
     python run/tune_split.py --preset llama-3.3-70b --layers 2 --backend rs_ag
@@ -59,15 +62,16 @@ def tune(args) -> dict:
     splits[str(split_mod.bucket(n))] = round(best[0] / n, 4)
     wins[n] = best[1] < unsplit
     progress(f"{n:6d} tokens: best split {best[0]} ({best[1]:.3f} ms) vs unsplit {unsplit:.3f} ms")
-  # Weave from the smallest size after which it always wins.
-  min_tokens = max(args.tokens) * 2
+  # Weave from the smallest size after which it always wins (None: it never wins).
+  min_tokens = None
   for n in sorted(args.tokens, reverse=True):
     if not wins[n]:
       break
     min_tokens = n
   key = split_mod.tuning_key(getattr(dev, "device_kind", dev.platform), cfg, tp, args.backend)
   entry = {"splits": splits, "min_tokens": min_tokens, "layers": args.layers,
-           "preset": args.preset}
+           "preset": args.preset,
+           "weave": {str(split_mod.bucket(n)): bool(w) for n, w in wins.items()}}
   split_mod.save_entry(key, entry, args.out)
   progress(f"saved {key} -> {entry} in {args.out}")
   return entry

@@ -47,6 +47,28 @@ def test_tuned_table_overrides_heuristic(tmp_path):
   assert split_mod.weave_threshold("H200", cfg, 2, "fused_p2p", 1024, path) > 10**9
 
 
+def test_engine_takes_the_tuned_per_bucket_choice(tmp_path, monkeypatch):
+  """A measured bucket's verdict wins over the threshold; unmeasured buckets use the threshold."""
+  cfg = preset("tiny")
+  mesh = make_mesh(4)
+  model = init_random(cfg, mesh)
+  path = str(tmp_path / "splits.json")
+  monkeypatch.setattr(split_mod, "TUNING_FILE", path)
+  eng = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True))
+  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "rs_ag")
+  split_mod.save_entry(key, {"min_tokens": 64, "weave": {"128": False, "512": True}}, path)
+  real = split_mod.weave_threshold, split_mod.tuned_weave
+  monkeypatch.setattr(split_mod, "weave_threshold", lambda *a, **k: real[0](*a, path=path))
+  monkeypatch.setattr(split_mod, "tuned_weave", lambda *a, **k: real[1](*a, path=path))
+  assert eng.plan(128).split is None         # measured: unsplit was faster
+  assert eng.plan(512).split is not None     # measured: woven was faster
+  assert eng.plan(256).split is not None     # not measured: threshold 64 applies
+  assert eng.plan(32).split is None          # not measured, below the threshold
+  # an explicit threshold overrides the table
+  forced = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True, weave_min_tokens=16))
+  assert forced.plan(128).split is not None
+
+
 def test_engine_plan_threshold_and_padding():
   cfg = preset("tiny")
   mesh = make_mesh(4)

@@ -37,8 +37,9 @@ class RunConfig:
   backend: communication backend name (``weave_jax.comm.BACKENDS``).
   backend_options: extra backend options as (name, value) pairs, e.g. (("ctas", 8),).
   weave: split batches into two halves and overlap their communication.
-  weave_min_tokens: batches smaller than this run unsplit; None = the tuned threshold for this
-    device/model/backend (``run/tune_split.py``), else ``DEFAULT_WEAVE_MIN_TOKENS``.
+  weave_min_tokens: batches smaller than this run unsplit.  None = what ``run/tune_split.py``
+    measured for this device/model/TP/backend: the per-bucket verdict (woven faster or not)
+    for measured buckets, its threshold for the others, else ``DEFAULT_WEAVE_MIN_TOKENS``.
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
@@ -109,10 +110,13 @@ class Engine:
   def plan(self, n_tokens: int) -> Plan:
     tp, run = self.tp, self.run
     min_tokens = run.weave_min_tokens
+    measured = None  # the tuned per-bucket verdict, used only when no threshold is given
     if min_tokens is None:
       min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend,
                                              DEFAULT_WEAVE_MIN_TOKENS)
-    if not run.weave or n_tokens < max(min_tokens, 2 * tp):
+      measured = split_mod.tuned_weave(self.device_kind, self.cfg, tp, run.backend, n_tokens)
+    woven = n_tokens >= max(min_tokens, 2 * tp) if measured is None else measured
+    if not run.weave or not woven or n_tokens < 2 * tp:
       return Plan(n_tokens, _round_up(n_tokens, tp), None)
     if run.split is not None:
       s = run.split

@@ -118,6 +118,14 @@ def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = ""
   return wave_aware_split(n_tokens, cfg, tp, sms)
 
 
+def tuned_weave(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
+                path: str = TUNING_FILE) -> bool | None:
+  """Whether the woven forward beat the unsplit one in this token bucket when tuned (the
+  entry's ``weave``: bucket -> bool), or None when this bucket was not measured."""
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
+  return entry.get("weave", {}).get(str(bucket(n_tokens)))
+
+
 def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str, default: int,
                     path: str = TUNING_FILE) -> int:
   """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise).
