@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build libweave_fused, run the fused kernel's GPU tests and/or its microbenchmark.
-#   run/gpu_fused_check.sh [build] [test] [bench]      (extra pytest args: PYTEST_ARGS, word-split)
+#   run/gpu_fused_check.sh [build] [test] [bench]
+#   (extra pytest args: PYTEST_ARGS, split on spaces; a -k expression with spaces: PYTEST_K)
 # The full GPU test file (280 shape cases, 2 dtypes) needs more than 320 s on 2xH200 (232 tests
 # passed in 320 s, 2026-11-22); WEAVE_TEST_SHAPES=40 fits beside the build and the bench (~3 min)
 # in one 10-minute device call.
@@ -32,7 +33,7 @@ for step in $steps; do
         ls -la weave_jax/_native/; } 2>&1 | tee "$OUT/build.log" || rc=1
       [ -f weave_jax/_native/libweave_fused.so ] || { echo "BUILD FAILED"; exit 1; } ;;
     test)
-      timeout ${TEST_TIMEOUT:-580} $PY -m pytest --maxfail=4 -q -rs tests/test_fused_gpu.py ${PYTEST_ARGS:-} \
+      timeout ${TEST_TIMEOUT:-580} $PY -m pytest --maxfail=4 -q -rs tests/test_fused_gpu.py ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
         -p no:cacheprovider 2>&1 | tee "$OUT/test.log" || rc=1 ;;
     bench)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout ${BENCH_TIMEOUT:-300} $PY run/bench_allreduce_norm.py ${BENCH_ARGS:-} \
