@@ -206,6 +206,12 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* addr) {
   return v;
 }
 
+// Rows of owner q's slice: [q*S, min((q+1)*S, T)), possibly empty.  Host and device.
+__host__ __device__ __forceinline__ int64_t rows_of_owner(const KernelParams& p, int q) {
+  const int64_t n = p.tokens - q * p.shard;
+  return n < 0 ? 0 : (n > p.shard ? p.shard : n);
+}
+
 __device__ __forceinline__ int pad_index(int barrier, int block, int src) {
   return (barrier * kMaxCtas + block) * kMaxRanks + src;
 }
@@ -252,6 +258,32 @@ __device__ __forceinline__ void block_barrier(const KernelParams& p, int id, int
     Transport::alias_fence();
   }
   __syncthreads();
+}
+
+// The epoch of this call: the value in `word` + 1, read by thread 0 and shared with the block.
+__device__ __forceinline__ uint32_t call_epoch(const uint32_t* word, uint32_t* s_epoch) {
+  if (threadIdx.x == 0) *s_epoch = *word + 1;
+  __syncthreads();
+  return *s_epoch;
+}
+
+// Barrier `id` of the unpaired kernels: thread t < world (t != rank) signals rank t and waits
+// for rank t, on block-0 words.  Every caller signals the same value, so any block may call it.
+__device__ __forceinline__ void peer_barrier(const KernelParams& p, int id, uint32_t epoch) {
+  const int t = threadIdx.x;
+  if (t < p.world && t != p.rank) {
+    st_release_sys(p.pads[t] + pad_index(id, 0, p.rank), epoch);
+    wait_word(p, p.pads[p.rank] + pad_index(id, 0, t), epoch, id, t);
+  }
+}
+
+// Last block of an unpaired kernel: reset the arrival counter, record the call's epoch.
+__device__ __forceinline__ void finish_call(const KernelParams& p, int count_word, int epoch_word,
+                                            uint32_t epoch) {
+  if (threadIdx.x == 0) {
+    p.epochs[count_word] = 0;
+    p.epochs[epoch_word] = epoch;
+  }
 }
 
 // Grid-wide "everyone is done" for the unpaired kernels: each block fences its writes at system
@@ -335,8 +367,7 @@ __device__ __forceinline__ void copy_rows(const KernelParams& p, Spans spans, in
   const int nb = gridDim.x, b = blockIdx.x;
   for (int q = 0; q < p.world; ++q) {
     if (q == skip) continue;
-    int64_t rows_q = p.tokens - q * p.shard;
-    rows_q = rows_q < 0 ? 0 : (rows_q > p.shard ? p.shard : rows_q);
+    const int64_t rows_q = rows_of_owner(p, q);
     if (b >= rows_q) continue;
     const uint32_t nr = static_cast<uint32_t>((rows_q - b + nb - 1) / nb);
     const uint32_t total = nr * vpr;
@@ -381,10 +412,8 @@ struct SliceRows {
   const KernelParams& p;
   int64_t my_rows;
   uint32_t vpr;
-  __device__ explicit SliceRows(const KernelParams& kp) : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)) {
-    const int64_t n = kp.tokens - kp.rank * kp.shard;
-    my_rows = n < 0 ? 0 : (n > kp.shard ? kp.shard : n);
-  }
+  __device__ explicit SliceRows(const KernelParams& kp)
+      : p(kp), my_rows(rows_of_owner(kp, kp.rank)), vpr(static_cast<uint32_t>(kp.hidden / 8)) {}
   __device__ bool valid(int64_t i) const { return i < my_rows; }
   // Source `rank` is this rank's own `partial` (never staged); the others were pushed into my
   // in_slot at [q*S + i].
@@ -645,9 +674,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     fused_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
   __shared__ float smem[kThreads / 32];
   __shared__ uint32_t s_epoch;
-  if (threadIdx.x == 0) s_epoch = p.epochs[blockIdx.x] + 1;
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
+  const uint32_t epoch = call_epoch(p.epochs + blockIdx.x, &s_epoch);
 
   Transport::publish(p);  // phase 0
   block_barrier<Transport>(p, kBarStart, blockIdx.x, epoch);
@@ -685,35 +712,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float smem[kThreads / 32];
   __shared__ uint32_t s_epoch;
   __shared__ int s_last;
-  if (threadIdx.x == 0) s_epoch = p.epochs[kEpochCe] + 1;
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
-  const int t = threadIdx.x;
+  const uint32_t epoch = call_epoch(p.epochs + kEpochCe, &s_epoch);
   // barrier 2: my pushes completed before this kernel started (stream order); every block
   // signals (the same value), so no block depends on another block being resident
-  if (t < p.world && t != p.rank) {
-    st_release_sys(p.pads[t] + pad_index(kBarCeStart, 0, p.rank), epoch);
-    wait_word(p, p.pads[p.rank] + pad_index(kBarCeStart, 0, t), epoch, kBarCeStart, t);
-  }
+  peer_barrier(p, kBarCeStart, epoch);
   __syncthreads();
   const CopyEngineIo io(p);
   norm_rows<T, kVec>(p, io, p.shard, smem);
   if (last_block_to_finish(p.epochs + kCountCe, &s_last)) {
     // barrier 3: every block's out_slot writes and in_slot reads are done
-    if (t < p.world && t != p.rank) {
-      st_release_sys(p.pads[t] + pad_index(kBarCeEnd, 0, p.rank), epoch);
-      wait_word(p, p.pads[p.rank] + pad_index(kBarCeEnd, 0, t), epoch, kBarCeEnd, t);
-    }
-    if (t == 0) {
-      p.epochs[kCountCe] = 0;
-      p.epochs[kEpochCe] = epoch;
-    }
+    peer_barrier(p, kBarCeEnd, epoch);
+    finish_call(p, kCountCe, kEpochCe, epoch);
   }
 }
 
 // One-shot algorithm (algo 2): staging layout of os_slot (uint4 units), parity x:
 //   [x][q][r]      source q's partial row r        q in [0, world)
 //   [x][world][r]  the residual of global row r (pushed by its owner)
+// Rank `owner`'s staging block of parity x, as seen from this device.
+__device__ __forceinline__ uint4* os_stage(const KernelParams& p, int owner, int parity) {
+  return static_cast<uint4*>(p.os_slots[owner]) +
+         static_cast<size_t>(parity) * (p.world + 1) * p.os_rows * (p.hidden / 8);
+}
+
 struct OneShotIo {
   static constexpr bool kMultimem = false;
   const KernelParams& p;
@@ -721,11 +742,8 @@ struct OneShotIo {
   const uint4* stage;  // my os_slot, this call's parity
   uint4* out;          // normed, or my out_slot in split mode
   __device__ OneShotIo(const KernelParams& kp, int parity)
-      : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)) {
-    stage = static_cast<const uint4*>(kp.os_slots[kp.rank]) +
-            static_cast<size_t>(parity) * (kp.world + 1) * kp.os_rows * vpr;
-    out = static_cast<uint4*>(kp.normed != nullptr ? kp.normed : kp.out_slots[kp.rank]);
-  }
+      : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)), stage(os_stage(kp, kp.rank, parity)),
+        out(static_cast<uint4*>(kp.normed != nullptr ? kp.normed : kp.out_slots[kp.rank])) {}
   __device__ bool valid(int64_t) const { return true; }
   __device__ bool mine(int64_t r) const { return r / p.shard == p.rank; }
   __device__ const uint4* source(int q, int64_t r) const {
@@ -749,13 +767,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float smem[kThreads / 32];
   __shared__ uint32_t s_epoch;
   __shared__ int s_last;
-  if (threadIdx.x == 0) s_epoch = p.epochs[kEpochOneShot] + 1;
-  __syncthreads();
-  const uint32_t epoch = s_epoch;
+  const uint32_t epoch = call_epoch(p.epochs + kEpochOneShot, &s_epoch);
   const int parity = static_cast<int>(epoch & 1u);
   const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
   const int nb = gridDim.x, b = blockIdx.x;
-  const size_t parity_off = static_cast<size_t>(parity) * (p.world + 1) * p.os_rows * vpr;
   // push: rows r % nb == b of my partial (and of my residual, for rows of my slice)
   const int64_t nr = b < p.tokens ? (p.tokens - b + nb - 1) / nb : 0;
   const int64_t total = nr * vpr;
@@ -769,7 +784,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int k2 = 1; k2 < p.world; ++k2) {
       int q = p.rank + k2;
       q = q >= p.world ? q - p.world : q;
-      uint4* peer = static_cast<uint4*>(p.os_slots[q]) + parity_off;
+      uint4* peer = os_stage(p, q, parity);
       peer[(p.rank * p.os_rows + r) * vpr + c] = v;
       if (mine) peer[(p.world * p.os_rows + r) * vpr + c] = res;
     }
@@ -785,10 +800,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_cast<uint4*>(p.new_residual)[i * vpr + c] =
           static_cast<const uint4*>(p.residual)[i * vpr + c];
   }
-  if (last_block_to_finish(p.epochs + kCountOneShot, &s_last) && threadIdx.x == 0) {
-    p.epochs[kCountOneShot] = 0;
-    p.epochs[kEpochOneShot] = epoch;
-  }
+  if (last_block_to_finish(p.epochs + kCountOneShot, &s_last))
+    finish_call(p, kCountOneShot, kEpochOneShot, epoch);
 }
 
 }  // namespace weave

@@ -118,11 +118,6 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   return ffi::Error::Success();
 }
 
-int64_t rows_of(const weave::KernelParams& p, int q) {
-  const int64_t n = p.tokens - q * p.shard;
-  return n < 0 ? 0 : (n > p.shard ? p.shard : n);
-}
-
 // One copy of `bytes` between rank `dst_rank`'s and rank `src_rank`'s memory on stream s.
 // One process driving every GPU: cudaMemcpyPeerAsync, which is asynchronous with respect to
 // all work on other devices.  (A plain cudaMemcpyAsync between two devices' pointers appeared
@@ -145,7 +140,7 @@ cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::Device
   const int64_t rb = p.hidden * 2;
   for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
     const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = rows_of(p, q); rows > 0) {
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0) {
       cudaError_t e = copy_between(w, static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * rb, q,
                                    static_cast<const char*>(p.partial) + q * p.shard * rb, p.rank,
                                    rows * rb, s);
@@ -156,7 +151,7 @@ cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::Device
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my pull_dst
     const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = rows_of(p, q); rows > 0) {
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0) {
       cudaError_t e = copy_between(w, static_cast<char*>(pull_dst) + q * p.shard * rb, p.rank,
                                    static_cast<const char*>(p.out_slots[q]) + q * p.shard * rb, q,
                                    rows * rb, s);

@@ -51,14 +51,9 @@ def make_backend(name: str, **options) -> CommBackend:
   if unknown:
     raise ValueError(f"backend {name!r}: unknown options {sorted(unknown)}; it takes "
                      f"{', '.join(_OPTIONS)}")
-  for field in ("ctas", "weave_ctas"):
-    value = options.get(field, getattr(cls, field))
-    if not ops.MIN_CTAS <= value <= ops.MAX_CTAS:
-      raise ValueError(f"backend {name!r}: {field}={value} outside {ops.MIN_CTAS}..{ops.MAX_CTAS}")
-  ce_ctas = options.get("ce_ctas", cls.ce_ctas)
-  if not ops.MIN_CTAS <= ce_ctas <= ops.MAX_CE_CTAS:
-    raise ValueError(f"backend {name!r}: ce_ctas={ce_ctas} outside {ops.MIN_CTAS}.."
-                     f"{ops.MAX_CE_CTAS}")
+  for field, hi in (("ctas", ops.MAX_CTAS), ("weave_ctas", ops.MAX_CTAS),
+                    ("ce_ctas", ops.MAX_CE_CTAS)):
+    ops.check_grid(f"backend {name!r}", field, options.get(field, getattr(cls, field)), hi)
   algorithm = options.get("algorithm", cls.algorithm)
   if algorithm != "auto" and algorithm not in ops.ALGORITHMS:
     raise ValueError(f"backend {name!r}: algorithm={algorithm!r} must be 'auto' or one of "

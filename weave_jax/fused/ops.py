@@ -48,6 +48,12 @@ DEFAULT_CE_CTAS = 64
 ENV_EXPERIMENTAL_CE = "WEAVE_EXPERIMENTAL_COPY_ENGINE"
 
 
+def check_grid(op: str, field: str, value, hi: int) -> None:
+  """Raises ValueError unless ``value`` is an integer grid size in MIN_CTAS..hi."""
+  if not (isinstance(value, (int, np.integer)) and MIN_CTAS <= value <= hi):
+    raise ValueError(f"{op}: {field}={value} outside {MIN_CTAS}..{hi}")
+
+
 def one_shot_rows(ws) -> int:
   """Largest T the one-shot algorithm takes with workspace ``ws`` (mirrors workspace.cu)."""
   return max(1, min(ws.max_tokens, ONE_SHOT_BYTES // (ws.hidden * ws.dtype.itemsize)))
@@ -82,8 +88,7 @@ def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transpor
       raise ValueError(f"{op}: algorithm='copy_engine' is experimental and off: with one process "
                        "driving every GPU, back-to-back calls can deadlock until the barrier "
                        f"timeout (ffi/NOTES.md); set {ENV_EXPERIMENTAL_CE}=1 to run it anyway")
-    if not (isinstance(ce_ctas, (int, np.integer)) and MIN_CTAS <= ce_ctas <= MAX_CE_CTAS):
-      raise ValueError(f"{op}: ce_ctas={ce_ctas} outside {MIN_CTAS}..{MAX_CE_CTAS}")
+    check_grid(op, "ce_ctas", ce_ctas, MAX_CE_CTAS)
     grid = int(ce_ctas)
   else:
     grid = int(ctas)
@@ -117,8 +122,7 @@ def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
                      f"tokens={tokens}, world={ws.world}")
   if weight.shape != (hidden,):
     raise ValueError(f"{op}: weight shape {weight.shape} != ({hidden},)")
-  if not (isinstance(ctas, (int, np.integer)) and MIN_CTAS <= ctas <= MAX_CTAS):
-    raise ValueError(f"{op}: ctas={ctas} outside {MIN_CTAS}..{MAX_CTAS}")
+  check_grid(op, "ctas", ctas, MAX_CTAS)
   if transport not in _TRANSPORTS:
     raise ValueError(f"{op}: transport={transport!r} must be one of {sorted(_TRANSPORTS)}")
   if transport != ws.transport:
