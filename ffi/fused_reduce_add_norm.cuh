@@ -15,8 +15,9 @@
 //                                            rank src's partial row for MY row i (pushed by src)
 //                                            MultimemTransport: my own partial at global rows
 //   out_slot  (world * Smax, H) x num_slots  every rank stores the normalized rows it owns into
-//                                            the out_slot of EVERY rank (itself included), at
-//                                            their global row
+//                                            the out_slot of every OTHER rank at their global
+//                                            row (its own go straight to `normed`; into its own
+//                                            out_slot only in split mode or with multimem)
 //   res_slot  (Smax, H) x num_slots          split (start/done) mode only: new residual
 //   os_slot   2 parities x (world + 1) x Tos rows x H   one-shot staging (see ONE-SHOT below)
 //   pads      uint32 [5 barriers][128 blocks][8 source ranks]   signal words, one 32-bit word per
@@ -42,11 +43,20 @@
 //                       from LOCAL memory (Peer; source p is `partial` itself) or one
 //                       multimem.ld_reduce (Multimem), in fp32;
 //                       + residual, round (= new residual), RMSNorm, store the normalized row
-//                       into out_slot of every rank (NVLink stores or one multimem.st)
+//                       into every peer's out_slot and my `normed` (NVLink stores; split mode:
+//                       my out_slot instead of `normed`) or every out_slot (one multimem.st)
 //   barrier 1 ("end"):  my stores into every out_slot for block b are done AND I have finished
 //                       reading the staged rows for block b; wait for every peer's block b
-//   phase 2  copy-out:  rows of every owner assigned to b: local out_slot -> normed
-//                       (skipped in split mode: `done` copies the whole slot on XLA's stream)
+//   phase 2  copy-out:  rows of every other owner (multimem: every owner) assigned to b:
+//                       local out_slot -> normed (skipped in split mode: `done` copies the
+//                       whole slot on XLA's stream)
+// Hopper (kTma): phases 0 and 2 move their rows with TMA bulk copies (global -> shared ->
+// global, one issuing thread per block); the issuer waits for its bulk stores to complete and
+// fences the async proxy (fence.proxy.async.global) before the block's __syncthreads that
+// precedes the barrier's release, and fences the async proxy after an acquire before bulk-
+// reading rows that peers wrote.  Phase 1 is the same in both variants.
+// Diagnostics: with the workspace's stamps on, thread 0 of each block records %globaltimer at
+// each phase boundary into host-mapped memory (weave_jax.fused.phases).
 // Each row is computed by exactly one rank and broadcast, so all ranks hold bitwise-identical
 // `normed`; the fixed summation order makes the result independent of timing.
 //
@@ -151,6 +161,8 @@ constexpr int kPadWords = kNumBarriers * kMaxCtas * kMaxRanks;
 constexpr int kEpochCe = kMaxCtas, kCountCe = kMaxCtas + 1;
 constexpr int kEpochOneShot = kMaxCtas + 2, kCountOneShot = kMaxCtas + 3;
 constexpr int kEpochWords = kMaxCtas + 4;
+// Phase stamps (diagnostics, off unless the workspace turns them on): per block, kStamps words.
+constexpr int kStamps = 8;
 
 // Host-mapped (cudaHostAllocMapped) error record, one per device.
 struct ErrorRecord {
@@ -186,6 +198,7 @@ struct KernelParams {
   int32_t world;
   float eps;
   uint64_t timeout_ns;
+  uint64_t* stamps;             // host-mapped [kMaxCtas][kStamps] %globaltimer stamps, or nullptr
 };
 
 // ------------------------------------------------------------------ small device helpers
@@ -204,6 +217,15 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* addr) {
   uint32_t v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(addr) : "memory");
   return v;
+}
+
+// Diagnostics: when stamps are on, thread 0 of each block records %globaltimer once the whole
+// block has reached point k of the call (the last call overwrites the earlier ones).  `stamps`
+// is the same for every thread, so the __syncthreads is reached by all or none.
+__device__ __forceinline__ void stamp(const KernelParams& p, int k) {
+  if (p.stamps == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x == 0) p.stamps[blockIdx.x * kStamps + k] = global_timer_ns();
 }
 
 // Rows of owner q's slice: [q*S, min((q+1)*S, T)), possibly empty.  Host and device.
@@ -397,6 +419,148 @@ __device__ __forceinline__ void copy_rows(const KernelParams& p, Spans spans, in
   }
 }
 
+// ------------------------------------------------------------------ TMA bulk row copies
+// The two-shot kernel's kTma variant (sm_90+): phases 0 and 2 as Hopper bulk copies
+// (cp.async.bulk) driven by one thread per block through kTmaStages shared-memory stages:
+// global -> shared (completion on an mbarrier), shared -> global (bulk group).  Why: phase
+// stamps on 2 x H200 (2026-11-22) showed the copy phases bound per SM by 16-byte LSU stores
+// (~25 GB/s per SM), where bulk copies moved ~50 GB/s per SM.  Phase 1's stores stay 16-byte
+// stores: sending its rows through shared memory and bulk stores measured slower (ffi/NOTES.md).
+constexpr int kTmaStages = 8;
+constexpr int kTmaChunk = 16384;                                   // bytes per stage
+constexpr int kTmaSmemBytes = kTmaStages * kTmaChunk + kTmaStages * 8;  // + mbarriers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define WEAVE_NO_TMA 1  // sm_80 build: the TMA path traps (launch refuses it before that)
+#endif
+
+__device__ __forceinline__ void tma_init(uint64_t* mbar) {
+#ifdef WEAVE_NO_TMA
+  __trap();
+#endif
+#ifndef WEAVE_NO_TMA
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kTmaStages; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(mbar + s)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#endif
+  __syncthreads();
+}
+
+__device__ __forceinline__ void tma_load(void* smem, const void* src, uint32_t bytes, uint64_t* mbar) {
+#ifndef WEAVE_NO_TMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_u32(mbar)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_u32(smem)), "l"(src), "r"(bytes), "r"(smem_u32(mbar)) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void tma_wait(uint64_t* mbar, uint32_t parity) {
+#ifndef WEAVE_NO_TMA
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 " selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(smem_u32(mbar)), "r"(parity) : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ void tma_store(void* dst, const void* smem, uint32_t bytes) {
+#ifndef WEAVE_NO_TMA
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+               ::"l"(dst), "r"(smem_u32(smem)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+
+// Thread 0 (the issuer): every bulk store of this thread has been performed; fenced so that the
+// generic-proxy release of the next barrier (after a __syncthreads) covers them.
+__device__ __forceinline__ void tma_drain_stores() {
+#ifndef WEAVE_NO_TMA
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+#endif
+}
+
+
+// Rows of every owner q != skip assigned to this block, in (owner, row, chunk) order.
+template <class Spans>
+struct RowChunks {
+  const KernelParams& p;
+  Spans spans;
+  int skip, q = -1;
+  int64_t i = 0, off = 0, rows_q = 0, row_bytes;
+  __device__ RowChunks(const KernelParams& kp, Spans sp, int sk)
+      : p(kp), spans(sp), skip(sk), row_bytes(kp.hidden * 2) { next_owner(); }
+  __device__ void next_owner() {
+    for (++q; q < p.world; ++q) {
+      if (q == skip) continue;
+      rows_q = rows_of_owner(p, q);
+      if (blockIdx.x < rows_q) break;
+    }
+    i = blockIdx.x;
+    off = 0;
+  }
+  __device__ bool valid() const { return q < p.world; }
+  __device__ void next() {
+    off += kTmaChunk;
+    if (off < row_bytes) return;
+    off = 0;
+    i += gridDim.x;
+    if (i >= rows_q) next_owner();
+  }
+  __device__ uint32_t bytes() const {
+    return static_cast<uint32_t>(row_bytes - off < kTmaChunk ? row_bytes - off : kTmaChunk);
+  }
+  __device__ const char* src() const { return spans(q).src + i * row_bytes + off; }
+  __device__ char* dst() const { return spans(q).dst + i * row_bytes + off; }
+};
+
+// copy_rows through TMA.  `uses` counts the stage fills of earlier calls in this kernel (the
+// mbarrier phases continue across calls); thread 0 drives, every thread must call it.
+// Stores become visible to peers at the next block_barrier's release: thread 0 waits for the
+// bulk group to complete and fences the async proxy before the block synchronizes.
+template <class Spans>
+__device__ void tma_copy_rows(const KernelParams& p, Spans spans, char* buf, uint64_t* mbar,
+                              uint32_t& uses, int skip = -1) {
+#ifndef WEAVE_NO_TMA
+  if (threadIdx.x == 0) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");  // generic writes before TMA reads
+    RowChunks<Spans> ld(p, spans, skip), st(p, spans, skip);
+    uint32_t n_ld = 0, n_st = 0;
+    for (; n_ld < kTmaStages && ld.valid(); ++n_ld, ld.next()) {
+      const uint32_t s = (uses + n_ld) % kTmaStages;
+      tma_load(buf + s * kTmaChunk, ld.src(), ld.bytes(), mbar + s);
+    }
+    while (n_st < n_ld) {
+      const uint32_t g = uses + n_st, s = g % kTmaStages;
+      tma_wait(mbar + s, (g / kTmaStages) & 1u);
+      tma_store(st.dst(), buf + s * kTmaChunk, st.bytes());
+      st.next();
+      ++n_st;
+      // refill the stage of the store issued one step earlier once it has been read
+      if (n_st >= 2 && ld.valid()) {
+        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        const uint32_t s2 = (uses + n_ld) % kTmaStages;
+        tma_load(buf + s2 * kTmaChunk, ld.src(), ld.bytes(), mbar + s2);
+        ld.next();
+        ++n_ld;
+      }
+    }
+    tma_drain_stores();
+    uses += n_ld;
+  }
+#endif
+  __syncthreads();
+}
+
 // ------------------------------------------------------------------ phase 1: reduce + norm
 
 // Phase 1 walks rows through an Io object, one type per algorithm and transport:
@@ -436,9 +600,8 @@ struct SliceRows {
 };
 
 // Sum of every source's row r in rank order 0..world-1, in fp32, for the vectors
-// c = lane + v * tpr.  kVec = 2: two sources' loads are in flight before the first add (one
-// source at a time costs one HBM round trip each); kVec = 4: one source at a time (two would
-// spill).  The adds stay in rank order either way.
+// c = lane + v * tpr: the multimem sum, or plain loads (kVec = 4: one source at a time, two
+// would spill).  norm_rows' pipelined path (kVec = 2) does its own loads.
 template <typename T, int kVec, class Io>
 __device__ __forceinline__ void sum_sources(const Io& io, int world, int64_t r, int lane, int tpr,
                                             uint32_t vpr, float acc[kVec][8]) {
@@ -497,8 +660,37 @@ __device__ __forceinline__ float group_sum(float v, float* smem, int tpr) {
   return s;
 }
 
+// The first two sources' and the residual's vectors of one row, loaded ahead of their use.
+template <int kVec>
+struct RowInputs {
+  uint4 s0[kVec], s1[kVec], res[kVec];
+};
+
+// Issues the loads of row r's first two sources and residual (nothing for an absent row).
+template <int kVec, class Io>
+__device__ __forceinline__ void load_row_inputs(const Io& io, bool present, int64_t r, int lane,
+                                                int tpr, uint32_t vpr, RowInputs<kVec>& in) {
+  if (!present) return;
+  const uint4 *s0 = io.source(0, r), *s1 = io.source(1, r), *res = io.residual(r);
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const uint32_t c = lane + v * tpr;
+    if (c < vpr) {
+      in.s0[v] = s0[c];
+      in.s1[v] = s1[c];
+      in.res[v] = res[c];
+    }
+  }
+}
+
 // Phase 1 over rows r = b + k * nb < nrows of this block (a group of tpr threads per row):
 // sum the sources, add the residual, round (= new residual), RMSNorm, emit.
+//
+// kVec = 2 with plain loads (peer transport, one-shot, copy engine) is software-pipelined: the
+// next row's first two sources and residual are loaded before this row's reduction and stores,
+// so their HBM latency overlaps this row's work (phase stamps, 2 x H200, 2026-11-22: without it
+// a block spent ~2.7 µs per 16 KiB row, about one load round trip plus its stores).  kVec = 4
+// and multimem keep one row at a time: the prefetch would spill.
 template <typename T, int kVec, class Io>
 __device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, int64_t nrows,
                                           float* smem) {
@@ -508,39 +700,58 @@ __device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, i
   const int nb = gridDim.x, b = blockIdx.x;
   const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
   const uint4* weight = static_cast<const uint4*>(p.weight);
-  // kVec = 2: residual and weight loads issued first, so they are in flight with the sources'
-  // (loaded inside the loops below, each would wait behind the previous vector's store, which
-  // may alias).  kVec = 4 keeps the in-loop loads: prefetching would spill.
-  constexpr bool kPrefetch = kVec <= 2;
+  constexpr bool kPipelined = kVec <= 2 && !Io::kMultimem;
+  auto present = [&](int64_t k) { return k < nk && io.valid(b + k * nb); };
+  RowInputs<kVec> cur;
+  if constexpr (kPipelined) load_row_inputs(io, present(g), b + g * nb, lane, tpr, vpr, cur);
   for (int64_t k0 = 0; k0 < nk; k0 += groups) {
     const int64_t k = k0 + g;
     const int64_t r = b + k * nb;
     const bool in = k < nk;
     const bool row = in && io.valid(r);
-    uint4 x[kVec], w[kVec];
+    RowInputs<kVec> next;
+    if constexpr (kPipelined)
+      load_row_inputs(io, present(k + groups), r + groups * nb, lane, tpr, vpr, next);
+    uint4 x[kVec];
     float sumsq = 0.f;
     if (row) {
-      const uint4* res_row = io.residual(r);
-      uint4 res[kVec];
-      if constexpr (kPrefetch) {
+      float acc[kVec][8];
+      if constexpr (kPipelined) {
+        // sources 0 and 1 from the prefetched vectors, the rest (world > 2) loaded here; the
+        // adds stay in rank order
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          const uint32_t c = lane + v * tpr;
-          if (c < vpr) {
-            res[v] = res_row[c];
-            w[v] = weight[c];
+          if (lane + v * tpr < vpr) {
+            float f[8];
+            Vec<T>::to_float(cur.s0[v], acc[v]);
+            Vec<T>::to_float(cur.s1[v], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
           }
         }
+        for (int q = 2; q < p.world; ++q) {
+          const uint4* s = io.source(q, r);
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) {
+            if (lane + v * tpr < vpr) {
+              float f[8];
+              Vec<T>::to_float(s[lane + v * tpr], f);
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
+            }
+          }
+        }
+      } else {
+        sum_sources<T, kVec>(io, p.world, r, lane, tpr, vpr, acc);
       }
-      float acc[kVec][8];
-      sum_sources<T, kVec>(io, p.world, r, lane, tpr, vpr, acc);
+      const uint4* res_row = io.residual(r);
       uint4* new_res = io.new_residual(r);
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
         const uint32_t c = lane + v * tpr;
         if (c < vpr) {
           float f[8];
-          Vec<T>::to_float(kPrefetch ? res[v] : res_row[c], f);
+          Vec<T>::to_float(kPipelined ? cur.res[v] : res_row[c], f);
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[v][e] += f[e];
           x[v] = Vec<T>::from_float(acc[v]);  // the new residual, rounded to T
@@ -562,13 +773,14 @@ __device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, i
         if (c < vpr) {
           float xf[8], wf[8];
           Vec<T>::to_float(x[v], xf);
-          Vec<T>::to_float(kPrefetch ? w[v] : weight[c], wf);
+          Vec<T>::to_float(weight[c], wf);  // 16 KiB or less, read by every row: cached
 #pragma unroll
           for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
           io.emit(r, c, Vec<T>::from_float(xf));
         }
       }
     }
+    if constexpr (kPipelined) cur = next;
   }
 }
 
@@ -577,6 +789,9 @@ __device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, i
 // NVLink stores through peer pointers: push partial rows to their owner, reduce from local
 // memory, push normalized rows to every rank.  Every cross-GPU access is a posted store.
 struct PeerTransport {
+  // My own normalized rows go straight into `normed` (split mode: my out_slot), so phase 2
+  // copies only the peers' rows.
+  static constexpr bool kOwnRowsInNormed = true;
   // phase 0: my partial row q*S+i -> owner q's in_slot row [rank*S + i], q != rank
   __device__ static __forceinline__ void publish(const KernelParams& p) {
     const int64_t row_bytes = p.hidden * 2;
@@ -588,14 +803,18 @@ struct PeerTransport {
   struct Io : SliceRows {
     static constexpr bool kMultimem = false;
     using SliceRows::SliceRows;
-    // Store one normalized vector into every rank's out_slot, starting with the next rank so
-    // that ranks spread their traffic over the links.
+    // Where rank q receives my row i: q's out_slot, or for me, `normed` (out_slot in split mode).
+    __device__ char* dest(int q, int64_t i) const {
+      void* base = q == p.rank && p.normed != nullptr ? p.normed : p.out_slots[q];
+      return static_cast<char*>(base) + global_offset(i, 0);
+    }
+    // Store one normalized vector at every rank, starting with the next rank so that ranks
+    // spread their traffic over the links.
     __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
-      const size_t off = global_offset(i, c);
       for (int k = 0; k < p.world; ++k) {
         int q = p.rank + 1 + k;
         q = q >= p.world ? q - p.world : q;
-        *reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[q]) + off) = v;
+        reinterpret_cast<uint4*>(dest(q, i))[c] = v;
       }
     }
   };
@@ -606,6 +825,7 @@ struct PeerTransport {
 // multimem.st writes every rank.  Only sm_90+; built for sm_90a.  The reduction order is the
 // switch's, identical for all ranks because each row is still computed by one rank only.
 struct MultimemTransport {
+  static constexpr bool kOwnRowsInNormed = false;  // multimem.st writes every out_slot
   // phase 0: my partial -> my own in_slot at the same (global) rows
   __device__ static __forceinline__ void publish(const KernelParams& p) {
     const int64_t row_bytes = p.hidden * 2;
@@ -669,27 +889,50 @@ struct MultimemTransport {
 // Two-shot (algo 0).  kVec: 16-byte vectors per thread per row in phase 1 (2 when
 // H <= 8192, else 4); fewer vectors per thread leave registers for a row's loads (two sources,
 // the residual and the weight) to be in flight at once, without spills.
-template <typename T, class Transport, int kVec>
+// kTma (PeerTransport, sm_90+; what the handlers launch there): phases 0 and 2 through
+// tma_copy_rows, launched with kTmaSmemBytes of dynamic shared memory.
+template <typename T, class Transport, int kVec, bool kTma = false>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
   __shared__ float smem[kThreads / 32];
   __shared__ uint32_t s_epoch;
+  extern __shared__ __align__(128) char tma_buf[];
+  uint64_t* mbar = reinterpret_cast<uint64_t*>(tma_buf + kTmaStages * kTmaChunk);
+  uint32_t uses = 0;
+  if constexpr (kTma) tma_init(mbar);
   const uint32_t epoch = call_epoch(p.epochs + blockIdx.x, &s_epoch);
+  stamp(p, 0);
+  const int64_t row_bytes = p.hidden * 2;
 
-  Transport::publish(p);  // phase 0
+  if constexpr (kTma) {  // phase 0
+    tma_copy_rows(p, [&](int q) {
+      return RowSpan{static_cast<const char*>(p.partial) + q * p.shard * row_bytes,
+                     static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * row_bytes};
+    }, tma_buf, mbar, uses, /*skip=*/p.rank);
+  } else {
+    Transport::publish(p);
+  }
+  stamp(p, 1);  // phase 0 done
   block_barrier<Transport>(p, kBarStart, blockIdx.x, epoch);
+  stamp(p, 2);  // barrier 0 passed
   const typename Transport::Io io(p);
   norm_rows<T, kVec>(p, io, p.shard, smem);  // phase 1
+  stamp(p, 3);  // phase 1 done
   block_barrier<Transport>(p, kBarEnd, blockIdx.x, epoch);
+  stamp(p, 4);  // barrier 1 passed
 
-  // phase 2: my out_slot -> normed (rows of every owner assigned to block b)
+  // phase 2: my out_slot -> normed (rows of every owner assigned to block b; peer transport:
+  // my own rows are in normed already)
   if (p.normed != nullptr) {
-    const int64_t row_bytes = p.hidden * 2;
-    copy_rows(p, [&](int q) {
+    auto spans = [&](int q) {
       return RowSpan{static_cast<const char*>(p.out_slots[p.rank]) + q * p.shard * row_bytes,
                      static_cast<char*>(p.normed) + q * p.shard * row_bytes};
-    });
+    };
+    const int skip = Transport::kOwnRowsInNormed ? p.rank : -1;
+    if constexpr (kTma) tma_copy_rows(p, spans, tma_buf, mbar, uses, skip);
+    else copy_rows(p, spans, skip);
   }
+  stamp(p, 5);  // copy-out done
   if (threadIdx.x == 0) p.epochs[blockIdx.x] = epoch;
 }
 
@@ -771,6 +1014,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int parity = static_cast<int>(epoch & 1u);
   const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8);
   const int nb = gridDim.x, b = blockIdx.x;
+  stamp(p, 0);
   // push: rows r % nb == b of my partial (and of my residual, for rows of my slice)
   const int64_t nr = b < p.tokens ? (p.tokens - b + nb - 1) / nb : 0;
   const int64_t total = nr * vpr;
@@ -789,7 +1033,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (mine) peer[(p.world * p.os_rows + r) * vpr + c] = res;
     }
   }
+  stamp(p, 1);  // push issued
   block_barrier<PeerTransport>(p, kBarOneShot, b, epoch);
+  stamp(p, 2);  // barrier passed
   const OneShotIo io(p, parity);
   norm_rows<T, kVec>(p, io, p.tokens, smem);
   // padding rows of my slice (only when T % world != 0): new residual = residual
@@ -800,6 +1046,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_cast<uint4*>(p.new_residual)[i * vpr + c] =
           static_cast<const uint4*>(p.residual)[i * vpr + c];
   }
+  stamp(p, 3);  // reduce + norm done
   if (last_block_to_finish(p.epochs + kCountOneShot, &s_last))
     finish_call(p, kCountOneShot, kEpochOneShot, epoch);
 }

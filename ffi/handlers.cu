@@ -2,9 +2,11 @@
 //
 //   weave_fused_ran         one call: normed, new_residual            (kernel on XLA's stream)
 //
-// Every handler takes `algo`: 0 two-shot kernel, 1 copy-engine (push copies, reduce kernel,
-// pull copies; peer transport only), 2 one-shot kernel (T <= the workspace's one-shot rows;
-// peer transport only).  See the kernel file for each algorithm's protocol.
+// Every handler takes `algo`: 0 two-shot kernel (peer transport on sm_90+: its TMA variant),
+// 1 copy-engine (push copies, reduce kernel, pull copies; peer transport only), 2 one-shot
+// kernel (T <= the workspace's one-shot rows; peer transport only), 3 two-shot with 16-byte
+// copies only (what sm_80 runs; kept selectable for comparisons).  See the kernel file for each
+// algorithm's protocol.
 //   weave_fused_ran_graph   the same handler, marked command-buffer compatible
 //   weave_fused_start       kernel on the library's side stream; results stay in the workspace
 //                           slot `slot`; returns a 1-element token
@@ -30,6 +32,7 @@ constexpr int kTransportMultimem = 1;
 constexpr int kAlgoTwoShot = 0;
 constexpr int kAlgoCopyEngine = 1;
 constexpr int kAlgoOneShot = 2;
+constexpr int kAlgoTwoShotLsu = 3;  // two-shot with 16-byte copies only (sm_80's; comparisons)
 
 ffi::Error op_error(const char* op, const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
@@ -74,8 +77,8 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
   if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
-  if (algo < kAlgoTwoShot || algo > kAlgoOneShot)
-    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine) or 2 (one-shot)");
+  if (algo < kAlgoTwoShot || algo > kAlgoTwoShotLsu)
+    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), 2 (one-shot) or 3 (two-shot, LSU copies)");
   const int max_ctas = algo == kAlgoCopyEngine ? weave::kMaxCeCtas : weave::kMaxCtas;
   if (ctas < weave::kMinCtas || ctas > max_ctas)
     return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
@@ -114,6 +117,7 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   p->world = w.world;
   p->eps = eps;
   p->timeout_ns = w.timeout_ns;
+  p->stamps = w.stamps_on ? w.stamps_dev : nullptr;
   *ws_out = &w;
   return ffi::Error::Success();
 }
@@ -171,10 +175,13 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
-    default:
+    default:  // two-shot: bulk (TMA) copies on sm_90+, 16-byte copies otherwise or when asked
       if (transport == kTransportMultimem)
         weave::fused_reduce_add_norm_kernel<T, weave::MultimemTransport, kVec>
             <<<ctas, weave::kThreads, 0, s>>>(p);
+      else if (w.sm_major >= 9 && algo != kAlgoTwoShotLsu)
+        weave::fused_reduce_add_norm_kernel<T, weave::PeerTransport, kVec, true>
+            <<<ctas, weave::kThreads, weave::kTmaSmemBytes, s>>>(p);
       else
         weave::fused_reduce_add_norm_kernel<T, weave::PeerTransport, kVec>
             <<<ctas, weave::kThreads, 0, s>>>(p);
@@ -220,6 +227,18 @@ cudaError_t weave::preload_kernels() {
   for (const void* k : kernels) {
     cudaFuncAttributes attr;
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
+  }
+  const void* tma[] = {
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2, true>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4, true>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2, true>),
+      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4, true>),
+  };
+  for (const void* k : tma) {  // loads them too; the TMA stages need > 48 KiB of shared memory
+    if (cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             weave::kTmaSmemBytes);
+        e != cudaSuccess)
+      return e;
   }
   return cudaSuccess;
 }

@@ -10,7 +10,7 @@
 //   os_slot                      2 * (world + 1) * Tos * H * B, Tos = max(1, min(Tmax, 1 MiB / (H * B)))
 //                                (one-shot staging: <= 2 * (world + 1) MiB, 6 MiB at world 2)
 //   pads + epochs + claim        20 KiB + 528 B + 4 B
-//   error record                 24 B of pinned host memory (mapped)
+//   error record, phase stamps   24 B + 8 KiB of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 + 6 MiB
 // = 2 GiB + 6 MiB.
 #include <cuda_runtime.h>
@@ -42,6 +42,8 @@ using weave::DeviceWorkspace;
 
 namespace {
 
+constexpr size_t kStampBytes = weave::kMaxCtas * weave::kStamps * sizeof(uint64_t);
+
 __global__ void probe_kernel(uint32_t* peer, uint32_t* readback, uint32_t seed, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) peer[i] = seed ^ (static_cast<uint32_t>(i) * 2654435761u);
@@ -63,6 +65,7 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
   const size_t slot = res * world;  // world * ceil(Tmax / world) rows
   WS_CHECK(cudaSetDevice(ordinal));
+  WS_CHECK(cudaDeviceGetAttribute(&w.sm_major, cudaDevAttrComputeCapabilityMajor, ordinal));
   WS_CHECK(weave::preload_kernels());
   WS_CHECK(cudaMalloc(&w.in_slot, slot));
   for (int s = 0; s < num_slots; ++s) {
@@ -82,6 +85,10 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
                          cudaHostAllocMapped | cudaHostAllocPortable));
   memset(w.err_host, 0, sizeof(weave::ErrorRecord));
   WS_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&w.err_dev), w.err_host, 0));
+  WS_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&w.stamps_host), kStampBytes,
+                         cudaHostAllocMapped | cudaHostAllocPortable));
+  memset(w.stamps_host, 0, kStampBytes);
+  WS_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&w.stamps_dev), w.stamps_host, 0));
   WS_CHECK(cudaStreamCreateWithFlags(&w.side, cudaStreamNonBlocking));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
@@ -269,6 +276,7 @@ int weave_ws_free_all(char* errbuf, int errlen) {
     cudaFree(w.epochs);
     cudaFree(w.claim);
     if (w.err_host) cudaFreeHost(w.err_host);
+    if (w.stamps_host) cudaFreeHost(w.stamps_host);
     if (w.ev_inputs) cudaEventDestroy(w.ev_inputs);
     if (w.ev_last) cudaEventDestroy(w.ev_last);
     if (w.side) cudaStreamDestroy(w.side);
@@ -308,6 +316,28 @@ int weave_ws_poison(int ordinal) {
     if (cudaMemset(w.res_slot[s], 0xff, res) != cudaSuccess) return -1;
   }
   return cudaDeviceSynchronize() == cudaSuccess ? 0 : -1;
+}
+
+// Diagnostics: turn the kernels' phase stamps on or off (on: cleared to 0 first).  Takes effect
+// at the next launch by a handler; the caller synchronizes before turning them on or reading.
+int weave_ws_set_stamps(int ordinal, int on) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (w.stamps_host == nullptr) return -1;
+  if (on) memset(w.stamps_host, 0, kStampBytes);
+  w.stamps_on = on != 0;
+  return 0;
+}
+
+// Copies the phase stamps of `ordinal` ([kMaxCtas][kStamps] ns of %globaltimer, 0 where a block
+// did not record) into out (n words at most).  Returns the number of words copied, or -1.
+int weave_ws_read_stamps(int ordinal, uint64_t* out, int n) {
+  const DeviceWorkspace& w = weave::workspace(ordinal);
+  if (w.stamps_host == nullptr) return -1;
+  const int words = static_cast<int>(kStampBytes / sizeof(uint64_t));
+  n = n < words ? n : words;
+  const volatile uint64_t* src = w.stamps_host;
+  for (int i = 0; i < n; ++i) out[i] = src[i];
+  return n;
 }
 
 int weave_ws_set_timeout_ms(int ordinal, double ms) {

@@ -24,6 +24,7 @@ struct DeviceWorkspace {
   int64_t hidden = 0;        // H
   int dtype_bytes = 2;
   int num_slots = 0;
+  int sm_major = 0;          // compute capability major: >= 9 runs the two-shot TMA kernel
   // local allocations (cudaMalloc on this device)
   void* in_slot = nullptr;                  // (world * Smax, H), Smax = ceil(Tmax / world)
   void* out_slot[kMaxSlots] = {};           // (world * Smax, H) each
@@ -35,6 +36,9 @@ struct DeviceWorkspace {
   int32_t* claim = nullptr;                 // 1 word
   ErrorRecord* err_host = nullptr;          // cudaHostAllocMapped
   ErrorRecord* err_dev = nullptr;           // its device alias
+  uint64_t* stamps_host = nullptr;          // phase stamps [kMaxCtas][kStamps], host-mapped
+  uint64_t* stamps_dev = nullptr;           // its device alias
+  bool stamps_on = false;                   // pass stamps_dev to the kernels (diagnostics)
   // as seen from this device: every rank's buffers (own ones included)
   void* peer_in[kMaxRanks] = {};
   void* peer_out[kMaxSlots][kMaxRanks] = {};

@@ -5,7 +5,9 @@
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
   xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
-  fused_p2p_cN      the fused two-shot kernel (peer transport) with N CTAs
+  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: the two-shot kernel,
+                    with TMA bulk copies on sm_90+), N CTAs
+  fused_lsu_cN      the two-shot kernel with 16-byte copies only (sm_80's), N CTAs
   fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
   fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)
   fused_auto        what the fused_p2p backend runs by default (ops.choose_algorithm)
@@ -20,6 +22,10 @@ MULTICAST=1 is forced for the torch processes).  Writes benchmarks/results/allre
 
 --device-time also profiles one repeat of every JAX method per size and reports dev_us: the GPU
 busy time per call on device 0 (union of its kernels and copies), without host launch gaps.
+
+--phases also runs every fused kernel method's chain 3 more times per size with the kernels' phase
+stamps on (weave_jax.fused.phases) and reports, for the chain's last call, each phase's median µs
+over blocks and devices.
 """
 from __future__ import annotations
 
@@ -56,8 +62,36 @@ def device_busy_us(logdir, n_calls_by_step):
   return out
 
 
+def stamp_algorithm(method, tokens, hidden, ws):
+  """The kernel a fused bench method runs at `tokens` (its phase-stamp points), or None."""
+  from weave_jax.fused import ops
+
+  if method.startswith("fused_lsu"):
+    return "two_shot_lsu"
+  if method.startswith("fused_1shot"):
+    return "one_shot"
+  if method.startswith("fused_p2p") or method == "fused_auto":
+    return ops.choose_algorithm(tokens, hidden, 2, ws)
+  return None  # XLA methods, copy engine (its kernel records no stamps)
+
+
+def phase_times(f, args, algorithm, reps=3):
+  """Median over `reps` runs of `f` of each phase's stamps summary (µs) of its last call."""
+  import jax
+
+  from weave_jax.fused import phases
+
+  runs = []
+  for _ in range(reps):
+    phases.enable(True)
+    jax.block_until_ready(f(*args))
+    runs.append(phases.summary(phases.read(), algorithm))
+  phases.enable(False)
+  return {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+
+
 def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), oneshot_ctas=(),
-                device_time=False):
+                device_time=False, lsu_ctas=(), stamp_phases=False):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -91,6 +125,10 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
   for c in ctas_list:
     methods[f"fused_p2p_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
+  for c in lsu_ctas:  # the two-shot kernel with 16-byte copies only (sm_80's), for comparison
+    methods[f"fused_lsu_c{c}"] = (
+        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="two_shot_lsu",
+                                                       ctas=c), True)
   for c in oneshot_ctas:
     methods[f"fused_1shot_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="one_shot",
@@ -135,6 +173,13 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
           e = timeout
         rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
       print(rows[-1], flush=True)
+      algo = stamp_algorithm(name, tokens, hidden, ws_lib.current())
+      if stamp_phases and algo is not None and "us" in rows[-1]:
+        try:  # the chain's last call: launch skew between the devices is absorbed by then
+          rows[-1]["phases_us"] = phase_times(f, args, algo)
+          print(f"  phases {name} {tokens} tok ({algo}): {rows[-1]['phases_us']}", flush=True)
+        except Exception as e:
+          print(f"  phases {name} {tokens} tok: {type(e).__name__}: {e}"[:300], flush=True)
     if device_time and timed:
       import tempfile
       with tempfile.TemporaryDirectory() as logdir:
@@ -254,8 +299,12 @@ def main():
   ap.add_argument("--ce-grids", default="", help="copy-engine reduce-kernel grids (experimental: "
                   "needs WEAVE_EXPERIMENTAL_COPY_ENGINE=1)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
+  ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
+                  "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")
   ap.add_argument("--device-time", action="store_true",
                   help="also profile each method once per size and report GPU busy time per call")
+  ap.add_argument("--phases", action="store_true",
+                  help="also report each fused kernel's per-phase µs from its phase stamps")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--json", help="also write the results JSON here")
@@ -272,7 +321,8 @@ def main():
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
   ints = lambda text: [int(c) for c in text.split(",") if c]
   rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints(args.cmdbuf_ctas), args.reps,
-                      ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time)
+                      ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
+                      ints(args.lsu_ctas), args.phases)
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   meta = dict(hidden=args.hidden, dtype="bf16", world=2, jax=jax.__version__,

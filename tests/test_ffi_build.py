@@ -1,5 +1,6 @@
 """CI build checks (nvcc, no GPU): the sm_90a kernel holds the multimem instructions, the P2P
-path compiles (sm_90a and sm_80), and the built library does not link libcuda."""
+path compiles (sm_90a with its TMA bulk copies, and sm_80), and the built library does not link
+libcuda."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,9 @@ template __global__ void weave::fused_reduce_add_norm_kernel<__half, weave::%(t)
 """
 # the copy-engine and one-shot kernels exist for the peer transport only
 PEER_ONLY = """
+template __global__ void weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport,
+                                                             2, true>(
+    const __grid_constant__ weave::KernelParams);
 template __global__ void weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2>(
     const __grid_constant__ weave::KernelParams);
 template __global__ void weave::oneshot_reduce_add_norm_kernel<__half, 4>(
@@ -77,7 +81,12 @@ def test_peer_path_compiles_with_system_scope_protocol(tmp_path):
   assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx  # 16-byte accesses
   for kernel in ("ce_reduce_add_norm_kernel", "oneshot_reduce_add_norm_kernel"):
     assert kernel in ptx, kernel
-  _compile(tmp_path, "PeerTransport", "80", "cubin")
+  # the Hopper (kTma) two-shot kernel: bulk copies completing on mbarriers, async-proxy fences
+  for needle in ("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes",
+                 "cp.async.bulk.global.shared::cta.bulk_group", "mbarrier.try_wait.parity",
+                 "fence.proxy.async.global"):
+    assert needle in ptx, needle
+  _compile(tmp_path, "PeerTransport", "80", "cubin")  # there the kTma kernel only traps
 
 
 def test_built_library_needs_no_driver():

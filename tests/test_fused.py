@@ -152,3 +152,23 @@ def test_failed_probe_falls_back_to_rs_ag_with_one_warning(monkeypatch):
 def test_on_stream_shim_traces_compute_on():
   jaxpr = jax.make_jaxpr(ops.on_stream(lambda x: (x + 1,)))(jnp.ones(4))
   assert "compute_on" in str(jaxpr)
+
+
+def test_phase_summary_from_stamps():
+  from weave_jax.fused import phases
+
+  arr = np.zeros((phases.MAX_CTAS, phases.STAMPS), np.uint64)
+  # two blocks of a two-shot call (ns): block 1 starts 1 µs later and each phase takes longer
+  arr[0, :6] = [1000, 3000, 4000, 9000, 10000, 12000]
+  arr[1, :6] = [2000, 6000, 7000, 14000, 15000, 19000]
+  arr[2, :3] = [5, 6, 7]  # a block that did not record every point: ignored
+  s = phases.summary({0: arr}, "two_shot")
+  assert list(s) == ["phase 0 push", "barrier 0", "phase 1 reduce+norm", "barrier 1",
+                     "phase 2 copy-out", "span"]
+  assert s["phase 0 push"] == pytest.approx(3.0)          # median of 2 and 4 µs
+  assert s["phase 1 reduce+norm"] == pytest.approx(6.0)   # median of 5 and 7 µs
+  assert s["span"] == pytest.approx(18.0)                 # 1 µs -> 19 µs
+  with pytest.raises(ValueError, match="no block recorded"):
+    phases.summary({0: np.zeros_like(arr)}, "two_shot")
+  with pytest.raises(ValueError, match="algorithm 'bogus'"):
+    phases.summary({0: arr}, "bogus")

@@ -137,6 +137,9 @@ EDGE = [(1, 1024, 2, "two_shot"), (2, 1024, 32, "two_shot"), (3, 8, 2, "two_shot
 N_SHAPES = int(os.environ.get("WEAVE_TEST_SHAPES", "100"))  # per dtype; a smoke run may lower it
 CASES = (EDGE + _random_shapes(N_SHAPES, 4, "two_shot")
          + _random_shapes(max(1, 3 * N_SHAPES // 10), 6, "one_shot"))
+# two_shot runs the TMA kernel on sm_90+; the 16-byte-copy kernel (sm_80's) is checked here too
+CASES += [(1, 1024, 2, "two_shot_lsu"), (3, 8, 2, "two_shot_lsu"), (33, 16384, 4, "two_shot_lsu")]
+CASES += _random_shapes(max(1, N_SHAPES // 5), 7, "two_shot_lsu")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -350,6 +353,33 @@ def test_on_stream_variant(ws):
   residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
   a, b = f(partial, residual, jnp.ones((hidden,), ws.dtype))
   np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("algorithm, ctas", [("two_shot", 8), ("one_shot", 4)])
+def test_phase_stamps(ws, algorithm, ctas):
+  from weave_jax.fused import phases
+
+  tokens = 24 if algorithm == "one_shot" else 2048
+  check = _check_fn(tokens, 4096, ws.dtype, ctas, algorithm)
+  jax.block_until_ready(check(jax.random.key(0)))  # compiled, stamps still off
+  phases.enable(True)
+  rel, *_ = jax.device_get(check(jax.random.key(1)))
+  stamps = phases.read()
+  phases.enable(False)
+  assert rel < TOL[ws.dtype]  # stamping does not change the results
+  n = len(phases.POINTS[algorithm])
+  assert set(stamps) == set(ws.ordinals)
+  for arr in stamps.values():
+    assert (arr[:ctas, :n] > 0).all(), arr[:ctas]              # every block, every point
+    assert (np.diff(arr[:ctas, :n].astype(np.int64), axis=1) >= 0).all()
+    assert (arr[ctas:] == 0).all() and (arr[:, n:] == 0).all()  # nothing else written
+  summary = phases.summary(stamps, algorithm)
+  assert list(summary) == list(phases.POINTS[algorithm][1:]) + ["span"]
+  assert summary["span"] > 0
+  # off again: a further call leaves the stamps alone
+  jax.block_until_ready(check(jax.random.key(2)))
+  after = phases.read()
+  assert all((after[o] == stamps[o]).all() for o in stamps)
 
 
 def test_uninitialised_workspace_raises(ws):

@@ -112,6 +112,15 @@ def test_synthetic_gpu_fixture_exact_numbers():
   assert r.layer_source == "trace args"
 
 
+def test_top_ops_synthetic_exact():
+  """Per-step kernel table of the SYNTHETIC fixture (2 steps): time per step on GPU:0."""
+  top = wt.analyze(SYNTH).top
+  assert [(t.name[:12], t.calls, t.total_us, t.mean_us, t.collective) for t in top] == [
+      ("fused_reduce", 0.5, 60.0, 120.0, True), ("gemm_fusion_", 0.5, 50.0, 100.0, False),
+      ("nvjet_sm90_t", 0.5, 50.0, 100.0, False), ("ncclDevKerne", 0.5, 40.0, 80.0, True)]
+  assert "top ops by time per step" in wt.format_table(wt.analyze(SYNTH))
+
+
 def test_real_gpu_fixture():
   """Real 2xH200 trace (jax 0.11.2): matmul+psum in layer_0/half_A and layer_1, 3 steps."""
   r = wt.analyze(GPU_REAL)

@@ -329,6 +329,33 @@ def step_windows(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]
 
 
 # ----------------------------------------------------------------------------- analysis
+@dataclasses.dataclass(frozen=True)
+class TopOp:
+  """One op name's device time per step on one device."""
+
+  name: str
+  calls: float     # executions per step
+  total_us: float  # per step
+  mean_us: float   # per execution
+  collective: bool
+
+
+def top_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]], device: str,
+            n: int = 12) -> list[TopOp]:
+  """The ``n`` op names with the most time per step on ``device`` (ops assigned to steps by
+  start time, as in ``analyze_ops``): where a step's time goes, kernel by kernel."""
+  mine = [o for o in ops if o.device == device
+          and any(t0 <= o.start < t1 for _, t0, t1 in windows)]
+  by_name: dict[str, list[Op]] = defaultdict(list)
+  for o in mine:
+    by_name[o.name].append(o)
+  steps = max(len(windows), 1)
+  rows = [TopOp(name, len(v) / steps, sum(o.end - o.start for o in v) / steps,
+                sum(o.end - o.start for o in v) / len(v), v[0].collective)
+          for name, v in by_name.items()]
+  return sorted(rows, key=lambda t: -t.total_us)[:n]
+
+
 @dataclasses.dataclass
 class StepReport:
   step: int
@@ -348,6 +375,7 @@ class Report:
   steps: list[StepReport]
   layers: dict[str, Stats]  # mean over steps x devices
   layer_source: str  # where layer scopes came from: "hlo sidecar", "trace args" or "none"
+  top: list[TopOp] = dataclasses.field(default_factory=list)  # first device, most time first
 
   def to_dict(self) -> dict[str, Any]:
     return {
@@ -358,6 +386,7 @@ class Report:
                    "per_device": {d: v.to_dict() for d, v in s.per_device.items()}}
                   for s in self.steps],
         "layers": {k: v.to_dict() for k, v in self.layers.items()},
+        "top": [dataclasses.asdict(t) for t in self.top],
     }
 
 
@@ -398,7 +427,8 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
   layers = {k: Stats(*(sum(getattr(s, f) for s in rows) / n for f in
                        ("compute_us", "collective_us", "exposed_us")))
             for k, rows in sorted(layer_rows.items(), key=lambda kv: _layer_key(kv[0]))}
-  return Report(path, devices, streams, steps, layers, layer_source)
+  top = top_ops(ops, windows, devices[0]) if devices else []
+  return Report(path, devices, streams, steps, layers, layer_source, top)
 
 
 def analyze(path: str | Path) -> Report:
@@ -501,6 +531,12 @@ def format_table(report: Report) -> str:
   out += ["", "per layer (mean over steps and devices)", head("layer", *cols)]
   out += [row(k, v) for k, v in report.layers.items()]
   out += ["", "streams"] + [f"  {d}: {', '.join(s)}" for d, s in report.streams.items()]
+  if report.top:
+    out += ["", f"top ops by time per step ({report.devices[0]}; * = collective)",
+            "{:>10} {:>8} {:>9}  {}".format("total ms", "calls", "mean us", "name")]
+    out += ["{:>10.3f} {:>8.1f} {:>9.1f}  {}{}".format(t.total_us / 1e3, t.calls, t.mean_us,
+                                                       "* " if t.collective else "", t.name[:90])
+            for t in report.top]
   return "\n".join(out)
 
 

@@ -45,7 +45,8 @@ _OPTIONS = ("ctas", "weave_ctas", "algorithm", "ce_ctas")
 
 def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
-  ``algorithm`` ("auto", "one_shot", "two_shot", "copy_engine"), ``ce_ctas`` (2..1024)."""
+  ``algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine"), ``ce_ctas``
+  (2..1024)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -68,14 +69,14 @@ class FusedP2P(CommBackend):
   name: str = "fused_p2p"
   residual_sharded: bool = True
   #: thread blocks (2..128) of unsplit calls (``reduce_add_norm``).  128: the fastest kernel
-  #: setting measured on 2 x H200 (1.3-1.5x XLA psum + norm from 16 to 512 MiB, BENCHMARKS.md).
-  ctas: int = 128
+  #: setting measured on 2 x H200 (1.5-1.7x XLA psum + norm from 8 to 128 MiB, BENCHMARKS.md).
+  ctas: int = ops.DEFAULT_CTAS
   #: thread blocks of the start/done calls that the weave schedule overlaps with the other
   #: half's compute: fewer SMs taken from the GEMMs.  32: the best woven setting measured
   #: (32 / 64 / 128 CTAs on Llama-3.3-70B shapes, BENCHMARKS.md).
-  weave_ctas: int = 32
+  weave_ctas: int = ops.DEFAULT_WEAVE_CTAS
   #: "auto" (by message size, ``weave_jax.fused.ops.choose_algorithm``), "one_shot",
-  #: "two_shot" or "copy_engine".
+  #: "two_shot", "two_shot_lsu" or "copy_engine".
   algorithm: str = "auto"
   #: blocks of the copy-engine algorithm's local reduce kernel (2..1024).
   ce_ctas: int = ops.DEFAULT_CE_CTAS

@@ -2,17 +2,18 @@
 
     ws = init_workspace(mesh, max_tokens=32768, hidden=8192, dtype=jnp.bfloat16)
     # inside shard_map over "tp":
-    normed, new_residual = fused_reduce_add_norm(partial, residual, weight, eps=1e-6, ctas=16)
+    normed, new_residual = fused_reduce_add_norm(partial, residual, weight, eps=1e-6)
 
 Without the compiled library (no nvcc at install), importing works and every entry point that
 needs it raises ``FusedUnavailableError``.
 
-Verified on 2xH200 (JAX 0.11.2): the peer transport in one process (>= 200 random/edge shapes
-in bf16 and fp16 against an fp32 psum reference with bitwise-equal ranks -- 216 of the GPU test
-file's 226 tests passed before that run's time limit, none failed -- plus, in a second run,
-10,000 chained calls, bad inputs, the ``on_stream`` variant and the timeout error in bf16).  Unverified: the multimem
-transport, the one-process-per-GPU (IPC) workspace, and command-buffer replay (see
-``ffi/NOTES.md``).
+Verified on 2xH200 (JAX 0.11.2, 2026-11-22): the peer transport in one process, including the
+Hopper (TMA) two-shot kernel -- the GPU test file with WEAVE_TEST_SHAPES=30 (edge cases and
+random shapes in bf16 and fp16 against an fp32 psum reference with bitwise-equal ranks, 10,000
+chained calls, bad inputs, the ``on_stream`` variant, start/done, phase stamps and the timeout
+error): 138 passed, 1 skipped.  Unverified: the multimem transport, the one-process-per-GPU (IPC)
+workspace, and command-buffer replay (see ``ffi/NOTES.md``).  Phase stamps for profiling:
+``weave_jax.fused.phases``.
 """
 from weave_jax.fused._lib import FusedUnavailableError, available
 from weave_jax.fused.gate import multicast_policy

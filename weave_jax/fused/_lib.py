@@ -57,6 +57,8 @@ def _declare(lib: ctypes.CDLL) -> None:
       "weave_ws_read_error": (c_int, [c_int, ctypes.POINTER(ctypes.c_int32)]),
       "weave_ws_set_timeout_ms": (c_int, [c_int, c_double]),
       "weave_ws_poison": (c_int, [c_int]),
+      "weave_ws_set_stamps": (c_int, [c_int, c_int]),
+      "weave_ws_read_stamps": (c_int, [c_int, ctypes.POINTER(ctypes.c_uint64), c_int]),
   }
   for name, (res, args) in sig.items():
     fn = getattr(lib, name)

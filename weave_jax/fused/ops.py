@@ -15,7 +15,9 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
     one_shot     every rank pushes its whole partial (and its residual rows) to every peer and
                  normalizes every row itself: one barrier; T <= the workspace's one-shot rows
     two_shot     reduce-scatter by NVLink stores, norm on my rows, all-gather by NVLink stores:
-                 two barriers, ``ctas`` SMs do all the copying
+                 two barriers, ``ctas`` SMs do all the copying; on sm_90+ (peer transport) the
+                 copies and the norm's stores are TMA bulk copies
+    two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  EXPERIMENTAL, off unless WEAVE_EXPERIMENTAL_COPY_ENGINE=1: the two-shot data
                  flow with the NVLink copies on the copy engines (push before, pull after a local
                  reduce kernel of ``ce_ctas`` blocks).  Correct on every shape tested, but with
@@ -39,11 +41,16 @@ MIN_CTAS, MAX_CTAS = 2, 128
 MAX_CE_CTAS = 1024        # kMaxCeCtas: the copy-engine kernel's blocks are not paired
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
-ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2}
+ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3}
 
-# "auto" threshold, from run/bench_allreduce_norm.py on 2 x H200 (BENCHMARKS.md, "Fused
-# AllReduce + RMSNorm microbenchmark").
+# "auto" sends messages up to this many bytes to one_shot, from run/bench_allreduce_norm.py on
+# 2 x H200 (BENCHMARKS.md): at 128-256 KiB the two are about even (9-14 µs of GPU time); from
+# 512 KiB the two-shot kernel is as fast or faster (third session, 2026-11-22).
 AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
+# Default grids, from the same measurements: 128 CTAs is the fastest unsplit setting (1.5-1.7x
+# XLA psum + norm from 8 to 128 MiB); 32 leaves most SMs to the GEMMs a woven call overlaps.
+DEFAULT_CTAS = 128
+DEFAULT_WEAVE_CTAS = 32
 DEFAULT_CE_CTAS = 64
 ENV_EXPERIMENTAL_CE = "WEAVE_EXPERIMENTAL_COPY_ENGINE"
 
@@ -60,8 +67,8 @@ def one_shot_rows(ws) -> int:
 
 
 def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str = "peer") -> str:
-  """The algorithm "auto" runs for a (tokens, hidden) message: one-shot for small messages,
-  else the two-shot kernel (multimem: always two-shot)."""
+  """The algorithm "auto" runs for a (tokens, hidden) message: one-shot for messages up to
+  AUTO_ONE_SHOT_MAX_BYTES, else the two-shot kernel (multimem: always two-shot)."""
   if transport != "peer":
     return "two_shot"
   if tokens * hidden * itemsize <= AUTO_ONE_SHOT_MAX_BYTES and tokens <= one_shot_rows(ws):
@@ -130,7 +137,7 @@ def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
                      f"{ws.transport!r}")
 
 
-def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 16,
+def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_CTAS,
                           transport: str = "peer", algorithm: str = "auto",
                           ce_ctas: int = DEFAULT_CE_CTAS, cmd_buffer: bool = False):
   """One fused call on XLA's stream.  Returns (normed (T, H), new_residual (S, H)).
@@ -142,7 +149,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     eps: RMSNorm epsilon.
     ctas: thread blocks (2..128) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
-    algorithm: "auto", "one_shot", "two_shot" or "copy_engine" (module docstring).
+    algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu" or "copy_engine" (module
+      docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     cmd_buffer: use the target whose handler carries the command-buffer-compatible trait.
       NOT the default: on 2xH200 / JAX 0.11.2 XLA did not capture it into a command buffer
@@ -161,7 +169,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
 
 
-def fused_start(partial, residual, weight, *, eps: float, ctas: int = 16, slot: int = 0,
+def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WEAVE_CTAS,
+                slot: int = 0,
                 transport: str = "peer", algorithm: str = "auto",
                 ce_ctas: int = DEFAULT_CE_CTAS):
   """Launches the kernel on the library's side stream; results stay in workspace slot ``slot``.
