@@ -234,11 +234,19 @@ cudaError_t weave::preload_kernels() {
       reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2, true>),
       reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4, true>),
   };
-  for (const void* k : tma) {  // loads them too; the TMA stages need > 48 KiB of shared memory
-    if (cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             weave::kTmaSmemBytes);
-        e != cudaSuccess)
-      return e;
+  // Only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which is also more than
+  // some older GPUs allow: there they are only loaded).
+  int device = 0, major = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+      e != cudaSuccess)
+    return e;
+  for (const void* k : tma) {
+    cudaFuncAttributes attr;
+    cudaError_t e = major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      weave::kTmaSmemBytes)
+                               : cudaFuncGetAttributes(&attr, k);
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
