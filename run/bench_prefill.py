@@ -12,6 +12,10 @@ over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``t
 
 Variants: baseline (psum, unsplit) | psum+weave | rs_ag | rs_ag+weave | fused | fused+weave |
 nocomm (no communication: the upper bound).
+
+Per prompt length, every variant is compiled and warmed up, then the variants' calls are timed
+interleaved (round-robin, --iters rounds), so that drift during the run (GPU clocks,
+temperature) affects them alike and their ratios compare like with like.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset  # noqa: E402
-from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_fn  # noqa: E402
+from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_interleaved  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_common import VARIANTS, engine_for  # noqa: E402
@@ -109,23 +113,30 @@ def run(args, cfg, mesh, model) -> dict:
   rng = np.random.default_rng(0)
   batches = {n: rng.integers(0, cfg.vocab_size, n) for n in args.tokens}
   rows = {n: {"tokens": n} for n in args.tokens}
-  # Variant-major, fused variants last: a kernel failure (which can poison the CUDA context)
-  # then costs only what comes after it.  Each failure is recorded, never timed as data.
+  # Fused variants are prepared last: a kernel failure (which can poison the CUDA context) then
+  # costs only what comes after it.  Each failure is recorded, never timed as data.
   order = sorted(variants, key=lambda v: VARIANTS[v][0].startswith("fused"))
-  for v in order:
-    for n in args.tokens:
+  engines = {}
+  for n in args.tokens:
+    calls, splits = {}, {}
+    for v in order:
       try:
-        eng = make_engine(model, mesh, v, args)
+        if v not in engines:
+          engines[v] = make_engine(model, mesh, v, args)
         t0 = time.perf_counter()
-        plan, exe, ex_args = eng.prepare(batches[n])
+        plan, exe, ex_args = engines[v].prepare(batches[n])
         progress(f"{n:6d} tokens  {v:12s} compiled in {time.perf_counter() - t0:5.1f}s "
                  f"(split={plan.split})")
-        t = time_fn(lambda: exe(*ex_args), warmup=args.warmup, iters=args.iters)
+        jax.block_until_ready(exe(*ex_args))  # a failing variant fails here, before timing
+        calls[v], splits[v] = (lambda exe=exe, a=ex_args: exe(*a)), plan.split
       except Exception as e:  # noqa: BLE001 - reported, and the variant is left out of the table
         progress(f"{n:6d} tokens  {v:12s} FAILED: {type(e).__name__}: {str(e)[:300]}")
         rows[n][v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        continue
-      rows[n][v] = {"ms": t.median_ms, "spread": t.spread, "split": plan.split}
+    if not calls:
+      continue
+    progress(f"{n:6d} tokens  timing {len(calls)} variants interleaved, {args.iters} rounds")
+    for v, t in time_interleaved(calls, warmup=args.warmup, iters=args.iters).items():
+      rows[n][v] = {"ms": t.median_ms, "spread": t.spread, "split": splits[v]}
       progress(f"{n:6d} tokens  {v:12s} {t.median_ms:9.3f} ms  (spread {t.spread:.1%})")
   rows = [rows[n] for n in args.tokens]
   for row in rows:

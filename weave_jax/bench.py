@@ -21,16 +21,37 @@ class Timing:
   samples: int
 
 
+def _timed_call(fn: Callable[[], object]) -> float:
+  """ms of one call, blocked until its outputs are ready."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return (time.perf_counter() - t0) * 1e3
+
+
 def time_fn(fn: Callable[[], object], *, warmup: int = 3, iters: int = 20) -> Timing:
   """Median wall time of ``fn()`` (each call blocked until its outputs are ready)."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
+  return _summarize([_timed_call(fn) for _ in range(iters)])
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
+                     iters: int = 20) -> dict[str, Timing]:
+  """``time_fn`` for several functions whose calls alternate (round-robin, ``iters`` rounds),
+  so that drift during the run (clocks, temperature) affects every one of them alike and their
+  ratios stay comparable."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  samples: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - t0) * 1e3)
-  times.sort()
+    for name, fn in fns.items():
+      samples[name].append(_timed_call(fn))
+  return {name: _summarize(times) for name, times in samples.items()}
+
+
+def _summarize(times: list[float]) -> Timing:
+  times = sorted(times)
   med = statistics.median(times)
   p10, p90 = times[len(times) // 10], times[(9 * len(times)) // 10 - (1 if len(times) >= 10 else 0)]
   if med <= 0:

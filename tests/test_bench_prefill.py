@@ -1,0 +1,48 @@
+"""The main job (run/bench_prefill.py) end to end on the tiny preset and 8 virtual CPU devices,
+and the interleaved timing it uses.  Timings themselves are never asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from weave_jax import bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_time_interleaved_alternates_calls():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+  out = bench.time_interleaved(fns, warmup=1, iters=3)
+  assert calls[:3] == ["a", "b", "c"]                  # warm-up, one function after another
+  assert calls[3:] == ["a", "b", "c"] * 3              # then round-robin
+  assert set(out) == {"a", "b", "c"} and all(t.samples == 3 for t in out.values())
+
+
+@pytest.fixture(scope="module")
+def bench_prefill():
+  spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "run" / "bench_prefill.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if mod.HAS_GPU:
+    pytest.skip("this test runs the CPU (tiny preset) path")
+  return mod
+
+
+def test_main_job_on_cpu_writes_table_json_and_chart(bench_prefill, tmp_path, capsys):
+  out, png = tmp_path / "prefill.json", tmp_path / "prefill.png"
+  bench_prefill.main(["--tokens", "64", "96", "--variants", "baseline", "rs_ag+weave", "nocomm",
+                      "--iters", "2", "--warmup", "1", "--json", str(out), "--png", str(png)])
+  res = json.loads(out.read_text())
+  assert res["preset"] == "tiny" and res["tp"] == 8
+  assert [r["tokens"] for r in res["rows"]] == [64, 96]
+  for row in res["rows"]:
+    for v in ("baseline", "rs_ag+weave", "nocomm"):
+      assert row[v]["ms"] > 0, (row["tokens"], v, row[v])
+    assert row["rs_ag+weave"]["split"] is not None and row["baseline"]["split"] is None
+  table = capsys.readouterr().out
+  assert "| tokens | baseline ms/layer" in table and "speedup rs_ag+weave" in table
+  assert png.stat().st_size > 0
