@@ -441,8 +441,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 __device__ __forceinline__ void tma_init(uint64_t* mbar) {
 #ifdef WEAVE_NO_TMA
   __trap();
-#endif
-#ifndef WEAVE_NO_TMA
+#else
   if (threadIdx.x == 0) {
     for (int s = 0; s < kTmaStages; ++s)
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(mbar + s)) : "memory");

@@ -205,7 +205,7 @@ cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w
 // Loads every kernel of the library on the current device.  With CUDA's lazy loading a kernel
 // is otherwise loaded at its first launch, and loading may wait for the device's running work;
 // a peer's kernel spinning at a barrier for this launch would then wait until its timeout.
-cudaError_t weave::preload_kernels() {
+cudaError_t weave::preload_kernels(int sm_major) {
   const void* kernels[] = {
       reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2>),
       reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4>),
@@ -236,14 +236,9 @@ cudaError_t weave::preload_kernels() {
   };
   // Only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which is also more than
   // some older GPUs allow: there they are only loaded).
-  int device = 0, major = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-      e != cudaSuccess)
-    return e;
   for (const void* k : tma) {
     cudaFuncAttributes attr;
-    cudaError_t e = major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                       weave::kTmaSmemBytes)
                                : cudaFuncGetAttributes(&attr, k);
     if (e != cudaSuccess) return e;

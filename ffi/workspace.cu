@@ -66,7 +66,7 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   const size_t slot = res * world;  // world * ceil(Tmax / world) rows
   WS_CHECK(cudaSetDevice(ordinal));
   WS_CHECK(cudaDeviceGetAttribute(&w.sm_major, cudaDevAttrComputeCapabilityMajor, ordinal));
-  WS_CHECK(weave::preload_kernels());
+  WS_CHECK(weave::preload_kernels(w.sm_major));
   WS_CHECK(cudaMalloc(&w.in_slot, slot));
   for (int s = 0; s < num_slots; ++s) {
     WS_CHECK(cudaMalloc(&w.out_slot[s], slot));

@@ -61,7 +61,8 @@ struct DeviceWorkspace {
 
 DeviceWorkspace& workspace(int ordinal);
 
-// Forces every kernel of the library to load on the current device (handlers.cu).
-cudaError_t preload_kernels();
+// Forces every kernel of the library to load on the current device, whose compute capability
+// major is `sm_major` (handlers.cu).
+cudaError_t preload_kernels(int sm_major);
 
 }  // namespace weave

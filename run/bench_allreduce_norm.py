@@ -5,8 +5,8 @@
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
   xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
-  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: the two-shot kernel,
-                    with TMA bulk copies on sm_90+), N CTAs
+  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: one-shot up to 256 KiB,
+                    else two-shot, with TMA bulk copies on sm_90+), N CTAs
   fused_lsu_cN      the two-shot kernel with 16-byte copies only (sm_80's), N CTAs
   fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
   fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)

@@ -69,7 +69,7 @@ class FusedP2P(CommBackend):
   name: str = "fused_p2p"
   residual_sharded: bool = True
   #: thread blocks (2..128) of unsplit calls (``reduce_add_norm``).  128: the fastest kernel
-  #: setting measured on 2 x H200 (1.5-1.7x XLA psum + norm from 8 to 128 MiB, BENCHMARKS.md).
+  #: setting measured on 2 x H200 (1.5-1.6x XLA psum + norm in wall time from 16 to 128 MiB, BENCHMARKS.md).
   ctas: int = ops.DEFAULT_CTAS
   #: thread blocks of the start/done calls that the weave schedule overlaps with the other
   #: half's compute: fewer SMs taken from the GEMMs.  32: the best woven setting measured

@@ -16,7 +16,7 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  normalizes every row itself: one barrier; T <= the workspace's one-shot rows
     two_shot     reduce-scatter by NVLink stores, norm on my rows, all-gather by NVLink stores:
                  two barriers, ``ctas`` SMs do all the copying; on sm_90+ (peer transport) the
-                 copies and the norm's stores are TMA bulk copies
+                 two copy phases are TMA bulk copies (the norm's stores stay 16-byte stores)
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  EXPERIMENTAL, off unless WEAVE_EXPERIMENTAL_COPY_ENGINE=1: the two-shot data
                  flow with the NVLink copies on the copy engines (push before, pull after a local
@@ -47,8 +47,9 @@ ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3}
 # 2 x H200 (BENCHMARKS.md): at 128-256 KiB the two are about even (9-14 µs of GPU time); from
 # 512 KiB the two-shot kernel is as fast or faster (third session, 2026-11-22).
 AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
-# Default grids, from the same measurements: 128 CTAs is the fastest unsplit setting (1.5-1.7x
-# XLA psum + norm from 8 to 128 MiB); 32 leaves most SMs to the GEMMs a woven call overlaps.
+# Default grids, from the same measurements: 128 CTAs is the fastest unsplit setting (1.5-1.6x
+# XLA psum + norm in wall time from 16 to 128 MiB); 32 leaves most SMs to the GEMMs a woven call
+# overlaps.
 DEFAULT_CTAS = 128
 DEFAULT_WEAVE_CTAS = 32
 DEFAULT_CE_CTAS = 64

@@ -23,8 +23,9 @@ import numpy as np
 
 from weave_jax.fused import _lib
 from weave_jax.fused import workspace as ws_lib
+from weave_jax.fused.ops import MAX_CTAS  # kMaxCtas: one row of stamps per block
 
-MAX_CTAS, STAMPS = 128, 8   # kMaxCtas, kStamps in ffi/fused_reduce_add_norm.cuh
+STAMPS = 8   # kStamps in ffi/fused_reduce_add_norm.cuh
 
 # Each kernel's stamp points in order: "start", then the phase that ends at each later point.
 POINTS = {
