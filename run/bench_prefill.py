@@ -11,7 +11,8 @@ over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``t
     python run/bench_prefill.py --profile traces/        # + trace summary of exposed comm
 
 Variants: baseline (psum, unsplit) | psum+weave | rs_ag | rs_ag+weave | fused | fused+weave |
-nocomm (no communication: the upper bound).
+nocomm (no communication: the upper bound) | nocomm+weave (the split without communication: what
+weaving costs in compute).  A fused variant may name its kernel's grid: fused+weave@8.
 
 Per prompt length, every variant is compiled and warmed up, then the variants' calls are timed
 interleaved (round-robin, --iters rounds), so that drift during the run (GPU clocks,
@@ -39,7 +40,7 @@ from weave_jax import Engine, RunConfig, init_random, make_mesh, preset  # noqa:
 from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_interleaved  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run_common import VARIANTS, engine_for  # noqa: E402
+from run_common import VARIANT_HELP, engine_for, is_fused, variant_arg  # noqa: E402
 
 
 
@@ -51,9 +52,9 @@ def parse_args(argv=None):
                  help="decoder layers to build (default: 4 on GPU for large presets, else all)")
   p.add_argument("--tokens", type=int, nargs="+",
                  default=[1024, 2048, 4096, 8192, 16384] if gpu else [128, 1024])
-  p.add_argument("--variants", nargs="+", default=None, choices=sorted(VARIANTS),
-                 help="default: baseline rs_ag rs_ag+weave nocomm (+ fused, fused+weave on GPU "
-                      "when the FFI library is built)")
+  p.add_argument("--variants", nargs="+", default=None, type=variant_arg, metavar="VARIANT",
+                 help=VARIANT_HELP + ".  Default: baseline rs_ag rs_ag+weave nocomm (+ fused, "
+                      "fused+weave on GPU when the FFI library is built)")
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20 if gpu else 5)
@@ -66,7 +67,10 @@ def parse_args(argv=None):
                  help="capture a trace per variant at --profile-tokens and print its summary")
   p.add_argument("--profile-tokens", type=int, default=None)
   p.add_argument("--no-matmul-peak", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.variants and len(set(args.variants)) != len(args.variants):
+    p.error(f"--variants names a variant twice: {args.variants}")
+  return args
 
 
 def default_variants() -> list[str]:
@@ -115,7 +119,7 @@ def run(args, cfg, mesh, model) -> dict:
   rows = {n: {"tokens": n} for n in args.tokens}
   # Fused variants are prepared last: a kernel failure (which can poison the CUDA context) then
   # costs only what comes after it.  Each failure is recorded, never timed as data.
-  order = sorted(variants, key=lambda v: VARIANTS[v][0].startswith("fused"))
+  order = sorted(variants, key=is_fused)
   engines = {}
   for n in args.tokens:
     calls, splits = {}, {}

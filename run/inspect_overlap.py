@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from weave_jax import hlo_order, init_random, make_mesh, preset  # noqa: E402
-from run_common import VARIANTS, engine_for  # noqa: E402
+from run_common import engine_for, variant_arg  # noqa: E402
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
   p.add_argument("--preset", default="llama-3.3-70b")
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--tokens", type=int, default=4096)
-  p.add_argument("--variants", nargs="+", default=["baseline", "rs_ag+weave"], choices=sorted(VARIANTS))
+  p.add_argument("--variants", nargs="+", default=["baseline", "rs_ag+weave"], type=variant_arg)
   p.add_argument("--hlo-dir", default=None)
   p.add_argument("--trace-dir", default=None)
   args = p.parse_args()

@@ -35,14 +35,31 @@ def bench_prefill():
 def test_main_job_on_cpu_writes_table_json_and_chart(bench_prefill, tmp_path, capsys):
   out, png = tmp_path / "prefill.json", tmp_path / "prefill.png"
   bench_prefill.main(["--tokens", "64", "96", "--variants", "baseline", "rs_ag+weave", "nocomm",
+                      "nocomm+weave",
                       "--iters", "2", "--warmup", "1", "--json", str(out), "--png", str(png)])
   res = json.loads(out.read_text())
   assert res["preset"] == "tiny" and res["tp"] == 8
   assert [r["tokens"] for r in res["rows"]] == [64, 96]
   for row in res["rows"]:
-    for v in ("baseline", "rs_ag+weave", "nocomm"):
+    for v in ("baseline", "rs_ag+weave", "nocomm", "nocomm+weave"):
       assert row[v]["ms"] > 0, (row["tokens"], v, row[v])
     assert row["rs_ag+weave"]["split"] is not None and row["baseline"]["split"] is None
+    assert row["nocomm+weave"]["split"] is not None
   table = capsys.readouterr().out
   assert "| tokens | baseline ms/layer" in table and "speedup rs_ag+weave" in table
   assert png.stat().st_size > 0
+
+
+def test_variant_names(bench_prefill):
+  import run_common  # bench_prefill put run/ on sys.path
+  assert run_common.parse_variant("fused+weave@8") == ("fused+weave", 8)
+  assert run_common.parse_variant("nocomm+weave") == ("nocomm+weave", None)
+  for bad in ("fused+weave@", "fused@x", "baseline@8", "nosuch"):
+    with pytest.raises(ValueError):
+      run_common.parse_variant(bad)
+  with pytest.raises(SystemExit):   # argparse usage errors, before any model is built
+    bench_prefill.parse_args(["--variants", "baseline@8"])
+  with pytest.raises(SystemExit):
+    bench_prefill.parse_args(["--variants", "nocomm", "nocomm"])
+  args = bench_prefill.parse_args(["--variants", "fused@16", "nocomm+weave"])
+  assert args.variants == ["fused@16", "nocomm+weave"]
