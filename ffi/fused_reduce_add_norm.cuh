@@ -17,8 +17,7 @@
 //   out_slot  (world * Smax, H) x num_slots  every rank stores the normalized rows it owns into
 //                                            the out_slot of every OTHER rank at their global
 //                                            row (its own go straight to `normed`; into its own
-//                                            out_slot only in split mode or with multimem)
-//   res_slot  (Smax, H) x num_slots          split (start/done) mode only: new residual
+//                                            out_slot only with multimem)
 //   os_slot   2 parities x (world + 1) x Tos rows x H   one-shot staging (see ONE-SHOT below)
 //   pads      uint32 [5 barriers][128 blocks][8 source ranks]   signal words, one 32-bit word per
 //                                            (barrier, block, source): no flags packed in bytes
@@ -43,13 +42,12 @@
 //                       from LOCAL memory (Peer; source p is `partial` itself) or one
 //                       multimem.ld_reduce (Multimem), in fp32;
 //                       + residual, round (= new residual), RMSNorm, store the normalized row
-//                       into every peer's out_slot and my `normed` (NVLink stores; split mode:
-//                       my out_slot instead of `normed`) or every out_slot (one multimem.st)
+//                       into every peer's out_slot and my `normed` (NVLink stores) or every
+//                       out_slot (one multimem.st)
 //   barrier 1 ("end"):  my stores into every out_slot for block b are done AND I have finished
 //                       reading the staged rows for block b; wait for every peer's block b
 //   phase 2  copy-out:  rows of every other owner (multimem: every owner) assigned to b:
-//                       local out_slot -> normed (skipped in split mode: `done` copies the
-//                       whole slot on XLA's stream)
+//                       local out_slot -> normed
 // Hopper (kTma): phases 0 and 2 move their rows with TMA bulk copies (global -> shared ->
 // global, one issuing thread per block); the issuer waits for its bulk stores to complete and
 // fences the async proxy (fence.proxy.async.global) before the block's __syncthreads that
@@ -106,12 +104,12 @@
 //        every block signals barrier 2 to every peer (my pushes completed before the kernel
 //        started: stream order) and waits for every peer's barrier-2 word (one word per source,
 //        block index 0); then phase 1 as above, but normalized rows go to MY out_slot (and to
-//        `normed` when not in split mode) instead of being pushed;
+//        `normed`) instead of being pushed;
 //        each block fences (system scope) and counts itself on a device counter; the last block
 //        signals barrier 3 to every peer, waits for every peer's barrier 3, resets the counter
 //        and advances the epoch.
-//   3. cudaMemcpyAsync per peer q: q's out_slot rows of q's slice -> my normed (or my out_slot in
-//        split mode) (pull; q's barrier-3 signal was acquired before my kernel ended).
+//   3. cudaMemcpyAsync per peer q: q's out_slot rows of q's slice -> my normed (pull; q's
+//        barrier-3 signal was acquired before my kernel ended).
 // Reuse: I push into q's in_slot (call k+1) only after q's barrier 3 of call k, which q sends
 // after all its blocks finished reading in_slot.  I write my out_slot (call k+1) only after
 // every peer's barrier 2 of call k+1, which each sends after its pull of call k (stream order).
@@ -178,8 +176,8 @@ struct KernelParams {
   const void* partial;    // (T, H) local, XLA buffer
   const void* residual;   // (S, H) local, XLA buffer
   const void* weight;     // (H,)
-  void* normed;           // (T, H) XLA output; nullptr in split mode
-  void* new_residual;     // (S, H) XLA output, or the workspace res_slot in split mode
+  void* normed;           // (T, H) XLA output (start's own output for start/done)
+  void* new_residual;     // (S, H) XLA output
   void* in_slots[kMaxRanks];    // rank q's in_slot as seen from this device (staging rows)
   void* out_slots[kMaxRanks];   // rank q's out_slot (the slot chosen for this call)
   void* os_slots[kMaxRanks];    // rank q's one-shot staging (both parities)
@@ -788,8 +786,7 @@ __device__ __forceinline__ void norm_rows(const KernelParams& p, const Io& io, i
 // NVLink stores through peer pointers: push partial rows to their owner, reduce from local
 // memory, push normalized rows to every rank.  Every cross-GPU access is a posted store.
 struct PeerTransport {
-  // My own normalized rows go straight into `normed` (split mode: my out_slot), so phase 2
-  // copies only the peers' rows.
+  // My own normalized rows go straight into `normed`, so phase 2 copies only the peers' rows.
   static constexpr bool kOwnRowsInNormed = true;
   // phase 0: my partial row q*S+i -> owner q's in_slot row [rank*S + i], q != rank
   __device__ static __forceinline__ void publish(const KernelParams& p) {
@@ -802,9 +799,9 @@ struct PeerTransport {
   struct Io : SliceRows {
     static constexpr bool kMultimem = false;
     using SliceRows::SliceRows;
-    // Where rank q receives my row i: q's out_slot, or for me, `normed` (out_slot in split mode).
+    // Where rank q receives my row i: q's out_slot, or for me, `normed`.
     __device__ char* dest(int q, int64_t i) const {
-      void* base = q == p.rank && p.normed != nullptr ? p.normed : p.out_slots[q];
+      void* base = q == p.rank ? p.normed : p.out_slots[q];
       return static_cast<char*>(base) + global_offset(i, 0);
     }
     // Store one normalized vector at every rank, starting with the next rank so that ranks
@@ -922,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // phase 2: my out_slot -> normed (rows of every owner assigned to block b; peer transport:
   // my own rows are in normed already)
-  if (p.normed != nullptr) {
+  {
     auto spans = [&](int q) {
       return RowSpan{static_cast<const char*>(p.out_slots[p.rank]) + q * p.shard * row_bytes,
                      static_cast<char*>(p.normed) + q * p.shard * row_bytes};
@@ -936,15 +933,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Copy-engine algorithm (algo 1): the kernel between the push and pull copies (see COPY-ENGINE
-// ALGORITHM above).  Normalized rows of my slice go to my out_slot and, unless in split mode,
-// straight into `normed`.
+// ALGORITHM above).  Normalized rows of my slice go to my out_slot (peers pull them from
+// there) and straight into `normed`.
 struct CopyEngineIo : SliceRows {
   static constexpr bool kMultimem = false;
   using SliceRows::SliceRows;
   __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
     const size_t off = global_offset(i, c);
     *reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[p.rank]) + off) = v;
-    if (p.normed != nullptr) *reinterpret_cast<uint4*>(static_cast<char*>(p.normed) + off) = v;
+    *reinterpret_cast<uint4*>(static_cast<char*>(p.normed) + off) = v;
   }
 };
 
@@ -982,10 +979,10 @@ struct OneShotIo {
   const KernelParams& p;
   uint32_t vpr;
   const uint4* stage;  // my os_slot, this call's parity
-  uint4* out;          // normed, or my out_slot in split mode
+  uint4* out;          // normed
   __device__ OneShotIo(const KernelParams& kp, int parity)
       : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)), stage(os_stage(kp, kp.rank, parity)),
-        out(static_cast<uint4*>(kp.normed != nullptr ? kp.normed : kp.out_slots[kp.rank])) {}
+        out(static_cast<uint4*>(kp.normed)) {}
   __device__ bool valid(int64_t) const { return true; }
   __device__ bool mine(int64_t r) const { return r / p.shard == p.rank; }
   __device__ const uint4* source(int q, int64_t r) const {

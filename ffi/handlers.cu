@@ -8,16 +8,22 @@
 // copies only (what sm_80 runs; kept selectable for comparisons).  See the kernel file for each
 // algorithm's protocol.
 //   weave_fused_ran_graph   the same handler, marked command-buffer compatible
-//   weave_fused_start       kernel on the library's side stream; results stay in the workspace
-//                           slot `slot`; returns a 1-element token
-//   weave_fused_done        takes the token AND start's inputs (so XLA keeps them alive), waits
-//                           for the side stream, copies the slot into normed / new_residual
+//   weave_fused_start       kernel on the library's side stream (`priority` 1: the stream of
+//                           highest priority, so the kernel's blocks are scheduled ahead of
+//                           queued compute blocks; 0: a normal-priority one), writing straight
+//                           into start's own outputs normed / new_residual, which XLA sees as
+//                           ready before they are; returns them with a 1-element token
+//   weave_fused_done        takes the token, start's outputs (aliased to its own outputs: no
+//                           copy) AND start's inputs (so XLA keeps them alive), and makes XLA's
+//                           stream wait for the side stream.  Between start and done nothing but
+//                           done may read start's outputs (weave_jax.fused.ops keeps it so).
 //
 // Handlers look the workspace up by device ordinal and return ffi::Error (every message starts
 // with the op's name); Python validates the same things before launch with friendlier errors.
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "fused_reduce_add_norm.cuh"
 #include "workspace.h"
@@ -136,11 +142,11 @@ cudaError_t copy_between(const weave::DeviceWorkspace& w, void* dst, int dst_ran
   return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s);
 }
 
-// Copy-engine algorithm: push copies, the reduce kernel, pull copies into `pull_dst` (normed,
-// or my out_slot in split mode), all on stream s.
+// Copy-engine algorithm: push copies, the reduce kernel, pull copies into `normed`, all on
+// stream s.
 template <typename T, int kVec>
 cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
-                               int32_t ctas, cudaStream_t s, void* pull_dst) {
+                               int32_t ctas, cudaStream_t s) {
   const int64_t rb = p.hidden * 2;
   for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
     const int q = (p.rank + k) % p.world;
@@ -153,10 +159,10 @@ cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::Device
   }
   weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my pull_dst
+  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my normed
     const int q = (p.rank + k) % p.world;
     if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0) {
-      cudaError_t e = copy_between(w, static_cast<char*>(pull_dst) + q * p.shard * rb, p.rank,
+      cudaError_t e = copy_between(w, static_cast<char*>(p.normed) + q * p.shard * rb, p.rank,
                                    static_cast<const char*>(p.out_slots[q]) + q * p.shard * rb, q,
                                    rows * rb, s);
       if (e != cudaSuccess) return e;
@@ -167,11 +173,10 @@ cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::Device
 
 template <typename T, int kVec>
 cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
-                         int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s,
-                         void* pull_dst) {
+                         int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:
-      return launch_copy_engine<T, kVec>(p, w, ctas, s, pull_dst);
+      return launch_copy_engine<T, kVec>(p, w, ctas, s);
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
@@ -189,15 +194,14 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
   return cudaGetLastError();
 }
 
-// pull_dst: where the copy-engine algorithm pulls peers' rows (normed, or my out_slot).
 cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w, bool bf16,
-                   int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s, void* pull_dst) {
+                   int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   const bool v2 = vec_per_thread(p.hidden) == 2;
   if (bf16)
-    return v2 ? launch_typed<__nv_bfloat16, 2>(p, w, transport, algo, ctas, s, pull_dst)
-              : launch_typed<__nv_bfloat16, 4>(p, w, transport, algo, ctas, s, pull_dst);
-  return v2 ? launch_typed<__half, 2>(p, w, transport, algo, ctas, s, pull_dst)
-            : launch_typed<__half, 4>(p, w, transport, algo, ctas, s, pull_dst);
+    return v2 ? launch_typed<__nv_bfloat16, 2>(p, w, transport, algo, ctas, s)
+              : launch_typed<__nv_bfloat16, 4>(p, w, transport, algo, ctas, s);
+  return v2 ? launch_typed<__half, 2>(p, w, transport, algo, ctas, s)
+            : launch_typed<__half, 4>(p, w, transport, algo, ctas, s);
 }
 
 }  // namespace
@@ -269,7 +273,7 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     w->side_pending = false;
   }
   if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
-                             ctas, stream, p.normed);
+                             ctas, stream);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();
@@ -277,26 +281,30 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
 
 ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                      ffi::AnyBuffer residual, ffi::AnyBuffer weight,
-                     ffi::Result<ffi::AnyBuffer> token, float eps, int32_t ctas, int32_t slot,
-                     int32_t transport, int32_t algo) {
+                     ffi::Result<ffi::AnyBuffer> token, ffi::Result<ffi::AnyBuffer> normed,
+                     ffi::Result<ffi::AnyBuffer> new_residual, float eps, int32_t ctas,
+                     int32_t slot, int32_t transport, int32_t algo, int32_t priority) {
   constexpr const char* op = "weave_fused_start";
   weave::KernelParams p;
   weave::DeviceWorkspace* w;
   if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, algo, &p, &w);
       err.failure())
     return err;
-  p.normed = nullptr;  // results stay in out_slot[slot]; done copies them
-  p.new_residual = w->res_slot[slot];
+  if (priority != 0 && priority != 1) return op_error(op, "priority must be 0 (normal) or 1 (high)");
+  // Straight into start's outputs: done only waits (no copy out of the workspace).
+  p.normed = normed->untyped_data();
+  p.new_residual = new_residual->untyped_data();
   if (is_capturing(stream)) return op_error(op, "not supported under CUDA graph capture");
+  cudaStream_t side = priority ? w->side_high : w->side;
   // inputs and every earlier kernel on XLA's stream (sync calls included) before the side stream
   cudaEventRecord(w->ev_inputs, stream);
-  cudaStreamWaitEvent(w->side, w->ev_inputs, 0);
+  cudaStreamWaitEvent(side, w->ev_inputs, 0);
   if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
-                             ctas, w->side, w->out_slot[slot]);
+                             ctas, side);
       e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
-  cudaEventRecord(w->ev_done[slot], w->side);
-  cudaEventRecord(w->ev_last, w->side);
+  cudaEventRecord(w->ev_done[slot], side);
+  cudaEventRecord(w->ev_last, side);
   w->side_pending = true;
   if (cudaError_t e = cudaMemsetAsync(token->untyped_data(), 0, token->size_bytes(), stream);
       e != cudaSuccess)
@@ -305,11 +313,14 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
 }
 
 ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
+                    ffi::AnyBuffer start_normed, ffi::AnyBuffer start_residual,
                     ffi::AnyBuffer partial, ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                     ffi::Result<ffi::AnyBuffer> normed, ffi::Result<ffi::AnyBuffer> new_residual,
                     int32_t slot) {
   constexpr const char* op = "weave_fused_done";
   (void)token;
+  (void)partial;
+  (void)residual;
   (void)weight;
   if (ordinal < 0 || ordinal >= weave::kMaxDevices || !weave::workspace(ordinal).ready)
     return op_error(op, "workspace not initialised on device " + std::to_string(ordinal));
@@ -317,14 +328,17 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
   if (cudaError_t e = cudaStreamWaitEvent(stream, w.ev_done[slot], 0); e != cudaSuccess)
     return cuda_error(op, "wait", e);
-  if (cudaError_t e = cudaMemcpyAsync(normed->untyped_data(), w.out_slot[slot], partial.size_bytes(),
-                                      cudaMemcpyDeviceToDevice, stream);
-      e != cudaSuccess)
-    return cuda_error(op, "copy normed", e);
-  if (cudaError_t e = cudaMemcpyAsync(new_residual->untyped_data(), w.res_slot[slot],
-                                      residual.size_bytes(), cudaMemcpyDeviceToDevice, stream);
-      e != cudaSuccess)
-    return cuda_error(op, "copy residual", e);
+  // The outputs alias start's outputs (input_output_aliases); copy only if XLA did not alias
+  // them, after the wait, so the copy reads finished results.
+  const std::pair<ffi::AnyBuffer*, ffi::Result<ffi::AnyBuffer>*> pairs[] = {
+      {&start_normed, &normed}, {&start_residual, &new_residual}};
+  for (auto [in, out] : pairs) {
+    if ((*out)->untyped_data() == in->untyped_data()) continue;
+    if (cudaError_t e = cudaMemcpyAsync((*out)->untyped_data(), in->untyped_data(),
+                                        in->size_bytes(), cudaMemcpyDeviceToDevice, stream);
+        e != cudaSuccess)
+      return cuda_error(op, "copy", e);
+  }
   return ffi::Error::Success();
 }
 
@@ -357,17 +371,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_start, StartImpl,
                                   .Arg<ffi::AnyBuffer>()   // residual (S, H)
                                   .Arg<ffi::AnyBuffer>()   // weight (H,)
                                   .Ret<ffi::AnyBuffer>()   // token u32[1]
+                                  .Ret<ffi::AnyBuffer>()   // normed (T, H), written later
+                                  .Ret<ffi::AnyBuffer>()   // new residual (S, H), written later
                                   .Attr<float>("eps")
                                   .Attr<int32_t>("ctas")
-                                  .Attr<int32_t>("slot")   // workspace output slot
+                                  .Attr<int32_t>("slot")   // workspace slot (peers' staging)
                                   .Attr<int32_t>("transport")
-                                  .Attr<int32_t>("algo"));
+                                  .Attr<int32_t>("algo")
+                                  .Attr<int32_t>("priority"));  // side stream: 1 high, 0 normal
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_done, DoneImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()   // token from start
+                                  .Arg<ffi::AnyBuffer>()   // start's normed (aliased to out 0)
+                                  .Arg<ffi::AnyBuffer>()   // start's new residual (to out 1)
                                   .Arg<ffi::AnyBuffer>()   // start's partial (kept alive)
                                   .Arg<ffi::AnyBuffer>()   // start's residual (kept alive)
                                   .Arg<ffi::AnyBuffer>()   // start's weight (kept alive)

@@ -6,13 +6,13 @@
 // world ranks, Smax = ceil(Tmax / world) and num_slots output slots (default 2):
 //   in_slot                      world * Smax * H * B   (~ Tmax * H * B)
 //   out_slot   x num_slots       world * Smax * H * B each
-//   res_slot   x num_slots       Smax * H * B each      (start/done mode)
 //   os_slot                      2 * (world + 1) * Tos * H * B, Tos = max(1, min(Tmax, 1 MiB / (H * B)))
 //                                (one-shot staging: <= 2 * (world + 1) MiB, 6 MiB at world 2)
 //   pads + epochs + claim        20 KiB + 528 B + 4 B
 //   error record, phase stamps   24 B + 8 KiB of pinned host memory (mapped)
-// e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 256 MiB * 2 + 6 MiB
-// = 2 GiB + 6 MiB.
+// e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 6 MiB = 1.5 GiB + 6 MiB.
+// Two library streams per device: `side` (normal priority) and `side_high` (the device's
+// highest), for start calls.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -68,10 +68,7 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   WS_CHECK(cudaDeviceGetAttribute(&w.sm_major, cudaDevAttrComputeCapabilityMajor, ordinal));
   WS_CHECK(weave::preload_kernels(w.sm_major));
   WS_CHECK(cudaMalloc(&w.in_slot, slot));
-  for (int s = 0; s < num_slots; ++s) {
-    WS_CHECK(cudaMalloc(&w.out_slot[s], slot));
-    WS_CHECK(cudaMalloc(&w.res_slot[s], res));
-  }
+  for (int s = 0; s < num_slots; ++s) WS_CHECK(cudaMalloc(&w.out_slot[s], slot));
   w.os_rows = weave::kOneShotBytes / (hidden * dtype_bytes);
   w.os_rows = w.os_rows < 1 ? 1 : (w.os_rows > max_tokens ? max_tokens : w.os_rows);
   WS_CHECK(cudaMalloc(&w.os_slot, static_cast<size_t>(2 * (world + 1)) * w.os_rows * hidden * dtype_bytes));
@@ -90,6 +87,9 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   memset(w.stamps_host, 0, kStampBytes);
   WS_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&w.stamps_dev), w.stamps_host, 0));
   WS_CHECK(cudaStreamCreateWithFlags(&w.side, cudaStreamNonBlocking));
+  int least = 0, greatest = 0;  // greatest priority is the numerically smallest
+  WS_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  WS_CHECK(cudaStreamCreateWithPriority(&w.side_high, cudaStreamNonBlocking, greatest));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
   for (int s = 0; s < num_slots; ++s)
@@ -267,10 +267,8 @@ int weave_ws_free_all(char* errbuf, int errlen) {
       cudaFree(w.in_slot);
       for (int s = 0; s < w.num_slots; ++s) cudaFree(w.out_slot[s]);
     }
-    for (int s = 0; s < w.num_slots; ++s) {
-      cudaFree(w.res_slot[s]);
+    for (int s = 0; s < w.num_slots; ++s)
       if (w.ev_done[s]) cudaEventDestroy(w.ev_done[s]);
-    }
     cudaFree(w.os_slot);
     cudaFree(w.pads);
     cudaFree(w.epochs);
@@ -280,6 +278,7 @@ int weave_ws_free_all(char* errbuf, int errlen) {
     if (w.ev_inputs) cudaEventDestroy(w.ev_inputs);
     if (w.ev_last) cudaEventDestroy(w.ev_last);
     if (w.side) cudaStreamDestroy(w.side);
+    if (w.side_high) cudaStreamDestroy(w.side_high);
     w = DeviceWorkspace{};
   }
   cudaGetLastError();
@@ -303,18 +302,16 @@ int weave_ws_read_error(int ordinal, int32_t* out) {
   return 0;
 }
 
-// Test aid: fill every output and residual slot with 0xFF bytes (NaN in bf16 and fp16), so a
-// row the kernel fails to deliver shows up as NaN.
+// Test aid: fill every output slot with 0xFF bytes (NaN in bf16 and fp16), so a row the kernel
+// fails to deliver shows up as NaN.
 int weave_ws_poison(int ordinal) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (!w.ready) return -1;
   const size_t res = static_cast<size_t>((w.max_tokens + w.world - 1) / w.world) * w.hidden * w.dtype_bytes;
   const size_t slot = res * w.world;
   if (cudaSetDevice(ordinal) != cudaSuccess) return -1;
-  for (int s = 0; s < w.num_slots; ++s) {
+  for (int s = 0; s < w.num_slots; ++s)
     if (cudaMemset(w.out_slot[s], 0xff, slot) != cudaSuccess) return -1;
-    if (cudaMemset(w.res_slot[s], 0xff, res) != cudaSuccess) return -1;
-  }
   return cudaDeviceSynchronize() == cudaSuccess ? 0 : -1;
 }
 

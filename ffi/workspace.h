@@ -28,7 +28,6 @@ struct DeviceWorkspace {
   // local allocations (cudaMalloc on this device)
   void* in_slot = nullptr;                  // (world * Smax, H), Smax = ceil(Tmax / world)
   void* out_slot[kMaxSlots] = {};           // (world * Smax, H) each
-  void* res_slot[kMaxSlots] = {};           // (ceil(Tmax / world), H) each
   void* os_slot = nullptr;                  // one-shot staging: 2 x (world + 1) x os_rows x H
   int64_t os_rows = 0;                      // Tos = max(1, min(Tmax, kOneShotBytes / (H * B)))
   uint32_t* pads = nullptr;                 // kPadWords
@@ -52,6 +51,7 @@ struct DeviceWorkspace {
   void* mc_out[kMaxSlots] = {};
   // streams and events
   cudaStream_t side = nullptr;              // library-owned stream for start/done
+  cudaStream_t side_high = nullptr;         // the same at the device's highest priority
   cudaEvent_t ev_inputs = nullptr;          // XLA stream -> side stream (start's inputs ready)
   cudaEvent_t ev_done[kMaxSlots] = {};      // side stream -> XLA stream (slot results ready)
   cudaEvent_t ev_last = nullptr;            // last kernel launched on the side stream

@@ -16,25 +16,36 @@ VARIANTS = {
     "nocomm+weave": ("nocomm", True),
 }
 
-VARIANT_HELP = ("a name from " + ", ".join(VARIANTS) + "; a fused one may end in @N to run its "
-                "kernel on N CTAs (e.g. fused+weave@8)")
+VARIANT_HELP = ("a name from " + ", ".join(VARIANTS) + "; a fused one may add @N to run its "
+                "kernel on N CTAs and :key=value,... for other backend options, e.g. "
+                "fused+weave@8 or fused+weave@16:side_priority=normal")
 
 
-def parse_variant(name: str) -> tuple[str, int | None]:
-  """``"fused+weave@8"`` -> ``("fused+weave", 8)``; ``"baseline"`` -> ``("baseline", None)``.
+def parse_variant(name: str) -> tuple[str, dict]:
+  """``"fused+weave@8:side_priority=normal"`` -> ``("fused+weave", {"ctas": 8,
+  "weave_ctas": 8, "side_priority": "normal"})``; ``"baseline"`` -> ``("baseline", {})``.
 
-  Raises ValueError for an unknown name, or a CTA suffix on a variant without the fused kernel.
+  Raises ValueError for an unknown name, or options on a variant without the fused kernel.
+  (The backend itself validates the option names and values when the engine is built.)
   """
-  base, at, ctas = name.partition("@")
+  head, _, opts = name.partition(":")
+  base, at, ctas = head.partition("@")
   if base not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}: {VARIANT_HELP}")
-  if not at:
-    return base, None
-  if not VARIANTS[base][0].startswith("fused"):
-    raise ValueError(f"variant {name!r}: only fused variants take @CTAS")
-  if not ctas.isdigit():
-    raise ValueError(f"variant {name!r}: @ must be followed by a CTA count, e.g. {base}@16")
-  return base, int(ctas)
+  options: dict = {}
+  if (at or opts) and not VARIANTS[base][0].startswith("fused"):
+    raise ValueError(f"variant {name!r}: only fused variants take @CTAS or :options")
+  if at:
+    if not ctas.isdigit():
+      raise ValueError(f"variant {name!r}: @ must be followed by a CTA count, e.g. {base}@16")
+    # one grid for unsplit and woven calls alike (the benchmark compares one setting)
+    options.update(ctas=int(ctas), weave_ctas=int(ctas))
+  for item in filter(None, opts.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise ValueError(f"variant {name!r}: options are key=value, got {item!r}")
+    options[key] = int(value) if value.isdigit() else value
+  return base, options
 
 
 def variant_arg(name: str) -> str:
@@ -49,16 +60,17 @@ def is_fused(name: str) -> bool:
 
 def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
                weave_min_tokens: int | None = None, logits: str = "last") -> Engine:
-  base, own_ctas = parse_variant(variant)
+  base, options = parse_variant(variant)
   backend, weave = VARIANTS[base]
-  ctas = own_ctas or ctas
-  # --ctas / @N set the grid of unsplit and woven calls alike (the benchmark compares one setting)
-  opts = (("ctas", ctas), ("weave_ctas", ctas)) if backend.startswith("fused") and ctas else ()
+  opts = {}
+  if backend.startswith("fused") and ctas:   # --ctas: both grids, unless the name sets them
+    opts.update(ctas=ctas, weave_ctas=ctas)
+  opts.update(options)
   # A "+weave" variant always weaves (threshold 1) unless told otherwise: it measures the woven
   # layer.  What library users get by default is the engine's tuned threshold, which may decide
   # not to weave (weave_jax/tuning/splits.json).
   if weave_min_tokens is None and weave:
     weave_min_tokens = 1
   kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
-  return Engine(model, mesh, RunConfig(backend=backend, backend_options=opts, weave=weave,
-                                       logits=logits, **kw))
+  return Engine(model, mesh, RunConfig(backend=backend, backend_options=tuple(sorted(opts.items())),
+                                       weave=weave, logits=logits, **kw))

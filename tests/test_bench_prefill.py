@@ -52,9 +52,13 @@ def test_main_job_on_cpu_writes_table_json_and_chart(bench_prefill, tmp_path, ca
 
 def test_variant_names(bench_prefill):
   import run_common  # bench_prefill put run/ on sys.path
-  assert run_common.parse_variant("fused+weave@8") == ("fused+weave", 8)
-  assert run_common.parse_variant("nocomm+weave") == ("nocomm+weave", None)
-  for bad in ("fused+weave@", "fused@x", "baseline@8", "nosuch"):
+  assert run_common.parse_variant("fused+weave@8") == ("fused+weave", {"ctas": 8, "weave_ctas": 8})
+  assert run_common.parse_variant("fused+weave@16:side_priority=normal,algorithm=two_shot") == (
+      "fused+weave", {"ctas": 16, "weave_ctas": 16, "side_priority": "normal",
+                      "algorithm": "two_shot"})
+  assert run_common.parse_variant("fused:ce_ctas=64") == ("fused", {"ce_ctas": 64})
+  assert run_common.parse_variant("nocomm+weave") == ("nocomm+weave", {})
+  for bad in ("fused+weave@", "fused@x", "baseline@8", "nosuch", "nocomm:a=b", "fused:prio"):
     with pytest.raises(ValueError):
       run_common.parse_variant(bad)
   with pytest.raises(SystemExit):   # argparse usage errors, before any model is built

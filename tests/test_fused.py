@@ -84,6 +84,8 @@ def test_start_validates_too(fake_ws):
     ops.fused_start(*_args(), eps=1e-6, ctas=140)
   with pytest.raises(ValueError, match="fused_start: slot=2"):
     ops.fused_start(*_args(), eps=1e-6, slot=2)
+  with pytest.raises(ValueError, match="fused_start: side_priority='urgent'"):
+    ops.fused_start(*_args(), eps=1e-6, side_priority="urgent")
 
 
 def test_uninitialised_workspace_raises(monkeypatch):
@@ -119,6 +121,10 @@ def test_backend_options():
     get_backend("fused_p2p", ce_ctas=1)
   with pytest.raises(ValueError, match="runs only two_shot"):
     get_backend("fused_multimem", algorithm="one_shot")
+  assert d.side_priority == "high"
+  assert get_backend("fused_p2p", side_priority="normal").side_priority == "normal"
+  with pytest.raises(ValueError, match="side_priority='low'"):
+    get_backend("fused_p2p", side_priority="low")
 
 
 def test_failed_probe_falls_back_to_rs_ag_with_one_warning(monkeypatch):
@@ -172,3 +178,34 @@ def test_phase_summary_from_stamps():
     phases.summary({0: np.zeros_like(arr)}, "two_shot")
   with pytest.raises(ValueError, match="algorithm 'bogus'"):
     phases.summary({0: arr}, "bogus")
+
+
+def test_woven_start_done_lowers_with_aliasing(monkeypatch):
+  """The weave schedule with the fused backend lowers (CPU: lowering only, nothing runs):
+  start returns its pending outputs, done aliases them (no copy), priority reaches the call."""
+  if not _lib.available():
+    pytest.skip("libweave_fused not built")
+  from weave_jax import weave
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws())
+  monkeypatch.setattr(_lib, "register_targets", lambda: None)
+  backend = get_backend("fused_p2p", weave_ctas=8, side_priority="normal")
+  mesh = jax.make_mesh((2,), (AXIS,), devices=jax.devices()[:2])
+  hidden, half = 1024, 16
+  stage = (lambda n, half_info, ctx: (n * 2, ctx), jnp.ones((hidden,), jnp.bfloat16), "s")
+
+  def local(n_a, n_b, r_a, r_b):
+    (n_a, n_b), (r_a, r_b) = weave.run_woven([stage, stage], (None, None), (n_a, n_b),
+                                             (r_a, r_b), backend, 1e-6)
+    return n_a, n_b, r_a, r_b
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) * 4, out_specs=(P(AXIS),) * 4))
+  spec = lambda rows: jax.ShapeDtypeStruct((rows, hidden), jnp.bfloat16,
+                                           sharding=jax.sharding.NamedSharding(mesh, P(AXIS)))
+  x, r = spec(2 * 2 * half), spec(2 * half)   # global: each rank holds 2*half, half rows
+  text = f.lower(x, x, r, r).as_text()
+  assert text.count("custom_call @weave_fused_start(") == 4
+  dones = [l for l in text.splitlines() if "custom_call @weave_fused_done(" in l]
+  assert len(dones) == 4
+  assert all("output_operand_aliases" in l and "operand_index = 1" in l and "operand_index = 2" in l
+             for l in dones)
+  assert "priority = 0 : i32" in text

@@ -38,7 +38,7 @@ def _gpus():
 if len(_gpus()) < 2:
   pytest.skip("needs >= 2 CUDA GPUs", allow_module_level=True)
 
-from weave_jax import fused  # noqa: E402
+from weave_jax import fused, hlo_order  # noqa: E402
 from weave_jax.fused import ops, workspace as ws_lib  # noqa: E402
 
 TP = 2
@@ -154,24 +154,33 @@ def test_matches_psum_reference(ws, case):
   assert cross == 0, f"{case}: ranks differ in {cross} elements"
 
 
-@pytest.mark.parametrize("algorithm", ["two_shot", "one_shot"])
-def test_start_done_matches_sync(ws, algorithm):
+@pytest.mark.parametrize("algorithm,priority", [("two_shot", "high"), ("one_shot", "high"),
+                                                ("two_shot", "normal")])
+def test_start_done_matches_sync(ws, algorithm, priority):
+  """start/done (side stream, results written into start's own outputs, aliased by done) give
+  the same bits as the synchronous call, with a GEMM of the other operands between them."""
   tokens, hidden = (24, 4096) if algorithm == "one_shot" else (4096, 4096)
   kw = _call_kw(algorithm, 8)
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, **kw)
-    tok = ops.fused_start(partial, residual, weight, eps=EPS, slot=1, **kw)
-    b = ops.fused_done(tok, partial, residual, weight, slot=1)
-    return a[0][None], b[0][None], a[1], b[1]
+    pending = ops.fused_start(partial, residual, weight, eps=EPS, slot=1, side_priority=priority,
+                              **kw)
+    busy = jnp.tanh(partial[:, :1024] @ partial[:1024].T)   # compute while the kernel runs
+    pending, busy = jax.lax.optimization_barrier((pending, busy))
+    b = ops.fused_done(pending, partial, residual, weight, slot=1)
+    return a[0][None], b[0][None], a[1], b[1], jnp.sum(busy)[None]
 
-  f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))
+  f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 5))
   k = jax.random.split(jax.random.key(1), 3)
   partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
   residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
   weight = jnp.ones((hidden,), ws.dtype)
+  hlo = f.lower(partial, residual, weight).compile().as_text()
+  copies = hlo_order.copies_of_outputs(hlo, "weave_fused_start")
+  assert not copies, f"XLA copies start's outputs before done (would race): {copies}"
   ws_lib.poison_slots()
-  a0, b0, a1, b1 = jax.device_get(f(partial, residual, weight))
+  a0, b0, a1, b1, _ = jax.device_get(f(partial, residual, weight))
   np.testing.assert_array_equal(np.asarray(a0).view(np.uint16), np.asarray(b0).view(np.uint16))
   np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
 

@@ -112,3 +112,24 @@ ENTRY %main {
   ws = hlo_order.collective_windows(text)
   assert [(w.kind, w.name, w.compute_between) for w in ws] == [
       ("all-reduce", "ars", 1), ("all-reduce", "ar2", 0)]
+
+
+def test_copies_of_custom_call_outputs():
+  """The check the GPU start/done test relies on: a copy of start's outputs is found through
+  get-tuple-element / opt-barrier / tuple, and nothing else is reported."""
+  hlo = """
+ENTRY %main {
+  %p0 = bf16[8,16]{1,0} parameter(0)
+  %s = (u32[1]{0}, bf16[8,16]{1,0}, bf16[4,16]{1,0}) custom-call(%p0), custom_call_target="weave_fused_start"
+  %n = bf16[8,16]{1,0} get-tuple-element(%s), index=1
+  %t = (bf16[8,16]{1,0}, bf16[8,16]{1,0}) tuple(%n, %p0)
+  %b = (bf16[8,16]{1,0}, bf16[8,16]{1,0}) opt-barrier(%t)
+  %n2 = bf16[8,16]{1,0} get-tuple-element(%b), index=0
+  %other = bf16[8,16]{1,0} copy(%p0)
+  %bad = bf16[8,16]{1,0} copy(%n2)
+  ROOT %d = (bf16[8,16]{1,0}, bf16[4,16]{1,0}) custom-call(%s, %bad), custom_call_target="weave_fused_done"
+}
+"""
+  assert hlo_order.copies_of_outputs(hlo, "weave_fused_start") == ["bad"]
+  assert hlo_order.copies_of_outputs(hlo.replace("copy(%n2)", "copy(%p0)"), "weave_fused_start") == []
+  assert hlo_order.copies_of_outputs(hlo, "no_such_target") == []

@@ -2,6 +2,9 @@
 collective's start and done.  The static half of "verify overlap" (the trace is the other).
 
     report = collective_windows(engine.compiled(4096)[1].as_text())
+
+Also ``copies_of_outputs``: whether XLA copies the outputs of a custom call (the fused start's
+outputs are written after the call returns, so a copy of them would read unfinished data).
 """
 from __future__ import annotations
 
@@ -97,3 +100,29 @@ def summary(hlo_text: str) -> str:
     by_kind[w.kind] = by_kind.get(w.kind, 0) + 1
   return (f"{len(ws)} collectives {by_kind}; {overlapped} have compute scheduled between start "
           f"and done; compute-between per collective: {[w.compute_between for w in ws]}")
+
+
+_PASS_THROUGH = {"get-tuple-element", "tuple", "opt-barrier", "bitcast"}
+
+
+def copies_of_outputs(hlo_text: str, target: str) -> list[str]:
+  """Names of the ``copy`` / ``copy-start`` instructions (any computation) that read an output
+  of a custom call to ``target``, directly or through get-tuple-element, tuple, opt-barrier or
+  bitcast."""
+  defs = {}
+  for line in hlo_text.splitlines():
+    lhs, eq, rhs = line.strip().partition(" = ")
+    if eq:
+      defs[lhs.removeprefix("ROOT").strip().lstrip("%")] = rhs
+  uses = lambda rhs, names: any(
+      re.search(rf"%?(?<![\w.\-]){re.escape(n)}(?![\w.\-])", rhs.split("(", 1)[-1]) for n in names)
+  derived = {n for n, rhs in defs.items()
+             if _opcode(rhs) == "custom-call" and f'custom_call_target="{target}"' in rhs}
+  grew = True
+  while grew:
+    new = {n for n, rhs in defs.items() if n not in derived and _opcode(rhs) in _PASS_THROUGH
+           and uses(rhs, derived)}
+    derived |= new
+    grew = bool(new)
+  return [n for n, rhs in defs.items() if _opcode(rhs) in ("copy", "copy-start")
+          and uses(rhs, derived)]

@@ -40,13 +40,13 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
-_OPTIONS = ("ctas", "weave_ctas", "algorithm", "ce_ctas")
+_OPTIONS = ("ctas", "weave_ctas", "algorithm", "ce_ctas", "side_priority")
 
 
 def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
   ``algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine"), ``ce_ctas``
-  (2..1024)."""
+  (2..1024), ``side_priority`` ("high", "normal")."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -59,6 +59,10 @@ def make_backend(name: str, **options) -> CommBackend:
   if algorithm != "auto" and algorithm not in ops.ALGORITHMS:
     raise ValueError(f"backend {name!r}: algorithm={algorithm!r} must be 'auto' or one of "
                      f"{sorted(ops.ALGORITHMS)}")
+  priority = options.get("side_priority", cls.side_priority)
+  if priority not in ops.SIDE_PRIORITIES:
+    raise ValueError(f"backend {name!r}: side_priority={priority!r} must be one of "
+                     f"{sorted(ops.SIDE_PRIORITIES)}")
   if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
     raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
   return cls(**options)
@@ -80,6 +84,9 @@ class FusedP2P(CommBackend):
   algorithm: str = "auto"
   #: blocks of the copy-engine algorithm's local reduce kernel (2..1024).
   ce_ctas: int = ops.DEFAULT_CE_CTAS
+  #: priority of the side stream that woven (start) calls run on: "high" or "normal"
+  #: (``weave_jax.fused.ops.fused_start``).
+  side_priority: str = "high"
   #: start() only enqueues on the library's side stream and returns a token, so the weave
   #: schedule may pin it before the other half's compute (see weave_jax.weave).
   async_start: ClassVar[bool] = True
@@ -115,27 +122,29 @@ class FusedP2P(CommBackend):
     if not self._fused_ok():
       return _Handle(None, _rs_ag(partial, residual, weight, eps=eps), -1)
     slot = next(_slots) % ws_lib.current().num_slots
-    token = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.weave_ctas, slot=slot,
-                            transport=self.transport, **self._algo())
-    return _Handle(token, (partial, residual, weight), slot)
+    pending = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.weave_ctas, slot=slot,
+                              transport=self.transport, side_priority=self.side_priority,
+                              **self._algo())
+    return _Handle(pending, (partial, residual, weight), slot)
 
   def done(self, handle: "_Handle"):
-    if handle.token is None:            # the rs_ag fallback already computed the result
+    if handle.pending is None:          # the rs_ag fallback already computed the result
       return handle.arrays
     partial, residual, weight = handle.arrays
-    return ops.fused_done(handle.token, partial, residual, weight, slot=handle.slot)
+    return ops.fused_done(handle.pending, partial, residual, weight, slot=handle.slot)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Handle:
-  """What ``start`` hands to ``done``: the start token (None for the fallback), arrays, slot."""
-  token: object
+  """What ``start`` hands to ``done``: start's pending (token, normed, new_residual) (None for
+  the fallback), start's inputs (or the fallback's result), slot."""
+  pending: object
   arrays: tuple
   slot: int
 
 
 jax.tree_util.register_pytree_node(
-    _Handle, lambda h: ((h.token, h.arrays), h.slot), lambda slot, c: _Handle(c[0], c[1], slot))
+    _Handle, lambda h: ((h.pending, h.arrays), h.slot), lambda slot, c: _Handle(c[0], c[1], slot))
 
 
 @dataclasses.dataclass(frozen=True)

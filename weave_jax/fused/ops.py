@@ -170,35 +170,54 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
 
 
-def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WEAVE_CTAS,
-                slot: int = 0,
-                transport: str = "peer", algorithm: str = "auto",
-                ce_ctas: int = DEFAULT_CE_CTAS):
-  """Launches the kernel on the library's side stream; results stay in workspace slot ``slot``.
+SIDE_PRIORITIES = {"normal": 0, "high": 1}
 
-  Returns a (1,) uint32 token for ``fused_done``.  At most ``num_slots`` starts may be in flight
-  (each with its own slot) before their dones.
+
+def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WEAVE_CTAS,
+                slot: int = 0, transport: str = "peer", algorithm: str = "auto",
+                ce_ctas: int = DEFAULT_CE_CTAS, side_priority: str = "high"):
+  """Launches the kernel on the library's side stream and returns at once.
+
+  Returns a pending result ``(token, normed, new_residual)`` for ``fused_done``: the kernel
+  writes ``normed`` and ``new_residual`` after this call returns, so nothing but
+  ``fused_done`` may read them (pass the tuple along unchanged; ``optimization_barrier`` is
+  fine).  At most ``num_slots`` starts may be in flight (each with its own slot) before their
+  dones.
+
+  ``side_priority``: "high" runs the kernel on a stream of the device's highest priority, so
+  its blocks are scheduled ahead of compute blocks queued on XLA's stream; "normal" on one of
+  normal priority.
   """
   ws = ws_lib.current()
   if ws is not None and not 0 <= slot < ws.num_slots:
     raise ValueError(f"fused_start: slot={slot} outside 0..{ws.num_slots - 1}")
+  if side_priority not in SIDE_PRIORITIES:
+    raise ValueError(f"fused_start: side_priority={side_priority!r} must be one of "
+                     f"{sorted(SIDE_PRIORITIES)}")
   _validate("fused_start", partial, residual, weight, ctas, transport)
   algorithm, grid = _resolve("fused_start", partial, algorithm, ctas, ce_ctas, transport)
-  return jax.ffi.ffi_call("weave_fused_start", jax.ShapeDtypeStruct((1,), jnp.uint32),
-                          has_side_effect=True)(
+  out = (jax.ShapeDtypeStruct((1,), jnp.uint32),
+         jax.ShapeDtypeStruct(partial.shape, partial.dtype),
+         jax.ShapeDtypeStruct(residual.shape, residual.dtype))
+  return jax.ffi.ffi_call("weave_fused_start", out, has_side_effect=True)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid), slot=np.int32(slot),
-      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
+      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]),
+      priority=np.int32(SIDE_PRIORITIES[side_priority]))
 
 
-def fused_done(token, partial, residual, weight, *, slot: int = 0):
+def fused_done(pending, partial, residual, weight, *, slot: int = 0):
   """Waits for ``fused_start`` (same slot, same inputs) and returns (normed, new_residual).
 
-  Takes start's inputs so that XLA keeps their buffers alive while the side stream reads them.
+  ``pending`` is start's ``(token, normed, new_residual)``; its arrays become the outputs
+  (aliased: no copy).  Takes start's inputs so that XLA keeps their buffers alive while the
+  side stream reads them.
   """
-  out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
-         jax.ShapeDtypeStruct(residual.shape, residual.dtype))
-  return jax.ffi.ffi_call("weave_fused_done", out, has_side_effect=True)(
-      token, partial, residual, weight, slot=np.int32(slot))
+  token, normed, new_residual = pending
+  out = (jax.ShapeDtypeStruct(normed.shape, normed.dtype),
+         jax.ShapeDtypeStruct(new_residual.shape, new_residual.dtype))
+  return jax.ffi.ffi_call("weave_fused_done", out, has_side_effect=True,
+                          input_output_aliases={1: 0, 2: 1})(
+      token, normed, new_residual, partial, residual, weight, slot=np.int32(slot))
 
 
 def on_stream(fn, stream: int = 1):
