@@ -72,5 +72,7 @@ def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
   if weave_min_tokens is None and weave:
     weave_min_tokens = 1
   kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
+  # A variant measures its own backend at every size: no per-size substitution by the tuning
+  # table (RunConfig.backend_by_size), which is what library users get by default.
   return Engine(model, mesh, RunConfig(backend=backend, backend_options=tuple(sorted(opts.items())),
-                                       weave=weave, logits=logits, **kw))
+                                       weave=weave, logits=logits, backend_by_size=False, **kw))

@@ -47,7 +47,7 @@ def tune(args) -> dict:
   splits, wins = {}, {}
   for n in args.tokens:
     tokens = rng.integers(0, cfg.vocab_size, n)
-    base = Engine(model, mesh, RunConfig(backend=args.backend, logits="last"))
+    base = Engine(model, mesh, RunConfig(backend=args.backend, logits="last", backend_by_size=False))
     _, exe, a = base.prepare(tokens)
     unsplit = time_fn(lambda: exe(*a), iters=args.iters).median_ms
     best = None

@@ -121,8 +121,8 @@ def test_backend_options():
     get_backend("fused_p2p", ce_ctas=1)
   with pytest.raises(ValueError, match="runs only two_shot"):
     get_backend("fused_multimem", algorithm="one_shot")
-  assert d.side_priority == "high"
-  assert get_backend("fused_p2p", side_priority="normal").side_priority == "normal"
+  assert d.side_priority == "normal"
+  assert get_backend("fused_p2p", side_priority="high").side_priority == "high"
   with pytest.raises(ValueError, match="side_priority='low'"):
     get_backend("fused_p2p", side_priority="low")
 
@@ -188,7 +188,7 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   from weave_jax import weave
   monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws())
   monkeypatch.setattr(_lib, "register_targets", lambda: None)
-  backend = get_backend("fused_p2p", weave_ctas=8, side_priority="normal")
+  backend = get_backend("fused_p2p", weave_ctas=8, side_priority="high")
   mesh = jax.make_mesh((2,), (AXIS,), devices=jax.devices()[:2])
   hidden, half = 1024, 16
   stage = (lambda n, half_info, ctx: (n * 2, ctx), jnp.ones((hidden,), jnp.bfloat16), "s")
@@ -208,4 +208,4 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   assert len(dones) == 4
   assert all("output_operand_aliases" in l and "operand_index = 1" in l and "operand_index = 2" in l
              for l in dones)
-  assert "priority = 0 : i32" in text
+  assert "priority = 1 : i32" in text

@@ -154,8 +154,8 @@ def test_matches_psum_reference(ws, case):
   assert cross == 0, f"{case}: ranks differ in {cross} elements"
 
 
-@pytest.mark.parametrize("algorithm,priority", [("two_shot", "high"), ("one_shot", "high"),
-                                                ("two_shot", "normal")])
+@pytest.mark.parametrize("algorithm,priority", [("two_shot", "normal"), ("one_shot", "normal"),
+                                                ("two_shot", "high")])
 def test_start_done_matches_sync(ws, algorithm, priority):
   """start/done (side stream, results written into start's own outputs, aliased by done) give
   the same bits as the synchronous call, with a GEMM of the other operands between them."""
@@ -166,7 +166,7 @@ def test_start_done_matches_sync(ws, algorithm, priority):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, **kw)
     pending = ops.fused_start(partial, residual, weight, eps=EPS, slot=1, side_priority=priority,
                               **kw)
-    busy = jnp.tanh(partial[:, :1024] @ partial[:1024].T)   # compute while the kernel runs
+    busy = jnp.tanh(partial[:, :512] @ partial[:, :512].T)  # compute while the kernel runs
     pending, busy = jax.lax.optimization_barrier((pending, busy))
     b = ops.fused_done(pending, partial, residual, weight, slot=1)
     return a[0][None], b[0][None], a[1], b[1], jnp.sum(busy)[None]

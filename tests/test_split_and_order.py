@@ -133,3 +133,29 @@ ENTRY %main {
   assert hlo_order.copies_of_outputs(hlo, "weave_fused_start") == ["bad"]
   assert hlo_order.copies_of_outputs(hlo.replace("copy(%n2)", "copy(%p0)"), "weave_fused_start") == []
   assert hlo_order.copies_of_outputs(hlo, "no_such_target") == []
+
+
+def test_engine_takes_the_tuned_backend_per_size(tmp_path, monkeypatch):
+  """Buckets where the table measured another backend faster run on it (unsplit plans only);
+  other buckets, and RunConfig(backend_by_size=False), keep the configured backend."""
+  cfg = preset("tiny")
+  mesh = make_mesh(4)
+  model = init_random(cfg, mesh)
+  path = str(tmp_path / "splits.json")
+  real = split_mod.tuned_backend
+  monkeypatch.setattr(split_mod, "tuned_backend", lambda *a, path=path: real(*a, path=path))
+  eng = Engine(model, mesh, RunConfig(backend="rs_ag", logits="last"))
+  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "rs_ag")
+  split_mod.save_entry(key, {"backend_by_bucket": {"16": "psum", "64": "rs_ag"}}, path)
+  assert split_mod.tuned_backend(eng.device_kind, cfg, 4, "rs_ag", 13) == "psum"
+  assert split_mod.tuned_backend(eng.device_kind, cfg, 4, "rs_ag", 64) is None  # itself
+  assert eng.plan(13).backend == "psum" and eng.plan(16).backend == "psum"
+  assert eng.plan(64).backend == "rs_ag" and eng.plan(200).backend == "rs_ag"
+  assert eng.backend_of(eng.plan(13)).name == "psum"
+  tokens = np.arange(13) % cfg.vocab_size
+  ref = Engine(model, mesh, RunConfig(backend="psum", logits="last"))(tokens)
+  np.testing.assert_allclose(np.asarray(eng(tokens)), np.asarray(ref), rtol=0, atol=0)
+  pinned = Engine(model, mesh, RunConfig(backend="rs_ag", backend_by_size=False))
+  assert pinned.plan(13).backend == "rs_ag"
+  woven = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True, weave_min_tokens=8))
+  assert woven.plan(16).split is not None and woven.plan(16).backend == "rs_ag"

@@ -43,6 +43,10 @@ class RunConfig:
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
+  backend_by_size: let the tuning table pick another backend for the token buckets where it
+    measured that backend faster in this engine's unsplit forward (e.g. XLA's psum for
+    decode-sized batches under ``fused_p2p``; ``weave_jax.split.tuned_backend``).  False runs
+    ``backend`` at every size (what a benchmark of that backend wants).
   """
   backend: str = "psum"
   backend_options: tuple[tuple[str, object], ...] = ()
@@ -51,6 +55,7 @@ class RunConfig:
   split: int | None = None
   attn_impl: str | None = None
   logits: str = "all"
+  backend_by_size: bool = True
 
   def __post_init__(self):
     if self.logits not in ("all", "last"):
@@ -63,6 +68,7 @@ class Plan:
   n_tokens: int        # real tokens
   padded: int          # padded to the TP size (per half when woven)
   split: int | None    # first token of half B, or None (unsplit)
+  backend: str = ""    # communication backend of this batch size (RunConfig.backend_by_size)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -86,6 +92,7 @@ class Engine:
     self.tp = mesh.shape[AXIS]
     self.cfg.check_tp(self.tp)
     self.backend = get_backend(run.backend, **dict(run.backend_options))
+    self._backends = {run.backend: self.backend}   # + what backend_by_size substitutes
     self.graphdef, self.state = nnx.split(model)
     self._check_param_dtypes()
     self.specs = state_specs(self.state)
@@ -117,14 +124,24 @@ class Engine:
       measured = split_mod.tuned_weave(self.device_kind, self.cfg, tp, run.backend, n_tokens)
     woven = n_tokens >= max(min_tokens, 2 * tp) if measured is None else measured
     if not run.weave or not woven or n_tokens < 2 * tp:
-      return Plan(n_tokens, _round_up(n_tokens, tp), None)
+      backend = run.backend
+      if run.backend_by_size:
+        backend = split_mod.tuned_backend(self.device_kind, self.cfg, tp, run.backend,
+                                          n_tokens) or backend
+      return Plan(n_tokens, _round_up(n_tokens, tp), None, backend)
     if run.split is not None:
       s = run.split
       if s % tp or not 0 < s < n_tokens:
         raise ValueError(f"RunConfig.split={s} must be a multiple of TP={tp} in (0, {n_tokens})")
     else:
       s = split_mod.choose_split(n_tokens, self.cfg, tp, self.device_kind, self.sms, run.backend)
-    return Plan(n_tokens, s + _round_up(n_tokens - s, tp), s)
+    return Plan(n_tokens, s + _round_up(n_tokens - s, tp), s, run.backend)
+
+  def backend_of(self, plan: Plan):
+    """The backend object that runs ``plan`` (built on first use for a substituted one)."""
+    if plan.backend not in self._backends:
+      self._backends[plan.backend] = get_backend(plan.backend)
+    return self._backends[plan.backend]
 
   # --- validation ----------------------------------------------------------------------------
 
@@ -162,7 +179,7 @@ class Engine:
   def _build(self, plan: Plan, packed: bool):
     logits_at = plan.n_tokens - 1 if self.run.logits == "last" else None
     rank_fn = functools.partial(
-        self._rank_forward, split=plan.split, logits_at=logits_at)
+        self._rank_forward, backend=self.backend_of(plan), split=plan.split, logits_at=logits_at)
     seg_spec = P() if packed else None
     sharded = jax.shard_map(rank_fn, mesh=self.mesh,
                             in_specs=(self.specs, P(), P(), seg_spec),
@@ -174,9 +191,9 @@ class Engine:
 
     return jax.jit(fwd)
 
-  def _rank_forward(self, state, tokens, positions, segments, *, split, logits_at):
+  def _rank_forward(self, state, tokens, positions, segments, *, backend, split, logits_at):
     model = nnx.merge(self.graphdef, state)
-    return forward_rank(model, tokens, positions, segments, backend=self.backend, split=split,
+    return forward_rank(model, tokens, positions, segments, backend=backend, split=split,
                         tp=self.tp, attn_impl=self.attn_impl, logits_at=logits_at)
 
   def compiled(self, n_tokens: int, packed: bool = False):
@@ -184,17 +201,17 @@ class Engine:
     plan = self.plan(n_tokens)
     key = (plan, packed)
     if key not in self._compiled:
-      self._ensure_workspace(plan.padded)
+      self._ensure_workspace(self.backend_of(plan), plan.padded)
       args = self._example_args(plan, packed)
       opts = xla_options.compile_options(self.platform, weave=plan.split is not None)
       lowered = self._build(plan, packed).lower(*args)
       self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]
 
-  def _ensure_workspace(self, tokens: int) -> None:
+  def _ensure_workspace(self, backend, tokens: int) -> None:
     """The fused backends need the library's workspace (allocated outside XLA) sized for the
     largest chunk; (re)allocate it when this mesh/size/dtype is not covered yet."""
-    if not self.backend.name.startswith("fused"):
+    if not backend.name.startswith("fused"):
       return
     from weave_jax import fused
     ws = fused.workspace.current()
@@ -204,7 +221,7 @@ class Engine:
         or ws.dtype != dtype or ws.ordinals != want_ordinals):
       max_tokens = max(tokens, ws.max_tokens if ws is not None else 0, 16384)
       fused.init_workspace(self.mesh, max_tokens=max_tokens, hidden=self.cfg.hidden_size,
-                           dtype=dtype, transport=getattr(self.backend, "transport", "peer"))
+                           dtype=dtype, transport=getattr(backend, "transport", "peer"))
 
   def _example_args(self, plan: Plan, packed: bool):
     i32 = jax.ShapeDtypeStruct((plan.padded,), jnp.int32)

@@ -126,6 +126,16 @@ def tuned_weave(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tok
   return entry.get("weave", {}).get(str(bucket(n_tokens)))
 
 
+def tuned_backend(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
+                  path: str = TUNING_FILE) -> str | None:
+  """The backend measured fastest for this token bucket when it is not ``backend`` itself (the
+  entry's ``backend_by_bucket``: bucket -> backend name), else None.  E.g. XLA's psum for
+  decode-sized batches, where the fused kernel's model was slower (BENCHMARKS.md)."""
+  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
+  chosen = entry.get("backend_by_bucket", {}).get(str(bucket(n_tokens)))
+  return chosen if chosen and chosen != backend else None
+
+
 def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str, default: int,
                     path: str = TUNING_FILE) -> int:
   """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise).

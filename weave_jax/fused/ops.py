@@ -175,7 +175,7 @@ SIDE_PRIORITIES = {"normal": 0, "high": 1}
 
 def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WEAVE_CTAS,
                 slot: int = 0, transport: str = "peer", algorithm: str = "auto",
-                ce_ctas: int = DEFAULT_CE_CTAS, side_priority: str = "high"):
+                ce_ctas: int = DEFAULT_CE_CTAS, side_priority: str = "normal"):
   """Launches the kernel on the library's side stream and returns at once.
 
   Returns a pending result ``(token, normed, new_residual)`` for ``fused_done``: the kernel
@@ -184,9 +184,10 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
   fine).  At most ``num_slots`` starts may be in flight (each with its own slot) before their
   dones.
 
-  ``side_priority``: "high" runs the kernel on a stream of the device's highest priority, so
-  its blocks are scheduled ahead of compute blocks queued on XLA's stream; "normal" on one of
-  normal priority.
+  ``side_priority``: "normal" (default) runs the kernel on a library stream of normal priority;
+  "high" on one of the device's highest priority, so that its blocks are scheduled ahead of
+  compute blocks queued on XLA's stream.  In the woven model on 2 x H200 "high" was no faster
+  (0-3% slower, within noise; BENCHMARKS.md), hence the default.
   """
   ws = ws_lib.current()
   if ws is not None and not 0 <= slot < ws.num_slots:
