@@ -4,10 +4,10 @@ The workspace lives outside XLA's allocator (cudaMalloc in ``ffi/workspace.cu``)
 device, and the FFI handlers find it by device ordinal.  Footprint per device (Tmax tokens,
 H hidden, 2-byte dtype, ``num_slots`` slots, ``world`` ranks, Smax = ceil(Tmax / world))::
 
-    (1 + num_slots) * world * Smax * H * 2  +  num_slots * Smax * H * 2
+    (1 + num_slots) * world * Smax * H * 2
     + 2 * (world + 1) * Tos * H * 2  +  ~21 KiB,      Tos = max(1, min(Tmax, 1 MiB / (H * 2)))
 
-e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 2 GiB + 6 MiB per device.
+e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 1.5 GiB + 6 MiB per device.
 
 One process driving every GPU: peer pointers (peer access enabled).  One process per GPU
 (``jax.distributed``): CUDA IPC handles exchanged through the distributed runtime's key-value
