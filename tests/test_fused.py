@@ -209,3 +209,22 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   assert all("output_operand_aliases" in l and "operand_index = 1" in l and "operand_index = 2" in l
              for l in dones)
   assert "priority = 1 : i32" in text
+
+
+def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):
+  """The synchronous fused call lowers without a side effect, so JAX keeps its fast dispatch
+  path for programs made of it (effects would route every call through the slow path)."""
+  monkeypatch.setattr(_lib, "register_targets", lambda: None)
+  mesh = jax.make_mesh((2,), (AXIS,), devices=jax.devices()[:2])
+
+  def local(p, r, w):
+    return ops.fused_reduce_add_norm(p, r, w, eps=1e-6, ctas=8)
+
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
+                            out_specs=(P(AXIS), P(AXIS))))
+  sds = lambda shape, spec: jax.ShapeDtypeStruct(
+      shape, jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, spec))
+  args = (sds((128, 1024), P(AXIS)), sds((64, 1024), P(AXIS)), sds((1024,), P()))
+  line = next(l for l in f.lower(*args).as_text().splitlines() if "@weave_fused_ran(" in l)
+  assert "has_side_effect = true" not in line
+  assert not jax.make_jaxpr(f)(*args).effects

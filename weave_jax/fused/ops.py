@@ -163,9 +163,12 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
-  # has_side_effect: a call whose outputs are unused on one rank must still run there, or the
-  # other ranks' barriers would time out.
-  return jax.ffi.ffi_call(target, out, has_side_effect=True)(
+  # No side effect declared: JAX dispatches programs with (unordered) effects through its slow
+  # Python path with runtime tokens, which cost decode-sized steps ~0.1 ms per call of the
+  # program.  Without the flag XLA may drop a call whose results are unused, or merge identical
+  # calls; every rank runs the same SPMD program, so every rank drops or merges the same calls
+  # and no barrier is left waiting.
+  return jax.ffi.ffi_call(target, out, has_side_effect=False)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid),
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
 
@@ -200,6 +203,8 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
   out = (jax.ShapeDtypeStruct((1,), jnp.uint32),
          jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
+  # Side effects declared (start and done): they talk to the library's side stream outside
+  # XLA's view.  The cost: programs with them take JAX's slow dispatch path (see above).
   return jax.ffi.ffi_call("weave_fused_start", out, has_side_effect=True)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid), slot=np.int32(slot),
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]),
