@@ -209,7 +209,6 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   assert all("output_operand_aliases" in l and "operand_index = 1" in l and "operand_index = 2" in l
              for l in dones)
   assert "priority = 1 : i32" in text
-  assert "has_side_effect = true" not in text   # JAX's fast dispatch path stays available
 
 
 def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):

@@ -203,11 +203,9 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
   out = (jax.ShapeDtypeStruct((1,), jnp.uint32),
          jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
-  # No side effect declared, as for the synchronous call: start's outputs feed only done, so XLA
-  # keeps or drops the pair together, the same on every rank; the order of starts, dones and
-  # the other half's compute is pinned by data dependencies and optimization barriers (slot
-  # reuse waits for the previous done of that slot through the data).
-  return jax.ffi.ffi_call("weave_fused_start", out, has_side_effect=False)(
+  # Side effects declared (start and done): they talk to the library's side stream outside
+  # XLA's view.  The cost: programs with them take JAX's slow dispatch path (see above).
+  return jax.ffi.ffi_call("weave_fused_start", out, has_side_effect=True)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid), slot=np.int32(slot),
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]),
       priority=np.int32(SIDE_PRIORITIES[side_priority]))
@@ -223,7 +221,7 @@ def fused_done(pending, partial, residual, weight, *, slot: int = 0):
   token, normed, new_residual = pending
   out = (jax.ShapeDtypeStruct(normed.shape, normed.dtype),
          jax.ShapeDtypeStruct(new_residual.shape, new_residual.dtype))
-  return jax.ffi.ffi_call("weave_fused_done", out, has_side_effect=False,
+  return jax.ffi.ffi_call("weave_fused_done", out, has_side_effect=True,
                           input_output_aliases={1: 0, 2: 1})(
       token, normed, new_residual, partial, residual, weight, slot=np.int32(slot))
 
