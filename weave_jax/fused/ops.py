@@ -164,7 +164,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
   # No side effect declared: JAX runs programs with (unordered) effects through its slow
-  # dispatch path with runtime tokens.  Measured on 2 x H200 (Llama shapes, 4 layers): with the
+  # dispatch path with runtime tokens (which part of the flag's cost that is was not isolated).
+  # Measured on 2 x H200 (Llama shapes, 4 layers): with the
   # flag the unsplit fused forward was 0.80-0.99x the psum baseline from 1 to 4096 tokens,
   # without it 1.02-1.07x (BENCHMARKS.md).  Without the flag XLA may drop a call whose results
   # are unused, or merge identical calls; every rank runs the same SPMD program, so every rank
