@@ -299,6 +299,9 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   // inputs and every earlier kernel on XLA's stream (sync calls included) before the side stream
   cudaEventRecord(w->ev_inputs, stream);
   cudaStreamWaitEvent(side, w->ev_inputs, 0);
+  // and the previous start, which may have run on the other side stream (starts of different
+  // priorities in flight together would share the workspace's staging rows and signal pads)
+  cudaStreamWaitEvent(side, w->ev_last, 0);
   if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
                              ctas, side);
       e != cudaSuccess)
