@@ -919,15 +919,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // phase 2: my out_slot -> normed (rows of every owner assigned to block b; peer transport:
   // my own rows are in normed already)
-  {
-    auto spans = [&](int q) {
-      return RowSpan{static_cast<const char*>(p.out_slots[p.rank]) + q * p.shard * row_bytes,
-                     static_cast<char*>(p.normed) + q * p.shard * row_bytes};
-    };
-    const int skip = Transport::kOwnRowsInNormed ? p.rank : -1;
-    if constexpr (kTma) tma_copy_rows(p, spans, tma_buf, mbar, uses, skip);
-    else copy_rows(p, spans, skip);
-  }
+  auto out_spans = [&](int q) {
+    return RowSpan{static_cast<const char*>(p.out_slots[p.rank]) + q * p.shard * row_bytes,
+                   static_cast<char*>(p.normed) + q * p.shard * row_bytes};
+  };
+  const int skip_owner = Transport::kOwnRowsInNormed ? p.rank : -1;
+  if constexpr (kTma) tma_copy_rows(p, out_spans, tma_buf, mbar, uses, skip_owner);
+  else copy_rows(p, out_spans, skip_owner);
   stamp(p, 5);  // copy-out done
   if (threadIdx.x == 0) p.epochs[blockIdx.x] = epoch;
 }
@@ -979,10 +977,8 @@ struct OneShotIo {
   const KernelParams& p;
   uint32_t vpr;
   const uint4* stage;  // my os_slot, this call's parity
-  uint4* out;          // normed
   __device__ OneShotIo(const KernelParams& kp, int parity)
-      : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)), stage(os_stage(kp, kp.rank, parity)),
-        out(static_cast<uint4*>(kp.normed)) {}
+      : p(kp), vpr(static_cast<uint32_t>(kp.hidden / 8)), stage(os_stage(kp, kp.rank, parity)) {}
   __device__ bool valid(int64_t) const { return true; }
   __device__ bool mine(int64_t r) const { return r / p.shard == p.rank; }
   __device__ const uint4* source(int q, int64_t r) const {
@@ -997,7 +993,9 @@ struct OneShotIo {
     return mine(r) ? static_cast<uint4*>(p.new_residual) + (r - p.rank * p.shard) * vpr : nullptr;
   }
   __device__ void pad(int64_t, int, int, uint32_t) const {}
-  __device__ void emit(int64_t r, uint32_t c, uint4 v) const { out[r * vpr + c] = v; }
+  __device__ void emit(int64_t r, uint32_t c, uint4 v) const {
+    static_cast<uint4*>(p.normed)[r * vpr + c] = v;
+  }
 };
 
 template <typename T, int kVec>
