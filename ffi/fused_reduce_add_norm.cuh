@@ -21,10 +21,9 @@
 //   os_slot   2 parities x (world + 1) x Tos rows x H   one-shot staging (see ONE-SHOT below)
 //   pads      uint32 [5 barriers][128 blocks][8 source ranks]   signal words, one 32-bit word per
 //                                            (barrier, block, source): no flags packed in bytes
-//   epochs    uint32 [132]                   local only: [b] calls block b of the two-shot
-//                                            kernel has taken part in; [128] copy-engine calls,
-//                                            [129] its block-arrival counter; [130] one-shot
-//                                            calls, [131] its counter
+//   epochs    uint32 [130]                   local only: [b] calls block b of the two-shot
+//                                            kernel has taken part in; [128] one-shot calls,
+//                                            [129] its block-arrival counter
 // Peers reach in_slot, out_slot and pads through peer pointers (one process, peer access
 // enabled) or CUDA IPC mappings (one process per GPU).  MultimemTransport reads in_slot and
 // writes out_slot through their multicast addresses instead; signals always use unicast words.
@@ -97,22 +96,28 @@
 // host-mapped memory, fences at system scope, and executes __trap().  The host reads that
 // record after XLA reports the launch failure and raises an error naming rank and barrier.
 // ============================================================================================
-// COPY-ENGINE ALGORITHM (algo 1, peer only): the same two-shot data flow with the NVLink traffic
-// moved to the copy engines, so only the local reduce uses SMs.  On each rank's stream:
-//   1. cudaMemcpyAsync per peer q: my partial rows of q's slice -> q's in_slot [p*S + i]  (push)
-//   2. ce kernel (any grid; blocks are NOT paired, so no co-residency is needed):
-//        every block signals barrier 2 to every peer (my pushes completed before the kernel
-//        started: stream order) and waits for every peer's barrier-2 word (one word per source,
-//        block index 0); then phase 1 as above, but normalized rows go to MY out_slot (and to
-//        `normed`) instead of being pushed;
-//        each block fences (system scope) and counts itself on a device counter; the last block
-//        signals barrier 3 to every peer, waits for every peer's barrier 3, resets the counter
-//        and advances the epoch.
-//   3. cudaMemcpyAsync per peer q: q's out_slot rows of q's slice -> my normed (pull; q's
-//        barrier-3 signal was acquired before my kernel ended).
-// Reuse: I push into q's in_slot (call k+1) only after q's barrier 3 of call k, which q sends
-// after all its blocks finished reading in_slot.  I write my out_slot (call k+1) only after
-// every peer's barrier 2 of call k+1, which each sends after its pull of call k (stream order).
+// COPY-ENGINE ALGORITHM (algo 1, peer transport, one process driving every GPU): the two-shot
+// data flow with the NVLink traffic on the copy engines and NO device-side waiting, so only the
+// local reduce uses SMs and nothing spins.  Ranks meet on the host (handlers.cu) and order
+// their streams with cross-device CUDA events.  Call n on rank p, stream s:
+//   1. cudaMemcpyPeerAsync per peer q: my partial rows of q's slice -> q's in_slot [p*S + i]
+//   2. record ev_pushed[p] on s; host rendezvous 2 ("pushed"): every rank recorded call n's
+//      ev_pushed; s waits for every peer's ev_pushed
+//   3. ce kernel (any grid, blocks independent): phase 1 on my slice from LOCAL memory; the
+//      normalized rows go to my out_slot and to `normed`
+//   4. record ev_reduced[p]; host rendezvous 3 ("reduced"); s waits for every peer's
+//      ev_reduced, then cudaMemcpyPeerAsync per peer q: q's out_slot rows of q's slice -> my
+//      normed (pull)
+// Reuse.  q pushes into my in_slot (call n+1) after its step 4 of call n, i.e. after my kernel
+// n finished reading in_slot.  My kernel n+1 writes my out_slot after every peer's ev_pushed of
+// n+1, recorded after that peer's pull of call n.  Events are re-recorded only after the next
+// rendezvous, which every peer reaches only after its waits on the previous record, so one
+// event per rank and kind suffices.  Against the kernels' algorithms the stream order of the
+// calls on each rank suffices: each one ends only once its accesses to peers' buffers are done.
+// A rendezvous times out after the workspace's timeout: the handler records {rank, peer,
+// rendezvous 2 or 3, block -1, call} in the error record and returns an error (nothing traps);
+// the rendezvous is then marked broken and every later copy-engine call fails at once.
+// Under CUDA graph capture the handler refuses (cross-device events cannot be captured).
 //
 // ONE-SHOT ALGORITHM (algo 2, peer only, T <= Tos): for small messages, one barrier per call.
 // Block b handles global rows r with r % nb == b:
@@ -123,8 +128,7 @@
 //          `partial`), + residual (mine or staged), round, RMSNorm; write normed[r] locally,
 //          and new_residual for the rows of my slice.  Every rank computes every row with the
 //          same operands in the same order, so `normed` is bitwise identical across ranks.
-// parity = epoch & 1 (epoch = one-shot calls so far, advanced by the last block to finish, as
-// in the copy-engine kernel).  Reuse without a second barrier: I write into a peer's parity-x
+// parity = epoch & 1 (epoch = one-shot calls so far, advanced by the last block to finish).  Reuse without a second barrier: I write into a peer's parity-x
 // buffer in call k+2 only after my kernel k+1 passed barrier 4, i.e. after every peer's kernel
 // k+1 started, i.e. after every peer's kernel k (the last reader of parity x) finished.
 // Calls of different algorithms use disjoint barrier words and epochs; the buffers they share
@@ -152,13 +156,14 @@ constexpr int kMaxVecPerThread = 4;                      // 16-byte vectors per 
 constexpr int kMaxHidden = kThreads * kMaxVecPerThread * 8;  // 16384 elements
 constexpr int kOneShotBytes = 1 << 20;                   // Tos = this / (H * 2) rows, >= 1
 // barrier ids (first index of the pads)
-constexpr int kBarStart = 0, kBarEnd = 1, kBarCeStart = 2, kBarCeEnd = 3, kBarOneShot = 4;
+// 2 and 3 name the copy-engine algorithm's host rendezvous (error records only; their pad words
+// stay unused)
+constexpr int kBarStart = 0, kBarEnd = 1, kBarCePushed = 2, kBarCeReduced = 3, kBarOneShot = 4;
 constexpr int kNumBarriers = 5;
 constexpr int kPadWords = kNumBarriers * kMaxCtas * kMaxRanks;
 // epochs[] words
-constexpr int kEpochCe = kMaxCtas, kCountCe = kMaxCtas + 1;
-constexpr int kEpochOneShot = kMaxCtas + 2, kCountOneShot = kMaxCtas + 3;
-constexpr int kEpochWords = kMaxCtas + 4;
+constexpr int kEpochOneShot = kMaxCtas, kCountOneShot = kMaxCtas + 1;
+constexpr int kEpochWords = kMaxCtas + 2;
 // Phase stamps (diagnostics, off unless the workspace turns them on): per block, kStamps words.
 constexpr int kStamps = 8;
 
@@ -287,17 +292,7 @@ __device__ __forceinline__ uint32_t call_epoch(const uint32_t* word, uint32_t* s
   return *s_epoch;
 }
 
-// Barrier `id` of the unpaired kernels: thread t < world (t != rank) signals rank t and waits
-// for rank t, on block-0 words.  Every caller signals the same value, so any block may call it.
-__device__ __forceinline__ void peer_barrier(const KernelParams& p, int id, uint32_t epoch) {
-  const int t = threadIdx.x;
-  if (t < p.world && t != p.rank) {
-    st_release_sys(p.pads[t] + pad_index(id, 0, p.rank), epoch);
-    wait_word(p, p.pads[p.rank] + pad_index(id, 0, t), epoch, id, t);
-  }
-}
-
-// Last block of an unpaired kernel: reset the arrival counter, record the call's epoch.
+// Last block of the one-shot kernel: reset the arrival counter, record the call's epoch.
 __device__ __forceinline__ void finish_call(const KernelParams& p, int count_word, int epoch_word,
                                             uint32_t epoch) {
   if (threadIdx.x == 0) {
@@ -306,7 +301,7 @@ __device__ __forceinline__ void finish_call(const KernelParams& p, int count_wor
   }
 }
 
-// Grid-wide "everyone is done" for the unpaired kernels: each block fences its writes at system
+// Grid-wide "everyone is done" for the one-shot kernel: each block fences its writes at system
 // scope and counts itself; returns true in every thread of the last block to arrive, which
 // then holds the acquire side of every block's writes.
 __device__ __forceinline__ bool last_block_to_finish(uint32_t* counter, int* s_flag) {
@@ -947,20 +942,9 @@ template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     ce_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
   __shared__ float smem[kThreads / 32];
-  __shared__ uint32_t s_epoch;
-  __shared__ int s_last;
-  const uint32_t epoch = call_epoch(p.epochs + kEpochCe, &s_epoch);
-  // barrier 2: my pushes completed before this kernel started (stream order); every block
-  // signals (the same value), so no block depends on another block being resident
-  peer_barrier(p, kBarCeStart, epoch);
-  __syncthreads();
+  // peers' pushes were ordered before this kernel by events (COPY-ENGINE ALGORITHM above)
   const CopyEngineIo io(p);
   norm_rows<T, kVec>(p, io, p.shard, smem);
-  if (last_block_to_finish(p.epochs + kCountCe, &s_last)) {
-    // barrier 3: every block's out_slot writes and in_slot reads are done
-    peer_barrier(p, kBarCeEnd, epoch);
-    finish_call(p, kCountCe, kEpochCe, epoch);
-  }
 }
 
 // One-shot algorithm (algo 2): staging layout of os_slot (uint4 units), parity x:

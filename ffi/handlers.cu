@@ -3,7 +3,8 @@
 //   weave_fused_ran         one call: normed, new_residual            (kernel on XLA's stream)
 //
 // Every handler takes `algo`: 0 two-shot kernel (peer transport on sm_90+: its TMA variant),
-// 1 copy-engine (push copies, reduce kernel, pull copies; peer transport only), 2 one-shot
+// 1 copy-engine (push copies, reduce kernel, pull copies, ranks meeting on the host; peer
+// transport, one process driving every GPU), 2 one-shot
 // kernel (T <= the workspace's one-shot rows; peer transport only), 3 two-shot with 16-byte
 // copies only (what sm_80 runs; kept selectable for comparisons).  See the kernel file for each
 // algorithm's protocol.
@@ -22,7 +23,10 @@
 // with the op's name); Python validates the same things before launch with friendlier errors.
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "fused_reduce_add_norm.cuh"
@@ -128,55 +132,106 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   return ffi::Error::Success();
 }
 
-// One copy of `bytes` between rank `dst_rank`'s and rank `src_rank`'s memory on stream s.
-// One process driving every GPU: cudaMemcpyPeerAsync, which is asynchronous with respect to
-// all work on other devices.  (A plain cudaMemcpyAsync between two devices' pointers appeared
-// to wait for the peer device's queued work, i.e. for the peer's kernel spinning at barrier 2
-// for this very rank: a deadlock, caught by the barrier timeout, on 2 x H200, 2026-11-22.)
-// IPC: the peer's buffer is mapped into this device's context, a local copy.
+// One copy of `bytes` from rank `src_rank`'s to rank `dst_rank`'s memory on stream s (both
+// devices of this process): cudaMemcpyPeerAsync, asynchronous with respect to all work on
+// other devices.
 cudaError_t copy_between(const weave::DeviceWorkspace& w, void* dst, int dst_rank,
                          const void* src, int src_rank, size_t bytes, cudaStream_t s) {
-  if (w.peer_ordinal[dst_rank] >= 0 && w.peer_ordinal[src_rank] >= 0)
-    return cudaMemcpyPeerAsync(dst, w.peer_ordinal[dst_rank], src, w.peer_ordinal[src_rank],
-                               bytes, s);
-  return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s);
+  return cudaMemcpyPeerAsync(dst, w.peer_ordinal[dst_rank], src, w.peer_ordinal[src_rank], bytes,
+                             s);
 }
 
-// Copy-engine algorithm: push copies, the reduce kernel, pull copies into `normed`, all on
-// stream s.
+// Host rendezvous `point` (0 "pushed", 1 "reduced") of copy-engine call n: publish my arrival,
+// then wait for every rank's, up to the workspace's timeout.  On timeout the error record gets
+// {rank, peer, barrier kBarCePushed + point, block -1, call n}, the rendezvous is marked broken
+// (ranks would otherwise disagree on call numbers) and an error naming both ranks is returned.
+ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point, uint64_t n) {
+  weave::HostRendezvous& g = *w.rendezvous;
+  const char* name = point == 0 ? "pushed" : "reduced";
+  g.arrived[point][w.rank].store(n, std::memory_order_release);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int q = 0; q < w.world; ++q) {
+    for (uint32_t spins = 1; g.arrived[point][q].load(std::memory_order_acquire) < n; ++spins) {
+      if (g.broken.load(std::memory_order_relaxed))
+        return ffi::Error(ffi::ErrorCode::kAborted,
+                          std::string(op) + ": copy-engine rendezvous broken by an earlier timeout;"
+                          " re-initialise the workspace");
+      if (spins < 4096) continue;  // peers usually arrive within microseconds
+      std::this_thread::yield();
+      const auto waited = std::chrono::steady_clock::now() - t0;
+      if (std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count() >
+          static_cast<int64_t>(w.timeout_ns)) {
+        g.broken.store(true);
+        volatile weave::ErrorRecord* e = w.err_host;
+        e->rank = w.rank;
+        e->peer = q;
+        e->barrier = weave::kBarCePushed + point;
+        e->block = -1;
+        e->epoch = static_cast<uint32_t>(n);
+        std::atomic_thread_fence(std::memory_order_release);
+        e->code = 1;
+        return ffi::Error(ffi::ErrorCode::kDeadlineExceeded,
+                          std::string(op) + ": rank " + std::to_string(w.rank) +
+                              " timed out at copy-engine rendezvous '" + name +
+                              "' waiting for rank " + std::to_string(q) + " (call " +
+                              std::to_string(n) + ")");
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 template <typename T, int kVec>
-cudaError_t launch_copy_engine(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
-                               int32_t ctas, cudaStream_t s) {
-  const int64_t rb = p.hidden * 2;
+void launch_ce_kernel(const weave::KernelParams& p, int32_t ctas, cudaStream_t s) {
+  weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+}
+
+// Copy-engine algorithm (protocol in the kernel file): push copies, rendezvous, local reduce
+// kernel, rendezvous, pull copies, all enqueued on stream s by this rank's handler thread.
+ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
+                           bool bf16, int32_t ctas, cudaStream_t s) {
+  if (w.ipc || w.rendezvous == nullptr)
+    return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
+  if (is_capturing(s)) return op_error(op, "algorithm copy_engine cannot run under CUDA graph capture");
+  const uint64_t n = ++w.ce_calls;
+  const int64_t rb = p.hidden * w.dtype_bytes;
+  auto slice = [&](const void* base, int q) { return static_cast<const char*>(base) + q * p.shard * rb; };
   for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
     const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0) {
-      cudaError_t e = copy_between(w, static_cast<char*>(p.in_slots[q]) + p.rank * p.shard * rb, q,
-                                   static_cast<const char*>(p.partial) + q * p.shard * rb, p.rank,
-                                   rows * rb, s);
-      if (e != cudaSuccess) return e;
-    }
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
+      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.in_slots[q], p.rank)), q,
+                                       slice(p.partial, q), p.rank, rows * rb, s);
+          e != cudaSuccess)
+        return cuda_error(op, "push copy", e);
   }
-  weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  cudaEventRecord(w.ev_pushed, s);
+  if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
+  for (int q = 0; q < p.world; ++q)
+    if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed, 0);
+  const bool v2 = vec_per_thread(p.hidden) == 2;
+  if (bf16)
+    v2 ? launch_ce_kernel<__nv_bfloat16, 2>(p, ctas, s) : launch_ce_kernel<__nv_bfloat16, 4>(p, ctas, s);
+  else
+    v2 ? launch_ce_kernel<__half, 2>(p, ctas, s) : launch_ce_kernel<__half, 4>(p, ctas, s);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return cuda_error(op, "kernel launch", e);
+  cudaEventRecord(w.ev_reduced, s);
+  if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
   for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my normed
     const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0) {
-      cudaError_t e = copy_between(w, static_cast<char*>(p.normed) + q * p.shard * rb, p.rank,
-                                   static_cast<const char*>(p.out_slots[q]) + q * p.shard * rb, q,
-                                   rows * rb, s);
-      if (e != cudaSuccess) return e;
-    }
+    cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_reduced, 0);
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
+      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.normed, q)), p.rank,
+                                       slice(p.out_slots[q], q), q, rows * rb, s);
+          e != cudaSuccess)
+        return cuda_error(op, "pull copy", e);
   }
-  return cudaSuccess;
+  return ffi::Error::Success();
 }
 
 template <typename T, int kVec>
 cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
-    case kAlgoCopyEngine:
-      return launch_copy_engine<T, kVec>(p, w, ctas, s);
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
@@ -272,9 +327,9 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
   }
-  if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
-                             ctas, stream);
-      e != cudaSuccess)
+  const bool bf16 = partial.element_type() == ffi::DataType::BF16;
+  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, *w, bf16, ctas, stream);
+  if (cudaError_t e = launch(p, *w, bf16, transport, algo, ctas, stream); e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();
 }
@@ -302,10 +357,12 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   // and the previous start, which may have run on the other side stream (starts of different
   // priorities in flight together would share the workspace's staging rows and signal pads)
   cudaStreamWaitEvent(side, w->ev_last, 0);
-  if (cudaError_t e = launch(p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
-                             ctas, side);
-      e != cudaSuccess)
+  const bool bf16 = partial.element_type() == ffi::DataType::BF16;
+  if (algo == kAlgoCopyEngine) {
+    if (auto err = run_copy_engine(op, p, *w, bf16, ctas, side); err.failure()) return err;
+  } else if (cudaError_t e = launch(p, *w, bf16, transport, algo, ctas, side); e != cudaSuccess) {
     return cuda_error(op, "kernel launch", e);
+  }
   cudaEventRecord(w->ev_done[slot], side);
   cudaEventRecord(w->ev_last, side);
   w->side_pending = true;

@@ -23,6 +23,7 @@
 namespace weave {
 
 static DeviceWorkspace g_workspaces[kMaxDevices];
+static HostRendezvous g_rendezvous;  // the one local group (weave_ws_init_local)
 
 DeviceWorkspace& workspace(int ordinal) { return g_workspaces[ordinal]; }
 
@@ -92,6 +93,8 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   WS_CHECK(cudaStreamCreateWithPriority(&w.side_high, cudaStreamNonBlocking, greatest));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_pushed, cudaEventDisableTiming));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_reduced, cudaEventDisableTiming));
   for (int s = 0; s < num_slots; ++s)
     WS_CHECK(cudaEventCreateWithFlags(&w.ev_done[s], cudaEventDisableTiming));
   // ev_last must have been recorded once before anyone waits on it
@@ -138,8 +141,12 @@ int weave_ws_init_local(int n, const int* ordinals, int64_t max_tokens, int64_t 
       }
     }
   }
+  for (auto& point : weave::g_rendezvous.arrived)
+    for (auto& count : point) count.store(0);
+  weave::g_rendezvous.broken.store(false);
   for (int i = 0; i < n; ++i) {
     DeviceWorkspace& w = weave::workspace(ordinals[i]);
+    w.rendezvous = &weave::g_rendezvous;
     for (int j = 0; j < n; ++j) {
       const DeviceWorkspace& p = weave::workspace(ordinals[j]);
       w.peer_in[j] = p.in_slot;
@@ -277,6 +284,8 @@ int weave_ws_free_all(char* errbuf, int errlen) {
     if (w.stamps_host) cudaFreeHost(w.stamps_host);
     if (w.ev_inputs) cudaEventDestroy(w.ev_inputs);
     if (w.ev_last) cudaEventDestroy(w.ev_last);
+    if (w.ev_pushed) cudaEventDestroy(w.ev_pushed);
+    if (w.ev_reduced) cudaEventDestroy(w.ev_reduced);
     if (w.side) cudaStreamDestroy(w.side);
     if (w.side_high) cudaStreamDestroy(w.side_high);
     w = DeviceWorkspace{};

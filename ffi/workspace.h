@@ -4,8 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
-#include <mutex>
 
 #include "fused_reduce_add_norm.cuh"
 
@@ -13,6 +13,14 @@ namespace weave {
 
 constexpr int kMaxDevices = 64;
 constexpr int kMaxSlots = 4;
+
+// Where the handlers of one process's ranks meet on the host (copy-engine algorithm, see the
+// kernel file): arrived[k][r] = how many calls rank r has brought to rendezvous k (0 "pushed",
+// 1 "reduced").  broken: a rendezvous timed out; every later copy-engine call fails at once.
+struct HostRendezvous {
+  std::atomic<uint64_t> arrived[2][kMaxRanks];
+  std::atomic<bool> broken;
+};
 
 struct DeviceWorkspace {
   bool ready = false;
@@ -56,6 +64,11 @@ struct DeviceWorkspace {
   cudaEvent_t ev_done[kMaxSlots] = {};      // side stream -> XLA stream (slot results ready)
   cudaEvent_t ev_last = nullptr;            // last kernel launched on the side stream
   bool side_pending = false;                // a start launched since XLA's stream last waited
+  // copy-engine algorithm (one process driving every GPU only)
+  HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
+  uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
+  cudaEvent_t ev_pushed = nullptr;          // my pushes of the current call are done
+  cudaEvent_t ev_reduced = nullptr;         // my out_slot rows of the current call are ready
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
 };
 

@@ -296,8 +296,8 @@ def main():
   ap.add_argument("--ctas", default="2,4,8,16,32", help="two-shot kernel CTA counts")
   ap.add_argument("--cmdbuf-ctas", default="", help="CTA counts also timed via the "
                   "command-buffer-compatible target ('' for none)")
-  ap.add_argument("--ce-grids", default="", help="copy-engine reduce-kernel grids (experimental: "
-                  "needs WEAVE_EXPERIMENTAL_COPY_ENGINE=1)")
+  ap.add_argument("--ce-grids", default="", help="copy-engine algorithm: grids of its local "
+                  "reduce kernel, e.g. 64,132")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
   ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
                   "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")

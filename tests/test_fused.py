@@ -48,7 +48,7 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"ctas": 129}, ValueError, r"fused_reduce_add_norm: ctas=129 outside 2\.\.128"),
     (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
     (_args(), {"algorithm": "ring"}, ValueError, r"algorithm='ring' must be 'auto' or one of"),
-    (_args(), {"algorithm": "copy_engine"}, ValueError, r"copy_engine' is experimental and off"),
+    (_args(), {"algorithm": "copy_engine", "ce_ctas": 1}, ValueError, r"ce_ctas=1 outside 2\.\.1024"),
 ])
 def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
   with pytest.raises(exc, match=msg):
@@ -66,7 +66,12 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
   small = ops.AUTO_ONE_SHOT_MAX_BYTES // (8192 * 2)
   assert choose(1) == choose(small) == "one_shot"
   assert choose(small + 1) == choose(4096) == "two_shot"
-  monkeypatch.setenv(ops.ENV_EXPERIMENTAL_CE, "1")
+  # woven calls go to the copy engines from AUTO_WOVEN_COPY_ENGINE_MIN_BYTES (one process only)
+  ce_min = ops.AUTO_WOVEN_COPY_ENGINE_MIN_BYTES // (8192 * 2)
+  woven = lambda t, w=ws: ops.choose_algorithm(t, 8192, 2, w, woven=True)
+  assert woven(1) == "one_shot" and woven(ce_min - 1) == "two_shot"
+  assert woven(ce_min) == woven(4096) == "copy_engine"
+  assert woven(4096, _fake_ws(max_tokens=4096, hidden=8192, mode="ipc")) == "two_shot"
   for ce_ctas, msg in ((1, r"ce_ctas=1 outside 2\.\.1024"), (2000, "ce_ctas=2000 outside")):
     with pytest.raises(ValueError, match=msg):
       ops.fused_reduce_add_norm(*_args(tokens=64, hidden=8192), eps=1e-6,
@@ -77,6 +82,9 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
   with pytest.raises(ValueError, match="multimem transport runs only algorithm='two_shot'"):
     ops.fused_reduce_add_norm(*_args(tokens=64, hidden=8192), eps=1e-6, transport="multimem",
                               algorithm="copy_engine")
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(max_tokens=4096, hidden=8192, mode="ipc"))
+  with pytest.raises(ValueError, match="copy_engine' needs one process driving every GPU"):
+    ops.fused_start(*_args(tokens=64, hidden=8192), eps=1e-6, algorithm="copy_engine")
 
 
 def test_start_validates_too(fake_ws):
@@ -121,6 +129,15 @@ def test_backend_options():
     get_backend("fused_p2p", ce_ctas=1)
   with pytest.raises(ValueError, match="runs only two_shot"):
     get_backend("fused_multimem", algorithm="one_shot")
+  assert d.weave_algorithm == "auto"
+  assert get_backend("fused_p2p", weave_algorithm="copy_engine")._algo(woven=True) == dict(
+      algorithm="copy_engine", ce_ctas=ops.DEFAULT_CE_CTAS)
+  assert get_backend("fused_p2p", weave_algorithm="two_shot")._algo() == dict(
+      algorithm="auto", ce_ctas=ops.DEFAULT_CE_CTAS)
+  with pytest.raises(ValueError, match="weave_algorithm='ring'"):
+    get_backend("fused_p2p", weave_algorithm="ring")
+  with pytest.raises(ValueError, match="runs only two_shot"):
+    get_backend("fused_multimem", weave_algorithm="copy_engine")
   assert d.side_priority == "normal"
   assert get_backend("fused_p2p", side_priority="high").side_priority == "high"
   with pytest.raises(ValueError, match="side_priority='low'"):

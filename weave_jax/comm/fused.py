@@ -40,13 +40,13 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
-_OPTIONS = ("ctas", "weave_ctas", "algorithm", "ce_ctas", "side_priority")
+_OPTIONS = ("ctas", "weave_ctas", "algorithm", "weave_algorithm", "ce_ctas", "side_priority")
 
 
 def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
-  ``algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine"), ``ce_ctas``
-  (2..1024), ``side_priority`` ("high", "normal")."""
+  ``algorithm`` and ``weave_algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu",
+  "copy_engine"), ``ce_ctas`` (2..1024), ``side_priority`` ("high", "normal")."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -55,16 +55,17 @@ def make_backend(name: str, **options) -> CommBackend:
   for field, hi in (("ctas", ops.MAX_CTAS), ("weave_ctas", ops.MAX_CTAS),
                     ("ce_ctas", ops.MAX_CE_CTAS)):
     ops.check_grid(f"backend {name!r}", field, options.get(field, getattr(cls, field)), hi)
-  algorithm = options.get("algorithm", cls.algorithm)
-  if algorithm != "auto" and algorithm not in ops.ALGORITHMS:
-    raise ValueError(f"backend {name!r}: algorithm={algorithm!r} must be 'auto' or one of "
-                     f"{sorted(ops.ALGORITHMS)}")
+  for field in ("algorithm", "weave_algorithm"):
+    algorithm = options.get(field, getattr(cls, field))
+    if algorithm != "auto" and algorithm not in ops.ALGORITHMS:
+      raise ValueError(f"backend {name!r}: {field}={algorithm!r} must be 'auto' or one of "
+                       f"{sorted(ops.ALGORITHMS)}")
+    if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
+      raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
   priority = options.get("side_priority", cls.side_priority)
   if priority not in ops.SIDE_PRIORITIES:
     raise ValueError(f"backend {name!r}: side_priority={priority!r} must be one of "
                      f"{sorted(ops.SIDE_PRIORITIES)}")
-  if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
-    raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
   return cls(**options)
 
 
@@ -79,9 +80,13 @@ class FusedP2P(CommBackend):
   #: half's compute: fewer SMs taken from the GEMMs.  32: the best woven setting measured
   #: (32 / 64 / 128 CTAs on Llama-3.3-70B shapes, BENCHMARKS.md).
   weave_ctas: int = ops.DEFAULT_WEAVE_CTAS
-  #: "auto" (by message size, ``weave_jax.fused.ops.choose_algorithm``), "one_shot",
-  #: "two_shot", "two_shot_lsu" or "copy_engine".
+  #: algorithm of unsplit calls: "auto" (by message size,
+  #: ``weave_jax.fused.ops.choose_algorithm``), "one_shot", "two_shot", "two_shot_lsu" or
+  #: "copy_engine".
   algorithm: str = "auto"
+  #: algorithm of woven (start) calls; "auto" prefers the copy engines for large messages,
+  #: which leave the SMs to the other half's GEMMs.
+  weave_algorithm: str = "auto"
   #: blocks of the copy-engine algorithm's local reduce kernel (2..1024).
   ce_ctas: int = ops.DEFAULT_CE_CTAS
   #: priority of the side stream that woven (start) calls run on: "normal" or "high"
@@ -104,8 +109,10 @@ class FusedP2P(CommBackend):
                     stacklevel=3)
     return False
 
-  def _algo(self) -> dict:
-    algorithm = "two_shot" if self.transport != "peer" else self.algorithm
+  def _algo(self, woven: bool = False) -> dict:
+    algorithm = self.weave_algorithm if woven else self.algorithm
+    if self.transport != "peer":
+      algorithm = "two_shot"
     return dict(algorithm=algorithm, ce_ctas=self.ce_ctas)
 
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
@@ -124,7 +131,7 @@ class FusedP2P(CommBackend):
     slot = next(_slots) % ws_lib.current().num_slots
     pending = ops.fused_start(partial, residual, weight, eps=eps, ctas=self.weave_ctas, slot=slot,
                               transport=self.transport, side_priority=self.side_priority,
-                              **self._algo())
+                              **self._algo(woven=True))
     return _Handle(pending, (partial, residual, weight), slot)
 
   def done(self, handle: "_Handle"):

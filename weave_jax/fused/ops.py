@@ -18,17 +18,17 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  two barriers, ``ctas`` SMs do all the copying; on sm_90+ (peer transport) the
                  two copy phases are TMA bulk copies (the norm's stores stay 16-byte stores)
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
-    copy_engine  EXPERIMENTAL, off unless WEAVE_EXPERIMENTAL_COPY_ENGINE=1: the two-shot data
-                 flow with the NVLink copies on the copy engines (push before, pull after a local
-                 reduce kernel of ``ce_ctas`` blocks).  Correct on every shape tested, but with
-                 one process driving both GPUs, back-to-back calls deadlocked (caught by the
-                 barrier timeout) because a cross-device copy waited for the peer GPU's queued
-                 kernel; see ffi/NOTES.md.  "auto" never picks it.
+    copy_engine  the two-shot data flow with the NVLink copies on the copy engines: push copies,
+                 a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies.  Ranks meet
+                 on the host and order their streams with cross-device CUDA events, so nothing
+                 spins on the GPU and no SM copies.  One process driving every GPU only; not
+                 under CUDA graph capture.  "auto" picks it for woven (``fused_start``) calls
+                 of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES, where the SMs it leaves free
+                 matter most.
 """
 from __future__ import annotations
 
 import inspect
-import os
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,9 @@ AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
 DEFAULT_CTAS = 128
 DEFAULT_WEAVE_CTAS = 32
 DEFAULT_CE_CTAS = 64
-ENV_EXPERIMENTAL_CE = "WEAVE_EXPERIMENTAL_COPY_ENGINE"
+# "auto" runs woven calls of at least this many bytes on the copy engines.  UNVERIFIED
+# placeholder until the copy-engine rework is measured on GPU.
+AUTO_WOVEN_COPY_ENGINE_MIN_BYTES = 8 << 20
 
 
 def check_grid(op: str, field: str, value, hi: int) -> None:
@@ -67,22 +69,29 @@ def one_shot_rows(ws) -> int:
   return max(1, min(ws.max_tokens, ONE_SHOT_BYTES // (ws.hidden * ws.dtype.itemsize)))
 
 
-def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str = "peer") -> str:
+def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str = "peer",
+                     woven: bool = False) -> str:
   """The algorithm "auto" runs for a (tokens, hidden) message: one-shot for messages up to
-  AUTO_ONE_SHOT_MAX_BYTES, else the two-shot kernel (multimem: always two-shot)."""
+  AUTO_ONE_SHOT_MAX_BYTES; for a woven call (``fused_start``) of a one-process workspace, the
+  copy engines from AUTO_WOVEN_COPY_ENGINE_MIN_BYTES; else the two-shot kernel (multimem:
+  always two-shot)."""
   if transport != "peer":
     return "two_shot"
-  if tokens * hidden * itemsize <= AUTO_ONE_SHOT_MAX_BYTES and tokens <= one_shot_rows(ws):
+  nbytes = tokens * hidden * itemsize
+  if nbytes <= AUTO_ONE_SHOT_MAX_BYTES and tokens <= one_shot_rows(ws):
     return "one_shot"
+  if woven and ws.mode == "local" and nbytes >= AUTO_WOVEN_COPY_ENGINE_MIN_BYTES:
+    return "copy_engine"
   return "two_shot"
 
 
-def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transport: str):
+def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transport: str,
+             woven: bool = False):
   """(algorithm, grid) for a call, validated.  Runs after _validate."""
   ws = ws_lib.current()
   if algorithm == "auto":
     algorithm = choose_algorithm(partial.shape[0], partial.shape[1], partial.dtype.itemsize, ws,
-                                 transport)
+                                 transport, woven)
   if algorithm not in ALGORITHMS:
     raise ValueError(f"{op}: algorithm={algorithm!r} must be 'auto' or one of {sorted(ALGORITHMS)}")
   if transport != "peer" and algorithm != "two_shot":
@@ -92,10 +101,9 @@ def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transpor
                      f"({ONE_SHOT_BYTES >> 20} MiB per source at hidden={ws.hidden}), got "
                      f"{partial.shape[0]}")
   if algorithm == "copy_engine":
-    if os.environ.get(ENV_EXPERIMENTAL_CE) != "1":
-      raise ValueError(f"{op}: algorithm='copy_engine' is experimental and off: with one process "
-                       "driving every GPU, back-to-back calls can deadlock until the barrier "
-                       f"timeout (ffi/NOTES.md); set {ENV_EXPERIMENTAL_CE}=1 to run it anyway")
+    if ws.mode != "local":
+      raise ValueError(f"{op}: algorithm='copy_engine' needs one process driving every GPU of "
+                       f"the group (this workspace is {ws.mode!r})")
     check_grid(op, "ce_ctas", ce_ctas, MAX_CE_CTAS)
     grid = int(ce_ctas)
   else:
@@ -201,7 +209,8 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
     raise ValueError(f"fused_start: side_priority={side_priority!r} must be one of "
                      f"{sorted(SIDE_PRIORITIES)}")
   _validate("fused_start", partial, residual, weight, ctas, transport)
-  algorithm, grid = _resolve("fused_start", partial, algorithm, ctas, ce_ctas, transport)
+  algorithm, grid = _resolve("fused_start", partial, algorithm, ctas, ce_ctas, transport,
+                            woven=True)
   out = (jax.ShapeDtypeStruct((1,), jnp.uint32),
          jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))

@@ -31,7 +31,8 @@ ENV_TIMEOUT_MS = "WEAVE_FUSED_TIMEOUT_MS"
 DEFAULT_TIMEOUT_MS = 10_000.0
 MAX_HIDDEN = 16384  # kThreads * kMaxVecPerThread * 8 in ffi/fused_reduce_add_norm.cuh
 BARRIER_NAMES = {0: "start (inputs published)", 1: "end (outputs delivered)",
-                 2: "copy-engine start (inputs pushed)", 3: "copy-engine end (outputs ready)",
+                 2: "copy-engine host rendezvous (inputs pushed)",
+                 3: "copy-engine host rendezvous (rows reduced)",
                  4: "one-shot (inputs published)"}
 
 
@@ -212,6 +213,12 @@ def timeout_error() -> FusedTimeoutError | None:
   for o in ws.ordinals:
     if lib.weave_ws_read_error(o, rec) == 0 and rec[0] == 1:
       code, rank, peer, barrier, block, epoch = list(rec)
+      if block < 0:  # the copy-engine algorithm's host rendezvous: the call returned an error
+        return FusedTimeoutError(
+            f"weave_fused: rank {rank} (CUDA device {o}) timed out at barrier {barrier} "
+            f"'{BARRIER_NAMES.get(barrier, '?')}' waiting for rank {peer} (call "
+            f"{epoch & 0xffffffff}); nothing trapped, but copy-engine calls fail until "
+            "init_workspace() runs again")
       return FusedTimeoutError(
           f"weave_fused_ran: rank {rank} (CUDA device {o}) timed out at barrier {barrier} "
           f"'{BARRIER_NAMES.get(barrier, '?')}' waiting for rank {peer} (block {block}, epoch "
