@@ -58,6 +58,8 @@ def test_classification_table():
       "ncclKernel_ReduceScatter_fp32", "psum_invariant.14",  # real CPU op name
       "all-reduce-start.1", "all_gather.3", "collective-permute-done", "all-to-all.2",
       "fused_reduce_add_norm_kernel", "weave_fused_done", "ppermute.1",
+      "void weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2>(weave::KernelParams)",
+      "MemcpyP2P",
   ]
   compute = ["gemm_fusion_dot_general_6", "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNN",
              "ynn_fusion.1", "fusion.2", "wrapped_tanh", "custom-call.1", "MemcpyD2D"]

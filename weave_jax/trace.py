@@ -61,8 +61,10 @@ COLLECTIVE_PATTERNS: dict[str, str] = {
     "psum": "jax op names on CPU, e.g. psum_invariant.14",
     "ppermute": "jax.lax.ppermute op names",
     "collective": "XLA's own collective kernels and collective-broadcast",
-    "fused-reduce-add-norm": "weave_jax fused reduce+add+norm communication kernel",
+    "reduce-add-norm-kernel": "weave_jax's kernels: fused_/ce_/oneshot_reduce_add_norm_kernel",
     "weave-fused": "weave_jax fused communication kernels",
+    "memcpyp2p": "peer-to-peer copies (CUPTI 'MemcpyP2P'): the copy-engine algorithm's NVLink copies",
+    "memcpy-p2p": "the same, other spelling",
 }
 LAYER_RE = re.compile(r"layer_(\d+)")
 # Arg keys that may hold an op's scope path ("jit(forward)/.../layer_3/..."), most specific first.
