@@ -11,8 +11,10 @@ over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``t
     python run/bench_prefill.py --profile traces/        # + trace summary of exposed comm
 
 Variants: baseline (psum, unsplit) | psum+weave | rs_ag | rs_ag+weave | fused | fused+weave |
+fused+tuned (the library default: woven or unsplit per token bucket from the tuning table) |
 nocomm (no communication: the upper bound) | nocomm+weave (the split without communication: what
-weaving costs in compute).  A fused variant may name its kernel's grid: fused+weave@8.
+weaving costs in compute).  A fused variant may name its kernel's grid and options:
+fused+weave@8, fused+weave:weave_algorithm=two_shot.
 
 Per prompt length, every variant is compiled and warmed up, then the variants' calls are timed
 interleaved (round-robin, --iters rounds), so that drift during the run (GPU clocks,
@@ -79,7 +81,7 @@ def default_variants() -> list[str]:
     from weave_jax.comm import fused_available
     ok, why = fused_available()
     if ok:
-      names[3:3] = ["fused", "fused+weave"]
+      names[3:3] = ["fused", "fused+weave", "fused+tuned"]
     else:
       progress(f"fused variants skipped: {why}")
   return names

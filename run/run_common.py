@@ -11,10 +11,15 @@ VARIANTS = {
     "rs_ag+weave": ("rs_ag", True),
     "fused": ("fused_p2p", False),
     "fused+weave": ("fused_p2p", True),
+    # what RunConfig(backend="fused_p2p", weave=True) gives library users: per token bucket the
+    # tuning table (weave_jax/tuning/splits.json) picks woven or unsplit, and maybe the backend
+    "fused+tuned": ("fused_p2p", True),
     "nocomm": ("nocomm", False),
     # the split and its schedule without communication: what weaving costs in compute alone
     "nocomm+weave": ("nocomm", True),
 }
+
+TUNED = "fused+tuned"
 
 VARIANT_HELP = ("a name from " + ", ".join(VARIANTS) + "; a fused one may add @N to run its "
                 "kernel on N CTAs and :key=value,... for other backend options, e.g. "
@@ -66,13 +71,14 @@ def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
   if backend.startswith("fused") and ctas:   # --ctas: both grids, unless the name sets them
     opts.update(ctas=ctas, weave_ctas=ctas)
   opts.update(options)
+  tuned = base == TUNED
   # A "+weave" variant always weaves (threshold 1) unless told otherwise: it measures the woven
-  # layer.  What library users get by default is the engine's tuned threshold, which may decide
-  # not to weave (weave_jax/tuning/splits.json).
-  if weave_min_tokens is None and weave:
+  # layer.  What library users get by default ("fused+tuned") is the engine's tuned choice,
+  # which may decide not to weave (weave_jax/tuning/splits.json).
+  if weave_min_tokens is None and weave and not tuned:
     weave_min_tokens = 1
   kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
   # A variant measures its own backend at every size: no per-size substitution by the tuning
-  # table (RunConfig.backend_by_size), which is what library users get by default.
+  # table (RunConfig.backend_by_size), except the tuned variant, which is the library default.
   return Engine(model, mesh, RunConfig(backend=backend, backend_options=tuple(sorted(opts.items())),
-                                       weave=weave, logits=logits, backend_by_size=False, **kw))
+                                       weave=weave, logits=logits, backend_by_size=tuned, **kw))

@@ -67,3 +67,19 @@ def test_variant_names(bench_prefill):
     bench_prefill.parse_args(["--variants", "nocomm", "nocomm"])
   args = bench_prefill.parse_args(["--variants", "fused@16", "nocomm+weave"])
   assert args.variants == ["fused@16", "nocomm+weave"]
+
+
+def test_tuned_variant_is_the_library_default(monkeypatch):
+  """fused+tuned: RunConfig as a library user writes it (tuned threshold, per-size backend);
+  fused+weave: always woven, its own backend at every size."""
+  import sys
+  sys.path.insert(0, str(ROOT / "run"))
+  import run_common
+  seen = {}
+  monkeypatch.setattr(run_common, "Engine", lambda model, mesh, run: seen.setdefault(run.weave_min_tokens, run))
+  tuned = run_common.engine_for(None, None, "fused+tuned")
+  woven = run_common.engine_for(None, None, "fused+weave:weave_algorithm=two_shot")
+  assert (tuned.backend, tuned.weave, tuned.weave_min_tokens, tuned.backend_by_size) == (
+      "fused_p2p", True, None, True)
+  assert (woven.weave_min_tokens, woven.backend_by_size) == (1, False)
+  assert dict(woven.backend_options) == {"weave_algorithm": "two_shot"}
