@@ -200,6 +200,9 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
   fine).  At most ``num_slots`` starts may be in flight (each with its own slot) before their
   dones.
 
+  ``algorithm="auto"`` runs calls of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES on the copy
+  engines (``choose_algorithm(..., woven=True)``), so that the compute it overlaps keeps the SMs.
+
   ``side_priority``: "normal" (default) runs the kernel on a library stream of normal priority;
   "high" on one of the device's highest priority, so that its blocks are scheduled ahead of
   compute blocks queued on XLA's stream.  In the woven model on 2 x H200 "high" was no faster
