@@ -12,7 +12,8 @@
 //   error record, phase stamps   24 B + 8 KiB of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 6 MiB = 1.5 GiB + 6 MiB.
 // Two library streams per device: `side` (normal priority) and `side_high` (the device's
-// highest), for start calls.
+// highest), for start calls; two events per device and one process-wide host rendezvous for the
+// copy-engine algorithm (one process driving every GPU only).
 #include <cuda_runtime.h>
 
 #include <cstdio>
