@@ -37,7 +37,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-[[maybe_unused]] constexpr int kTransportPeer = 0;
+constexpr int kTransportPeer = 0;
 constexpr int kTransportMultimem = 1;
 constexpr int kAlgoTwoShot = 0;
 constexpr int kAlgoCopyEngine = 1;
@@ -182,56 +182,12 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 }
 
 template <typename T, int kVec>
-void launch_ce_kernel(const weave::KernelParams& p, int32_t ctas, cudaStream_t s) {
-  weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
-}
-
-// Copy-engine algorithm (protocol in the kernel file): push copies, rendezvous, local reduce
-// kernel, rendezvous, pull copies, all enqueued on stream s by this rank's handler thread.
-ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
-                           bool bf16, int32_t ctas, cudaStream_t s) {
-  if (w.ipc || w.rendezvous == nullptr)
-    return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
-  if (is_capturing(s)) return op_error(op, "algorithm copy_engine cannot run under CUDA graph capture");
-  const uint64_t n = ++w.ce_calls;
-  const int64_t rb = p.hidden * w.dtype_bytes;
-  auto slice = [&](const void* base, int q) { return static_cast<const char*>(base) + q * p.shard * rb; };
-  for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
-    const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
-      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.in_slots[q], p.rank)), q,
-                                       slice(p.partial, q), p.rank, rows * rb, s);
-          e != cudaSuccess)
-        return cuda_error(op, "push copy", e);
-  }
-  cudaEventRecord(w.ev_pushed, s);
-  if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
-  for (int q = 0; q < p.world; ++q)
-    if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed, 0);
-  const bool v2 = vec_per_thread(p.hidden) == 2;
-  if (bf16)
-    v2 ? launch_ce_kernel<__nv_bfloat16, 2>(p, ctas, s) : launch_ce_kernel<__nv_bfloat16, 4>(p, ctas, s);
-  else
-    v2 ? launch_ce_kernel<__half, 2>(p, ctas, s) : launch_ce_kernel<__half, 4>(p, ctas, s);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return cuda_error(op, "kernel launch", e);
-  cudaEventRecord(w.ev_reduced, s);
-  if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
-  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my normed
-    const int q = (p.rank + k) % p.world;
-    cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_reduced, 0);
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
-      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.normed, q)), p.rank,
-                                       slice(p.out_slots[q], q), q, rows * rb, s);
-          e != cudaSuccess)
-        return cuda_error(op, "pull copy", e);
-  }
-  return ffi::Error::Success();
-}
-
-template <typename T, int kVec>
 cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
+    case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
+      weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+      break;
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
@@ -257,6 +213,57 @@ cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w
               : launch_typed<__nv_bfloat16, 4>(p, w, transport, algo, ctas, s);
   return v2 ? launch_typed<__half, 2>(p, w, transport, algo, ctas, s)
             : launch_typed<__half, 4>(p, w, transport, algo, ctas, s);
+}
+
+// Copy-engine algorithm (protocol in the kernel file): push copies, rendezvous, local reduce
+// kernel, rendezvous, pull copies, all enqueued on stream s by this rank's handler thread.
+ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
+                           bool bf16, int32_t ctas, cudaStream_t s) {
+  if (w.ipc || w.rendezvous == nullptr)
+    return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
+  if (is_capturing(s))
+    return op_error(op, "algorithm copy_engine cannot run under CUDA graph capture");
+  const uint64_t n = ++w.ce_calls;
+  const int64_t rb = p.hidden * w.dtype_bytes;
+  auto slice = [&](const void* base, int q) {  // owner q's rows of a (T, H) buffer
+    return static_cast<const char*>(base) + q * p.shard * rb;
+  };
+  for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
+    const int q = (p.rank + k) % p.world;
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
+      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.in_slots[q], p.rank)), q,
+                                       slice(p.partial, q), p.rank, rows * rb, s);
+          e != cudaSuccess)
+        return cuda_error(op, "push copy", e);
+  }
+  cudaEventRecord(w.ev_pushed, s);
+  if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
+  for (int q = 0; q < p.world; ++q)
+    if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed, 0);
+  if (cudaError_t e = launch(p, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
+      e != cudaSuccess)
+    return cuda_error(op, "kernel launch", e);
+  cudaEventRecord(w.ev_reduced, s);
+  if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
+  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my normed
+    const int q = (p.rank + k) % p.world;
+    cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_reduced, 0);
+    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
+      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.normed, q)), p.rank,
+                                       slice(p.out_slots[q], q), q, rows * rb, s);
+          e != cudaSuccess)
+        return cuda_error(op, "pull copy", e);
+  }
+  return ffi::Error::Success();
+}
+
+// Enqueues one call of `algo` on stream s: the copy-engine sequence, or one kernel.
+ffi::Error enqueue(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
+                   bool bf16, int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
+  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, w, bf16, ctas, s);
+  if (cudaError_t e = launch(p, w, bf16, transport, algo, ctas, s); e != cudaSuccess)
+    return cuda_error(op, "kernel launch", e);
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -327,11 +334,8 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
   }
-  const bool bf16 = partial.element_type() == ffi::DataType::BF16;
-  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, *w, bf16, ctas, stream);
-  if (cudaError_t e = launch(p, *w, bf16, transport, algo, ctas, stream); e != cudaSuccess)
-    return cuda_error(op, "kernel launch", e);
-  return ffi::Error::Success();
+  return enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo, ctas,
+                 stream);
 }
 
 ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
@@ -357,12 +361,10 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   // and the previous start, which may have run on the other side stream (starts of different
   // priorities in flight together would share the workspace's staging rows and signal pads)
   cudaStreamWaitEvent(side, w->ev_last, 0);
-  const bool bf16 = partial.element_type() == ffi::DataType::BF16;
-  if (algo == kAlgoCopyEngine) {
-    if (auto err = run_copy_engine(op, p, *w, bf16, ctas, side); err.failure()) return err;
-  } else if (cudaError_t e = launch(p, *w, bf16, transport, algo, ctas, side); e != cudaSuccess) {
-    return cuda_error(op, "kernel launch", e);
-  }
+  if (auto err = enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
+                         ctas, side);
+      err.failure())
+    return err;
   cudaEventRecord(w->ev_done[slot], side);
   cudaEventRecord(w->ev_last, side);
   w->side_pending = true;
