@@ -75,8 +75,7 @@ def test_tuned_variant_is_the_library_default(monkeypatch):
   import sys
   sys.path.insert(0, str(ROOT / "run"))
   import run_common
-  seen = {}
-  monkeypatch.setattr(run_common, "Engine", lambda model, mesh, run: seen.setdefault(run.weave_min_tokens, run))
+  monkeypatch.setattr(run_common, "Engine", lambda model, mesh, run: run)  # the RunConfig built
   tuned = run_common.engine_for(None, None, "fused+tuned")
   woven = run_common.engine_for(None, None, "fused+weave:weave_algorithm=two_shot")
   assert (tuned.backend, tuned.weave, tuned.weave_min_tokens, tuned.backend_by_size) == (
