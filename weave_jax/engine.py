@@ -45,7 +45,7 @@ class RunConfig:
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
   backend_by_size: let the tuning table pick another backend for the token buckets where it
     measured that backend faster in this engine's unsplit forward (e.g. XLA's psum for
-    decode-sized batches under ``fused_p2p``; ``weave_jax.split.tuned_backend``).  False runs
+    Mixtral-8x22B's 1K bucket under ``fused_p2p``; ``weave_jax.split.tuned_backend``).  False runs
     ``backend`` at every size (what a benchmark of that backend wants).
   """
   backend: str = "psum"

@@ -80,9 +80,10 @@ class FusedP2P(CommBackend):
   #: thread blocks (2..128) of unsplit calls (``reduce_add_norm``).  128: the fastest kernel
   #: setting measured on 2 x H200 (1.5-1.6x XLA psum + norm in wall time from 16 to 128 MiB, BENCHMARKS.md).
   ctas: int = ops.DEFAULT_CTAS
-  #: thread blocks of the start/done calls that the weave schedule overlaps with the other
-  #: half's compute: fewer SMs taken from the GEMMs.  32: the best woven setting measured
-  #: (32 / 64 / 128 CTAs on Llama-3.3-70B shapes, BENCHMARKS.md).
+  #: thread blocks of the start/done calls that run a kernel (woven calls below the copy-engine
+  #: threshold, or any ``weave_algorithm`` but "copy_engine"): fewer SMs taken from the GEMMs
+  #: they overlap.  32: the best woven kernel setting measured (32 / 64 / 128 CTAs on
+  #: Llama-3.3-70B shapes, BENCHMARKS.md).
   weave_ctas: int = ops.DEFAULT_WEAVE_CTAS
   #: algorithm of unsplit calls: "auto" (by message size,
   #: ``weave_jax.fused.ops.choose_algorithm``), "one_shot", "two_shot", "two_shot_lsu" or

@@ -24,9 +24,9 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  spins on the GPU and no SM copies.  One process driving every GPU only, and
                  it relies on XLA running each device's program on its own host thread (true
                  of JAX 0.11.2's GPU client; were it not, the rendezvous would time out with an
-                 error naming the rank); not under CUDA graph capture.  "auto" picks it for woven (``fused_start``) calls
-                 of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES, where the SMs it leaves free
-                 matter most.
+                 error naming the rank); not under CUDA graph capture.  "auto" picks it for
+                 woven (``fused_start``) calls of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES,
+                 where the SMs it leaves free matter most.
 """
 from __future__ import annotations
 
