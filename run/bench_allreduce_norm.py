@@ -1,6 +1,6 @@
-"""Microbenchmark: AllReduce + residual add + RMSNorm on 2 GPUs, H=8192, bf16.
+"""Microbenchmark: AllReduce + residual add + RMSNorm on --tp GPUs (default 2), H=8192, bf16.
 
-    python run/bench_allreduce_norm.py [--hidden 8192] [--min-tokens 8] [--max-tokens 32768]
+    python run/bench_allreduce_norm.py [--tp 2] [--hidden 8192] [--min-tokens 8] [--max-tokens 32768]
 
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
@@ -11,6 +11,8 @@ Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, b
   fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
   fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)
   fused_auto        what the fused_p2p backend runs by default (ops.choose_algorithm)
+  fused_p2p_cN_cmdbuf  fused_p2p_cN through the command-buffer-compatible target (--cmdbuf-ctas):
+                    the chain is one CUDA graph when XLA captures it (column command_buffer)
   torch_1shot_norm  torch.ops.symm_mem.one_shot_all_reduce + add + rms_norm (2 processes)
   torch_2shot_norm  torch.ops.symm_mem.two_shot_all_reduce_ + add + rms_norm (2 processes)
 
@@ -18,7 +20,8 @@ Timing: JAX methods run N calls chained by data inside one jit (unrolled, no hos
 between calls), timed with wall clock around block_until_ready over several repeats after a
 warm-up; the median divided by N is reported (it includes 1/N of one dispatch).  Torch methods
 use CUDA events around N calls.  Multicast stays disabled everywhere (TORCH_SYMM_MEM_DISABLE_
-MULTICAST=1 is forced for the torch processes).  Writes benchmarks/results/allreduce_norm_<device>.json.
+MULTICAST=1 is forced for the torch processes).  Writes benchmarks/results/allreduce_norm_<device>.json
+(..._tp<N>.json for --tp N other than 2).
 
 --device-time also profiles one repeat of every JAX method per size and reports dev_us: the GPU
 busy time per call on device 0 (union of its kernels and copies), without host launch gaps.
@@ -91,7 +94,7 @@ def phase_times(f, args, algorithm, reps=3):
 
 
 def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), oneshot_ctas=(),
-                device_time=False, lsu_ctas=(), stamp_phases=False):
+                device_time=False, lsu_ctas=(), stamp_phases=False, tp=2):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -103,8 +106,9 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
   from weave_jax.fused import ops
   from weave_jax.fused import workspace as ws_lib
 
-  gpus = jax.devices("gpu")[:2]
-  tp = len(gpus)
+  gpus = jax.devices("gpu")[:tp]
+  if len(gpus) < tp:
+    raise SystemExit(f"--tp {tp}: only {len(gpus)} GPUs visible")
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
   fused.init_workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16)
 
@@ -255,7 +259,7 @@ def _torch_worker(rank, world, hidden, sizes, reps, port, out_path):
   dist.destroy_process_group()
 
 
-def torch_methods(hidden, sizes, reps):
+def torch_methods(hidden, sizes, reps, world=2):
   import tempfile
 
   import torch.multiprocessing as mp
@@ -264,7 +268,7 @@ def torch_methods(hidden, sizes, reps):
   os.environ["NCCL_NVLS_ENABLE"] = "0"
   os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
   out = tempfile.mktemp(suffix=".json")
-  mp.start_processes(_torch_worker, args=(2, hidden, sizes, reps, 29517, out), nprocs=2,
+  mp.start_processes(_torch_worker, args=(world, hidden, sizes, reps, 29517, out), nprocs=world,
                      start_method="spawn", join=True)
   return json.loads(pathlib.Path(out).read_text())
 
@@ -290,6 +294,7 @@ def table(rows, sizes, hidden, world=2):
 
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--tp", type=int, default=2, help="GPUs in the group (the first --tp)")
   ap.add_argument("--hidden", type=int, default=8192)
   ap.add_argument("--min-tokens", type=int, default=8)
   ap.add_argument("--max-tokens", type=int, default=32768)
@@ -316,28 +321,29 @@ def main():
   rows = []
   if not args.skip_torch:  # before JAX touches the GPUs
     try:
-      rows += torch_methods(args.hidden, sizes, args.reps)
+      rows += torch_methods(args.hidden, sizes, args.reps, args.tp)
     except Exception:
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
   ints = lambda text: [int(c) for c in text.split(",") if c]
   rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints(args.cmdbuf_ctas), args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
-                      ints(args.lsu_ctas), args.phases)
+                      ints(args.lsu_ctas), args.phases, args.tp)
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
-  meta = dict(hidden=args.hidden, dtype="bf16", world=2, jax=jax.__version__,
+  name = f"allreduce_norm_{device}" + (f"_tp{args.tp}" if args.tp != 2 else "") + ".json"
+  meta = dict(hidden=args.hidden, dtype="bf16", world=args.tp, jax=jax.__version__,
               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=device,
               command="python " + " ".join(sys.argv))
   outdir = ROOT / "benchmarks" / "results"
   outdir.mkdir(parents=True, exist_ok=True)
-  (outdir / f"allreduce_norm_{device}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  (outdir / name).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
   if os.environ.get("OUT"):
-    pathlib.Path(os.environ["OUT"], f"allreduce_norm_{device}.json").write_text(
+    pathlib.Path(os.environ["OUT"], name).write_text(
         json.dumps(dict(meta=meta, rows=rows), indent=1))
   print(json.dumps(meta))
-  print(table(rows, sizes, args.hidden))
+  print(table(rows, sizes, args.hidden, args.tp))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 PRESETS=${PRESETS:-"llama-3.3-70b qwen2.5-72b mixtral-8x22b"}
+# the multi-GPU tests run at TP = every local GPU (at most 8) unless WEAVE_TEST_TP says otherwise
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
+export WEAVE_TEST_TP=${WEAVE_TEST_TP:-$(( gpus > 8 ? 8 : (gpus < 2 ? 2 : gpus) ))}
 stages=${*:-build test fused prefill}
 rc=0
 quiet() { grep --line-buffered -vE "^(W|I)0000 "; }   # drop absl/XLA info chatter

@@ -16,6 +16,12 @@ def gpu_count() -> int:
     return 0
 
 
+def gpu_tp() -> int:
+  """TP of the multi-GPU tests: $WEAVE_TEST_TP (default 2; run/gpu_all.sh sets it on larger
+  machines)."""
+  return int(os.environ.get("WEAVE_TEST_TP", "2"))
+
+
 def pytest_collection_modifyitems(config, items):
   if gpu_count():
     return

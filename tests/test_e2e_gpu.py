@@ -3,7 +3,7 @@ within bf16 tolerance, for each model family, on random token ids in several pac
 import numpy as np
 import pytest
 
-from conftest import gpu_count
+from conftest import gpu_count, gpu_tp
 from weave_jax import Engine, ModelConfig, RunConfig, init_random, make_mesh
 from weave_jax.comm import fused_available
 
@@ -45,9 +45,9 @@ def check_close(out, ref, cfg, what):
 
 @pytest.fixture(scope="module")
 def mesh():
-  if gpu_count() < 2:
-    pytest.skip("needs 2 GPUs")
-  return make_mesh(2)
+  if gpu_count() < max(2, gpu_tp()):
+    pytest.skip(f"needs {max(2, gpu_tp())} GPUs")
+  return make_mesh(gpu_tp())
 
 
 def _variants():

@@ -49,6 +49,8 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
     (_args(), {"algorithm": "ring"}, ValueError, r"algorithm='ring' must be 'auto' or one of"),
     (_args(), {"algorithm": "copy_engine", "ce_ctas": 1}, ValueError, r"ce_ctas=1 outside 2\.\.1024"),
+    (_args(), {"algorithm": "copy_engine", "cmd_buffer": True}, ValueError,
+     r"cmd_buffer=True cannot run algorithm='copy_engine'"),
 ])
 def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
   with pytest.raises(exc, match=msg):
@@ -142,6 +144,28 @@ def test_backend_options():
   assert get_backend("fused_p2p", side_priority="high").side_priority == "high"
   with pytest.raises(ValueError, match="side_priority='low'"):
     get_backend("fused_p2p", side_priority="low")
+  assert d.cmd_buffer is False
+  assert get_backend("fused_p2p", cmd_buffer=1).cmd_buffer is True  # "fused:cmd_buffer=1"
+  with pytest.raises(ValueError, match="cmd_buffer='yes' must be a bool"):
+    get_backend("fused_p2p", cmd_buffer="yes")
+  with pytest.raises(ValueError, match="cannot run algorithm='copy_engine'"):
+    get_backend("fused_p2p", cmd_buffer=True, algorithm="copy_engine")
+
+
+def test_graph_target_is_registered_command_buffer_compatible(monkeypatch):
+  """XLA takes a target's traits from its registration: only the graph target may be captured
+  into a command buffer, and only because it is registered so."""
+  from jaxlib import xla_client
+
+  seen = {}
+  monkeypatch.setattr(_lib, "load", lambda: type("Lib", (), dict.fromkeys(_lib.TARGETS.values())))
+  monkeypatch.setattr(jax.ffi, "pycapsule", lambda fn: fn)
+  monkeypatch.setattr(jax.ffi, "register_ffi_target",
+                      lambda name, fn, platform, **kw: seen.__setitem__(name, (platform, kw)))
+  _lib.register_targets.__wrapped__()
+  graph = xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE
+  assert seen == {name: ("CUDA", {"traits": graph} if name == "weave_fused_ran_graph" else {})
+                  for name in _lib.TARGETS}
 
 
 def test_failed_probe_falls_back_to_rs_ag_with_one_warning(monkeypatch):

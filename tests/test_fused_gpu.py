@@ -35,13 +35,13 @@ def _gpus():
     return []
 
 
-if len(_gpus()) < 2:
-  pytest.skip("needs >= 2 CUDA GPUs", allow_module_level=True)
+TP = int(os.environ.get("WEAVE_TEST_TP", "2"))  # conftest.gpu_tp (children import this file)
+if len(_gpus()) < max(TP, 2):
+  pytest.skip(f"needs >= {max(TP, 2)} CUDA GPUs (WEAVE_TEST_TP={TP})", allow_module_level=True)
 
 from weave_jax import fused, hlo_order  # noqa: E402
 from weave_jax.fused import ops, workspace as ws_lib  # noqa: E402
 
-TP = 2
 MESH = jax.sharding.Mesh(np.array(_gpus()[:TP]), (AXIS,))
 
 
@@ -344,15 +344,16 @@ def test_timeout_names_rank_and_barrier(algorithm, barrier):
 
 
 def test_bad_inputs_raise_before_launch(ws):
-  good = dict(partial=jnp.zeros((64, 1024), ws.dtype), residual=jnp.zeros((32, 1024), ws.dtype),
-              weight=jnp.zeros((1024,), ws.dtype))
+  good = dict(partial=jnp.zeros((64, 1024), ws.dtype),
+              residual=jnp.zeros((-(-64 // TP), 1024), ws.dtype), weight=jnp.zeros((1024,), ws.dtype))
   other = jnp.float16 if ws.dtype == jnp.bfloat16 else jnp.bfloat16
   bad = [
       (dict(partial=jnp.zeros((MAX_TOKENS + 2, 1024), ws.dtype),
-            residual=jnp.zeros((MAX_TOKENS // 2 + 1, 1024), ws.dtype)), "tokens="),
-      (dict(partial=jnp.zeros((64, 1020), ws.dtype), residual=jnp.zeros((32, 1020), ws.dtype),
+            residual=jnp.zeros((-(-(MAX_TOKENS + 2) // TP), 1024), ws.dtype)), "tokens="),
+      (dict(partial=jnp.zeros((64, 1020), ws.dtype),
+            residual=jnp.zeros((-(-64 // TP), 1020), ws.dtype),
             weight=jnp.zeros((1020,), ws.dtype)), "hidden=1020"),
-      (dict(residual=jnp.zeros((32, 1024), other)), "dtype"),
+      (dict(residual=jnp.zeros((-(-64 // TP), 1024), other)), "dtype"),
   ]
   for override, msg in bad:
     args = dict(good, **override)
@@ -362,7 +363,7 @@ def test_bad_inputs_raise_before_launch(ws):
     ops.fused_reduce_add_norm(**good, eps=EPS, ctas=129)
   with pytest.raises(ValueError, match="one_shot' needs tokens"):
     ops.fused_reduce_add_norm(jnp.zeros((ONE_SHOT_ROWS + 1, 1024), ws.dtype),
-                              jnp.zeros((-(-(ONE_SHOT_ROWS + 1) // 2), 1024), ws.dtype),
+                              jnp.zeros((-(-(ONE_SHOT_ROWS + 1) // TP), 1024), ws.dtype),
                               good["weight"], eps=EPS, algorithm="one_shot")
   # nothing launched: a real call afterwards still pairs with the peer
   mism, _ = _loop_check(2, cmd_buffer=False, dtype=ws.dtype)
@@ -441,7 +442,8 @@ CE_CHILD = textwrap.dedent("""
       p, r = ops.fused_reduce_add_norm(p, r, w, eps=1e-6, algorithm="copy_engine", ce_ctas=132)
     return p[None], r
   f = jax.jit(t._smap(local, (t.P(t.AXIS), t.P(t.AXIS), t.P()), (t.P(t.AXIS), t.P(t.AXIS))))
-  p = jnp.ones((2 * 8, 8192), jnp.bfloat16); r = jnp.ones((8, 8192), jnp.bfloat16)
+  p = jnp.ones((t.TP * 8, 8192), jnp.bfloat16)
+  r = jnp.ones((t.TP * -(-8 // t.TP), 8192), jnp.bfloat16)
   with fused.raise_on_timeout():
     for _ in range(3):
       jax.block_until_ready(f(p, r, jnp.ones((8192,), jnp.bfloat16)))

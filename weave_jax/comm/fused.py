@@ -44,13 +44,15 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
-_OPTIONS = ("ctas", "weave_ctas", "algorithm", "weave_algorithm", "ce_ctas", "side_priority")
+_OPTIONS = ("ctas", "weave_ctas", "algorithm", "weave_algorithm", "ce_ctas", "side_priority",
+            "cmd_buffer")
 
 
 def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
   ``algorithm`` and ``weave_algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu",
-  "copy_engine"), ``ce_ctas`` (2..1024), ``side_priority`` ("high", "normal")."""
+  "copy_engine"), ``ce_ctas`` (2..1024), ``side_priority`` ("high", "normal"), ``cmd_buffer``
+  (bool)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -66,6 +68,13 @@ def make_backend(name: str, **options) -> CommBackend:
                        f"{sorted(ops.ALGORITHMS)}")
     if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
       raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
+  cmd_buffer = options.get("cmd_buffer", cls.cmd_buffer)
+  if cmd_buffer not in (True, False):  # 0 / 1 from a benchmark variant name pass too
+    raise ValueError(f"backend {name!r}: cmd_buffer={cmd_buffer!r} must be a bool")
+  if cmd_buffer and options.get("algorithm", cls.algorithm) == "copy_engine":
+    raise ValueError(f"backend {name!r}: cmd_buffer=True cannot run algorithm='copy_engine'")
+  if "cmd_buffer" in options:
+    options["cmd_buffer"] = bool(cmd_buffer)
   priority = options.get("side_priority", cls.side_priority)
   if priority not in ops.SIDE_PRIORITIES:
     raise ValueError(f"backend {name!r}: side_priority={priority!r} must be one of "
@@ -97,6 +106,11 @@ class FusedP2P(CommBackend):
   #: priority of the side stream that woven (start) calls run on: "normal" or "high"
   #: (``weave_jax.fused.ops.fused_start``; "high" measured no faster in the woven model).
   side_priority: str = "normal"
+  #: unsplit calls through the command-buffer-compatible target, so XLA may record them into
+  #: CUDA graphs with the layer's other kernels (``weave_jax.fused.ops.fused_reduce_add_norm``).
+  #: Off by default until measured faster; the library's own forward never mixes woven and
+  #: unsplit calls in one program, which such a call requires.
+  cmd_buffer: bool = False
   #: start() only enqueues on the library's side stream and returns a token, so the weave
   #: schedule may pin it before the other half's compute (see weave_jax.weave).
   async_start: ClassVar[bool] = True
@@ -124,7 +138,8 @@ class FusedP2P(CommBackend):
     if not self._fused_ok():
       return _rs_ag(partial, residual, weight, eps=eps)
     return ops.fused_reduce_add_norm(partial, residual, weight, eps=eps, ctas=self.ctas,
-                                     transport=self.transport, **self._algo())
+                                     transport=self.transport, cmd_buffer=self.cmd_buffer,
+                                     **self._algo())
 
   def start(self, partial, residual, weight, *, eps: float):
     """Launches on the library's side stream; slots rotate so ``num_slots`` may be in flight.

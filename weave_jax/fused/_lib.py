@@ -22,6 +22,10 @@ TARGETS = {
     "weave_fused_start": "weave_fused_start",
     "weave_fused_done": "weave_fused_done",
 }
+# Targets XLA may capture into command buffers (CUDA graphs).  XLA reads the trait from the
+# registration, not from the handler symbol's own traits: a target registered without it is
+# never captured (as the fourth session found: its graph test saw no command buffer).
+COMMAND_BUFFER_TARGETS = frozenset({"weave_fused_ran_graph"})
 
 
 class FusedUnavailableError(RuntimeError):
@@ -98,9 +102,14 @@ def register_targets() -> None:
   """Registers every FFI target with XLA (CUDA platform).  Idempotent."""
   import jax
 
+  from jaxlib import xla_client
+
   lib = load()
+  graph_ok = xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE
   for target, symbol in TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+    extra = {"traits": graph_ok} if target in COMMAND_BUFFER_TARGETS else {}
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA",
+                                **extra)
 
 
 def errbuf() -> ctypes.Array:

@@ -166,13 +166,21 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu" or "copy_engine" (module
       docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
-    cmd_buffer: use the target whose handler carries the command-buffer-compatible trait.
-      NOT the default: on 2xH200 / JAX 0.11.2 XLA did not capture it into a command buffer
-      (even with --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE), so graph replay of
-      this kernel is untested.  The protocol is built for replay (device-resident epochs).
+    cmd_buffer: use the target registered as command-buffer compatible, so that XLA may
+      record the call into a CUDA graph with its neighbours (XLA's default
+      ``--xla_gpu_enable_command_buffer`` includes CUSTOM_CALL; a graph needs
+      ``--xla_gpu_graph_min_graph_size`` commands in a row, 5 by default) and replay it
+      without host launches.  The kernels keep their epochs on the device, so a replay is a
+      new call.  Not for the copy-engine algorithm (host rendezvous per call), nor for a call
+      made while a ``fused_start`` of the same workspace is pending: a captured call cannot
+      wait for the side stream (the plain target does).
   """
-  _validate("fused_reduce_add_norm", partial, residual, weight, ctas, transport)
-  algorithm, grid = _resolve("fused_reduce_add_norm", partial, algorithm, ctas, ce_ctas, transport)
+  op = "fused_reduce_add_norm"
+  _validate(op, partial, residual, weight, ctas, transport)
+  if cmd_buffer and algorithm == "copy_engine":  # ("auto" never picks it for this call)
+    raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
+                     "on the host every call, which a replayed CUDA graph skips)")
+  algorithm, grid = _resolve(op, partial, algorithm, ctas, ce_ctas, transport)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
