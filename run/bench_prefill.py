@@ -194,7 +194,7 @@ def plot(res: dict, path: str) -> None:
   vs = [v for v in res["variants"] if v != "baseline"]
   x = np.arange(len(res["rows"]))
   w = 0.8 / max(len(vs), 1)
-  fig, ax = plt.subplots(figsize=(8, 4))
+  fig, ax = plt.subplots(figsize=(10, 4))
   for i, v in enumerate(vs):
     sp = [r["baseline"]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) and "ms" in r.get("baseline", {})
           else 0.0 for r in res["rows"]]
@@ -204,7 +204,7 @@ def plot(res: dict, path: str) -> None:
   ax.set_xlabel("prompt tokens")
   ax.set_ylabel("speedup over baseline (psum)")
   ax.set_title(f"{res['preset']} ({res['layers']} layers), TP={res['tp']}, {res['device']}")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside, not on, the bars
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

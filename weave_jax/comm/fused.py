@@ -1,8 +1,9 @@
 """The fused backends: reduce-scatter, residual add, RMSNorm and all-gather in one FFI call.
 
-Unsplit calls run one CUDA kernel; woven calls (``start``/``done``) of >= 8 MiB move their
-NVLink traffic on the copy engines around a local add + RMSNorm kernel, so the other half's
-GEMMs keep the SMs (``weave_algorithm``; ``weave_jax.fused.ops`` explains the algorithms).
+Unsplit calls run one CUDA kernel (at TP=4, from 128 MiB, the copy engines: faster there);
+woven calls (``start``/``done``) of >= 8 MiB move their NVLink traffic on the copy engines
+around a local add + RMSNorm kernel, so the other half's GEMMs keep the SMs
+(``weave_algorithm``; ``weave_jax.fused.ops`` explains the algorithms).
 
 - ``FusedP2P`` ("fused_p2p"): NVLink stores through peer pointers (runs wherever peer access works).
 - ``FusedMultimem`` ("fused_multimem"): NVLS multicast; needs a workspace built with
@@ -108,8 +109,9 @@ class FusedP2P(CommBackend):
   side_priority: str = "normal"
   #: unsplit calls through the command-buffer-compatible target, so XLA may record them into
   #: CUDA graphs with the layer's other kernels (``weave_jax.fused.ops.fused_reduce_add_norm``).
-  #: Off by default until measured faster; the library's own forward never mixes woven and
-  #: unsplit calls in one program, which such a call requires.
+  #: Off by default: on JAX 0.11.2 XLA did not capture the call (so nothing was measured), and
+  #: a captured call must not run while a woven call is pending (the library's own forward
+  #: never mixes woven and unsplit calls in one program).
   cmd_buffer: bool = False
   #: start() only enqueues on the library's side stream and returns a token, so the weave
   #: schedule may pin it before the other half's compute (see weave_jax.weave).
