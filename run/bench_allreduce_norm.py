@@ -5,7 +5,7 @@
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
   xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
-  fused_p2p_cN      the fused kernel "auto" picks, the copy engines ruled out (one-shot up to 256 KiB,
+  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: one-shot up to 256 KiB,
                     else two-shot, with TMA bulk copies on sm_90+), N CTAs
   fused_lsu_cN      the two-shot kernel with 16-byte copies only (sm_80's), N CTAs
   fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
@@ -73,11 +73,8 @@ def stamp_algorithm(method, tokens, hidden, ws):
     return "two_shot_lsu"
   if method.startswith("fused_1shot"):
     return "one_shot"
-  if method.startswith("fused_p2p"):
-    return ops.choose_algorithm(tokens, hidden, 2, ws, copy_engine_ok=False)
-  if method == "fused_auto":
-    algorithm = ops.choose_algorithm(tokens, hidden, 2, ws)
-    return None if algorithm == "copy_engine" else algorithm
+  if method.startswith("fused_p2p") or method == "fused_auto":
+    return ops.choose_algorithm(tokens, hidden, 2, ws)
   return None  # XLA methods, copy engine (its kernel records no stamps)
 
 
@@ -129,14 +126,9 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
   methods = {"xla_psum_norm": (lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS), False),
              "xla_rs_norm_ag": (lambda p, r, w: ReduceScatterAllGather().reduce_add_norm(
                  p, r, w, eps=EPS), True)}
-  def kernel(p):  # what "auto" runs when the copy engines are ruled out: one-shot or two-shot
-    return ops.choose_algorithm(p.shape[0], p.shape[1], p.dtype.itemsize, ws_lib.current(),
-                                copy_engine_ok=False)
-
   for c in ctas_list:
     methods[f"fused_p2p_c{c}"] = (
-        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c,
-                                                       algorithm=kernel(p)), True)
+        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
   for c in lsu_ctas:  # the two-shot kernel with 16-byte copies only (sm_80's), for comparison
     methods[f"fused_lsu_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="two_shot_lsu",

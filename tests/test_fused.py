@@ -74,14 +74,11 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
   assert woven(1) == "one_shot" and woven(ce_min - 1) == "two_shot"
   assert woven(ce_min) == woven(4096) == "copy_engine"
   assert woven(4096, _fake_ws(max_tokens=4096, hidden=8192, mode="ipc")) == "two_shot"
-  # unsplit calls: the copy engines only for a world size where they measured faster (TP=4)
-  tp4 = _fake_ws(ordinals=(0, 1, 2, 3), ranks=(0, 1, 2, 3), world=4, max_tokens=16384,
+  # unsplit calls keep the kernel at any size and TP (the copy engines were slower in the model)
+  tp4 = _fake_ws(ordinals=(0, 1, 2, 3), ranks=(0, 1, 2, 3), world=4, max_tokens=32768,
                  hidden=8192)
-  unsplit_min = ops.AUTO_UNSPLIT_COPY_ENGINE_MIN_BYTES[4] // (8192 * 2)
-  assert ops.choose_algorithm(16384, 8192, 2, ws) == "two_shot"            # TP=2: never
-  assert ops.choose_algorithm(unsplit_min - 1, 8192, 2, tp4) == "two_shot"
-  assert ops.choose_algorithm(unsplit_min, 8192, 2, tp4) == "copy_engine"
-  assert ops.choose_algorithm(unsplit_min, 8192, 2, tp4, copy_engine_ok=False) == "two_shot"
+  assert ops.choose_algorithm(32768, 8192, 2, ws) == ops.choose_algorithm(32768, 8192, 2, tp4) \
+      == "two_shot"
   for ce_ctas, msg in ((1, r"ce_ctas=1 outside 2\.\.1024"), (2000, "ce_ctas=2000 outside")):
     with pytest.raises(ValueError, match=msg):
       ops.fused_reduce_add_norm(*_args(tokens=64, hidden=8192), eps=1e-6,

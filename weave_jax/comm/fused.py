@@ -1,9 +1,8 @@
 """The fused backends: reduce-scatter, residual add, RMSNorm and all-gather in one FFI call.
 
-Unsplit calls run one CUDA kernel (at TP=4, from 128 MiB, the copy engines: faster there);
-woven calls (``start``/``done``) of >= 8 MiB move their NVLink traffic on the copy engines
-around a local add + RMSNorm kernel, so the other half's GEMMs keep the SMs
-(``weave_algorithm``; ``weave_jax.fused.ops`` explains the algorithms).
+Unsplit calls run one CUDA kernel; woven calls (``start``/``done``) of >= 8 MiB move their
+NVLink traffic on the copy engines around a local add + RMSNorm kernel, so the other half's
+GEMMs keep the SMs (``weave_algorithm``; ``weave_jax.fused.ops`` explains the algorithms).
 
 - ``FusedP2P`` ("fused_p2p"): NVLink stores through peer pointers (runs wherever peer access works).
 - ``FusedMultimem`` ("fused_multimem"): NVLS multicast; needs a workspace built with

@@ -26,9 +26,7 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  of JAX 0.11.2's GPU client; were it not, the rendezvous would time out with an
                  error naming the rank); not under CUDA graph capture.  "auto" picks it for
                  woven (``fused_start``) calls of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES,
-                 where the SMs it leaves free matter most, and for unsplit calls from
-                 AUTO_UNSPLIT_COPY_ENGINE_MIN_BYTES at the world sizes where it measured
-                 faster than the kernel (TP=4).
+                 where the SMs it leaves free matter most.
 """
 from __future__ import annotations
 
@@ -63,12 +61,11 @@ DEFAULT_CE_CTAS = 64
 # e.g. 1.844 vs 1.952 ms/layer at 1K and 26.62 vs 28.22 at 16K.  Smaller woven calls were not
 # measured, so they keep the kernels.
 AUTO_WOVEN_COPY_ENGINE_MIN_BYTES = 8 << 20
-# "auto" also runs unsplit calls on the copy engines from these sizes, per world size where it
-# was measured faster than the two-shot kernel: run/bench_allreduce_norm.py --tp 4 on 4 x H200
-# (all pairs NV18, BENCHMARKS.md, sixth session), 128-CTA kernel vs 64-block copy engine
-# 981 vs 831 µs at 128 MiB, 2331 vs 2048 at 256 MiB, 4528 vs 3801 at 512 MiB; at 64 MiB even.
-# At TP=2 the kernel was faster at every size (so no entry), and TP=8 was never measured.
-AUTO_UNSPLIT_COPY_ENGINE_MIN_BYTES = {4: 128 << 20}
+# Unsplit calls keep the kernel at every size.  At TP=4 the copy engines were faster in
+# isolation from 128 MiB (run/bench_allreduce_norm.py --tp 4: 831 vs 981 µs at 128 MiB), but
+# slower in the model: Llama-3.3-70B shapes, unsplit, 4 x H200, 0.956 / 0.963x the psum
+# baseline at 8K / 16K tokens against 0.985 / 1.008x with the kernel (BENCHMARKS.md, sixth
+# session).
 
 
 def check_grid(op: str, field: str, value, hi: int) -> None:
@@ -83,32 +80,28 @@ def one_shot_rows(ws) -> int:
 
 
 def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str = "peer",
-                     woven: bool = False, copy_engine_ok: bool = True) -> str:
+                     woven: bool = False) -> str:
   """The algorithm "auto" runs for a (tokens, hidden) message: one-shot for messages up to
-  AUTO_ONE_SHOT_MAX_BYTES; with a one-process workspace (and ``copy_engine_ok``), the copy
-  engines for woven calls (``fused_start``) from AUTO_WOVEN_COPY_ENGINE_MIN_BYTES and for
-  unsplit ones from AUTO_UNSPLIT_COPY_ENGINE_MIN_BYTES[world]; else the two-shot kernel
-  (multimem: always two-shot)."""
+  AUTO_ONE_SHOT_MAX_BYTES; for a woven call (``fused_start``) of a one-process workspace, the
+  copy engines from AUTO_WOVEN_COPY_ENGINE_MIN_BYTES; else the two-shot kernel (multimem:
+  always two-shot)."""
   if transport != "peer":
     return "two_shot"
   nbytes = tokens * hidden * itemsize
   if nbytes <= AUTO_ONE_SHOT_MAX_BYTES and tokens <= one_shot_rows(ws):
     return "one_shot"
-  if copy_engine_ok and ws.mode == "local":
-    ce_min = (AUTO_WOVEN_COPY_ENGINE_MIN_BYTES if woven
-              else AUTO_UNSPLIT_COPY_ENGINE_MIN_BYTES.get(ws.world))
-    if ce_min is not None and nbytes >= ce_min:
-      return "copy_engine"
+  if woven and ws.mode == "local" and nbytes >= AUTO_WOVEN_COPY_ENGINE_MIN_BYTES:
+    return "copy_engine"
   return "two_shot"
 
 
 def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transport: str,
-             woven: bool = False, copy_engine_ok: bool = True):
+             woven: bool = False):
   """(algorithm, grid) for a call, validated.  Runs after _validate."""
   ws = ws_lib.current()
   if algorithm == "auto":
     algorithm = choose_algorithm(partial.shape[0], partial.shape[1], partial.dtype.itemsize, ws,
-                                 transport, woven, copy_engine_ok)
+                                 transport, woven)
   if algorithm not in ALGORITHMS:
     raise ValueError(f"{op}: algorithm={algorithm!r} must be 'auto' or one of {sorted(ALGORITHMS)}")
   if transport != "peer" and algorithm != "two_shot":
@@ -191,11 +184,10 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   """
   op = "fused_reduce_add_norm"
   _validate(op, partial, residual, weight, ctas, transport)
-  if cmd_buffer and algorithm == "copy_engine":
+  if cmd_buffer and algorithm == "copy_engine":  # ("auto" never picks it for this call)
     raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
                      "on the host every call, which a replayed CUDA graph skips)")
-  algorithm, grid = _resolve(op, partial, algorithm, ctas, ce_ctas, transport,
-                             copy_engine_ok=not cmd_buffer)
+  algorithm, grid = _resolve(op, partial, algorithm, ctas, ce_ctas, transport)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
