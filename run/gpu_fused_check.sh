@@ -5,9 +5,11 @@
 # The full GPU test file (~350 shape cases over 2 dtypes at the default WEAVE_TEST_SHAPES=100)
 # needs more than one 10-minute device call on 2xH200; WEAVE_TEST_SHAPES=8 ran in 154 s (90
 # passed, 1 skipped, 2026-11-22) and WEAVE_TEST_SHAPES=40 fits beside the build and the bench.
-# The tests run at TP = $WEAVE_TEST_TP (default 2; 4 on a 4-GPU machine: 80 tests passed at
-# WEAVE_TEST_SHAPES=4, 2026-11-22: 77 in the full run, the 3 then fixed separately).  Logs go to $OUT (or /tmp/weave_fused_out).  Multicast is NEVER enabled here: the NVLS kill
-# switches are exported and WEAVE_ENABLE_MULTIMEM is removed from the environment.
+# The tests run at TP = $WEAVE_TEST_TP (default 2).  On 4 x H200 at TP=4 and
+# WEAVE_TEST_SHAPES=4, 80 tests passed on 2026-11-22: 77 in the full run, and the 3 that failed
+# there (test bugs) after their fix.  Logs go to $OUT (or /tmp/weave_fused_out).  Multicast is
+# NEVER enabled here: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM is removed
+# from the environment.
 set -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 unset WEAVE_ENABLE_MULTIMEM
