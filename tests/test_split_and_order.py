@@ -159,3 +159,27 @@ def test_engine_takes_the_tuned_backend_per_size(tmp_path, monkeypatch):
   assert pinned.plan(13).backend == "rs_ag"
   woven = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True, weave_min_tokens=8))
   assert woven.plan(16).split is not None and woven.plan(16).backend == "rs_ag"
+
+
+def test_shipped_tuning_table_is_consistent():
+  """Every entry of weave_jax/tuning/splits.json: its measurements exist in the repo, buckets are
+  powers of two, a measured 'weave' map agrees with its 'min_tokens' (woven from there on), and
+  'backend_by_bucket' names backends that exist."""
+  from weave_jax.comm import BACKENDS
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(split_mod.TUNING_FILE) as f:
+    table = json.load(f)
+  assert any("|tp4|" in key for key in table)  # the TP=4 entries measured on 4 x H200
+  for key, entry in table.items():
+    assert os.path.exists(os.path.join(root, entry["source"])), (key, entry["source"])
+    for field in ("weave", "splits", "backend_by_bucket"):
+      for bucket in entry.get(field, {}):
+        assert int(bucket) > 0 and int(bucket) & (int(bucket) - 1) == 0, (key, field, bucket)
+    weave = {int(b): v for b, v in entry.get("weave", {}).items()}
+    if weave:
+      woven = sorted(b for b, v in weave.items() if v)
+      assert entry["min_tokens"] == (woven[0] if woven else None), key
+      assert all(weave[b] for b in weave if b >= woven[0]), (key, "unsplit above the threshold")
+    for backend in entry.get("backend_by_bucket", {}).values():
+      assert backend in BACKENDS, (key, backend)
