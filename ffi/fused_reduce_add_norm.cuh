@@ -128,9 +128,10 @@
 //          `partial`), + residual (mine or staged), round, RMSNorm; write normed[r] locally,
 //          and new_residual for the rows of my slice.  Every rank computes every row with the
 //          same operands in the same order, so `normed` is bitwise identical across ranks.
-// parity = epoch & 1 (epoch = one-shot calls so far, advanced by the last block to finish).  Reuse without a second barrier: I write into a peer's parity-x
-// buffer in call k+2 only after my kernel k+1 passed barrier 4, i.e. after every peer's kernel
-// k+1 started, i.e. after every peer's kernel k (the last reader of parity x) finished.
+// parity = epoch & 1 (epoch = one-shot calls so far, advanced by the last block to finish).
+// Reuse without a second barrier: I write into a peer's parity-x buffer in call k+2 only after
+// my kernel k+1 passed barrier 4, i.e. after every peer's kernel k+1 started, i.e. after every
+// peer's kernel k (the last reader of parity x) finished.
 // Calls of different algorithms use disjoint barrier words and epochs; the buffers they share
 // (in_slot, out_slot) are ordered by the reuse arguments above, because every kernel ends
 // only after the barrier that marks the end of its accesses.

@@ -336,12 +336,14 @@ def main():
               command="python " + " ".join(sys.argv))
   outdir = ROOT / "benchmarks" / "results"
   outdir.mkdir(parents=True, exist_ok=True)
-  (outdir / name).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+  paths = [outdir / name]
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    paths.append(pathlib.Path(args.json))
   if os.environ.get("OUT"):
-    pathlib.Path(os.environ["OUT"], name).write_text(
-        json.dumps(dict(meta=meta, rows=rows), indent=1))
+    paths.append(pathlib.Path(os.environ["OUT"], name))
+  text = json.dumps(dict(meta=meta, rows=rows), indent=1)
+  for path in paths:
+    path.write_text(text)
   print(json.dumps(meta))
   print(table(rows, sizes, args.hidden, args.tp))
 
