@@ -23,6 +23,7 @@
 // with the op's name); Python validates the same things before launch with friendlier errors.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <string>
@@ -215,52 +216,88 @@ cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w
             : launch_typed<__half, 4>(p, w, transport, algo, ctas, s);
 }
 
-// Copy-engine algorithm (protocol in the kernel file): push copies, rendezvous, local reduce
-// kernel, rendezvous, pull copies, all enqueued on stream s by this rank's handler thread.
+// Copy-engine algorithm (protocol in the kernel file): per chunk, push copies on the push
+// stream, the local reduce kernel on s, pull copies on the pull stream, ordered by events; the
+// ranks' handler threads meet twice on the host per call.
 ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
-                           bool bf16, int32_t ctas, cudaStream_t s) {
+                           bool bf16, int32_t ctas, int32_t chunks, cudaStream_t s) {
   if (w.ipc || w.rendezvous == nullptr)
     return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
   if (is_capturing(s))
     return op_error(op, "algorithm copy_engine cannot run under CUDA graph capture");
   const uint64_t n = ++w.ce_calls;
   const int64_t rb = p.hidden * w.dtype_bytes;
-  auto slice = [&](const void* base, int q) {  // owner q's rows of a (T, H) buffer
-    return static_cast<const char*>(base) + q * p.shard * rb;
+  // chunk c = slice rows [S*c/C, S*(c+1)/C): the same cut on every rank (S and C are equal)
+  const int C = static_cast<int>(std::min<int64_t>(chunks, p.shard));
+  auto chunk_begin = [&](int c) { return p.shard * c / C; };
+  // rows of chunk [b, e) that owner q's slice really has (the last slice may be short)
+  auto rows_in = [&](int q, int64_t b, int64_t e) {
+    return std::max<int64_t>(0, std::min(e, weave::rows_of_owner(p, q)) - b);
   };
-  for (int k = 1; k < p.world; ++k) {  // my partial rows of q's slice -> q's in_slot [p*S + i]
-    const int q = (p.rank + k) % p.world;
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
-      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.in_slots[q], p.rank)), q,
-                                       slice(p.partial, q), p.rank, rows * rb, s);
-          e != cudaSuccess)
-        return cuda_error(op, "push copy", e);
+  auto row_ptr = [&](const void* base, int64_t row) {
+    return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
+  };
+  cudaEventRecord(w.ev_ce_begin, s);
+  cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);
+  for (int c = 0; c < C; ++c) {  // my partial rows of chunk c of q's slice -> q's in_slot
+    const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
+    for (int k = 1; k < p.world; ++k) {
+      const int q = (p.rank + k) % p.world;
+      if (const int64_t rows = rows_in(q, b, e); rows > 0)
+        if (cudaError_t err = copy_between(w, row_ptr(p.in_slots[q], p.rank * p.shard + b), q,
+                                           row_ptr(p.partial, q * p.shard + b), p.rank,
+                                           rows * rb, w.ce_push);
+            err != cudaSuccess)
+          return cuda_error(op, "push copy", err);
+    }
+    cudaEventRecord(w.ev_pushed[c], w.ce_push);
   }
-  cudaEventRecord(w.ev_pushed, s);
   if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
-  for (int q = 0; q < p.world; ++q)
-    if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed, 0);
-  if (cudaError_t e = launch(p, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
-      e != cudaSuccess)
-    return cuda_error(op, "kernel launch", e);
-  cudaEventRecord(w.ev_reduced, s);
-  if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
-  for (int k = 1; k < p.world; ++k) {  // q's normalized rows (its out_slot) -> my normed
-    const int q = (p.rank + k) % p.world;
-    cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_reduced, 0);
-    if (const int64_t rows = weave::rows_of_owner(p, q); rows > 0)
-      if (cudaError_t e = copy_between(w, const_cast<char*>(slice(p.normed, q)), p.rank,
-                                       slice(p.out_slots[q], q), q, rows * rb, s);
-          e != cudaSuccess)
-        return cuda_error(op, "pull copy", e);
+  for (int c = 0; c < C; ++c) {  // chunk c of my slice, once every peer pushed it
+    for (int q = 0; q < p.world; ++q)
+      if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed[c], 0);
+    weave::KernelParams kp = p;
+    kp.row_begin = chunk_begin(c);
+    kp.row_end = chunk_begin(c + 1);
+    if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
+        e != cudaSuccess)
+      return cuda_error(op, "kernel launch", e);
+    cudaEventRecord(w.ev_reduced[c], s);
   }
+  if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
+  for (int c = 0; c < C; ++c) {  // q's normalized rows of chunk c (its out_slot) -> my normed
+    const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
+    for (int q = 0; q < p.world; ++q)
+      if (q != p.rank)
+        cudaStreamWaitEvent(w.ce_pull, weave::workspace(w.peer_ordinal[q]).ev_reduced[c], 0);
+    for (int k = 1; k < p.world; ++k) {
+      const int q = (p.rank + k) % p.world;
+      if (const int64_t rows = rows_in(q, b, e); rows > 0)
+        if (cudaError_t err = copy_between(w, row_ptr(p.normed, q * p.shard + b), p.rank,
+                                           row_ptr(p.out_slots[q], q * p.shard + b), q,
+                                           rows * rb, w.ce_pull);
+            err != cudaSuccess)
+          return cuda_error(op, "pull copy", err);
+    }
+  }
+  cudaEventRecord(w.ev_pulled, w.ce_pull);
+  cudaStreamWaitEvent(s, w.ev_pulled, 0);
+  cudaStreamWaitEvent(s, w.ev_pushed[C - 1], 0);  // my pushes read `partial`
+  return ffi::Error::Success();
+}
+
+ffi::Error check_chunks(const char* op, int32_t ce_chunks) {
+  if (ce_chunks < 1 || ce_chunks > weave::kMaxCeChunks)
+    return op_error(op, "ce_chunks " + std::to_string(ce_chunks) + " outside 1.." +
+                            std::to_string(weave::kMaxCeChunks));
   return ffi::Error::Success();
 }
 
 // Enqueues one call of `algo` on stream s: the copy-engine sequence, or one kernel.
 ffi::Error enqueue(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
-                   bool bf16, int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
-  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, w, bf16, ctas, s);
+                   bool bf16, int32_t transport, int32_t algo, int32_t ctas, int32_t ce_chunks,
+                   cudaStream_t s) {
+  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, w, bf16, ctas, ce_chunks, s);
   if (cudaError_t e = launch(p, w, bf16, transport, algo, ctas, s); e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();
@@ -317,8 +354,9 @@ namespace {
 ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                    ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                    ffi::Result<ffi::AnyBuffer> normed, ffi::Result<ffi::AnyBuffer> new_residual,
-                   float eps, int32_t ctas, int32_t transport, int32_t algo) {
+                   float eps, int32_t ctas, int32_t transport, int32_t algo, int32_t ce_chunks) {
   constexpr const char* op = "weave_fused_ran";
+  if (auto err = check_chunks(op, ce_chunks); err.failure()) return err;
   weave::KernelParams p;
   weave::DeviceWorkspace* w;
   if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, 0, transport, algo, &p, &w);
@@ -335,15 +373,17 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     w->side_pending = false;
   }
   return enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo, ctas,
-                 stream);
+                 ce_chunks, stream);
 }
 
 ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
                      ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                      ffi::Result<ffi::AnyBuffer> token, ffi::Result<ffi::AnyBuffer> normed,
                      ffi::Result<ffi::AnyBuffer> new_residual, float eps, int32_t ctas,
-                     int32_t slot, int32_t transport, int32_t algo, int32_t priority) {
+                     int32_t slot, int32_t transport, int32_t algo, int32_t priority,
+                     int32_t ce_chunks) {
   constexpr const char* op = "weave_fused_start";
+  if (auto err = check_chunks(op, ce_chunks); err.failure()) return err;
   weave::KernelParams p;
   weave::DeviceWorkspace* w;
   if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, algo, &p, &w);
@@ -362,7 +402,7 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   // priorities in flight together would share the workspace's staging rows and signal pads)
   cudaStreamWaitEvent(side, w->ev_last, 0);
   if (auto err = enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
-                         ctas, side);
+                         ctas, ce_chunks, side);
       err.failure())
     return err;
   cudaEventRecord(w->ev_done[slot], side);
@@ -419,7 +459,8 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
       .Attr<float>("eps")                        /* RMSNorm epsilon */                        \
       .Attr<int32_t>("ctas")                     /* grid size, same on every rank */          \
       .Attr<int32_t>("transport")                /* 0 peer, 1 multimem */                     \
-      .Attr<int32_t>("algo")                     /* 0 two-shot, 1 copy engine, 2 one-shot */
+      .Attr<int32_t>("algo")                     /* 0 two-shot, 1 copy engine, 2 one-shot */ \
+      .Attr<int32_t>("ce_chunks")                /* copy engine: pipeline chunks, 1..32 */
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran, RanImpl, WEAVE_RAN_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_ran_graph, RanImpl, WEAVE_RAN_BINDING,
@@ -440,7 +481,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_start, StartImpl,
                                   .Attr<int32_t>("slot")   // workspace slot (peers' staging)
                                   .Attr<int32_t>("transport")
                                   .Attr<int32_t>("algo")
-                                  .Attr<int32_t>("priority"));  // side stream: 1 high, 0 normal
+                                  .Attr<int32_t>("priority")    // side stream: 1 high, 0 normal
+                                  .Attr<int32_t>("ce_chunks")); // copy engine: chunks, 1..32
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_done, DoneImpl,
                               ffi::Ffi::Bind()

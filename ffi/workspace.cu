@@ -11,9 +11,10 @@
 //   pads + epochs + claim        20 KiB + 528 B + 4 B
 //   error record, phase stamps   24 B + 8 KiB of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 6 MiB = 1.5 GiB + 6 MiB.
-// Two library streams per device: `side` (normal priority) and `side_high` (the device's
-// highest), for start calls; two events per device and one process-wide host rendezvous for the
-// copy-engine algorithm (one process driving every GPU only).
+// Four library streams per device: `side` (normal priority) and `side_high` (the device's
+// highest), for start calls; `ce_push` and `ce_pull`, the copy-engine algorithm's copy streams,
+// with 2 * kMaxCeChunks + 2 events per device and one process-wide host rendezvous (one process
+// driving every GPU only).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -94,8 +95,14 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   WS_CHECK(cudaStreamCreateWithPriority(&w.side_high, cudaStreamNonBlocking, greatest));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
-  WS_CHECK(cudaEventCreateWithFlags(&w.ev_pushed, cudaEventDisableTiming));
-  WS_CHECK(cudaEventCreateWithFlags(&w.ev_reduced, cudaEventDisableTiming));
+  WS_CHECK(cudaStreamCreateWithFlags(&w.ce_push, cudaStreamNonBlocking));
+  WS_CHECK(cudaStreamCreateWithFlags(&w.ce_pull, cudaStreamNonBlocking));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_ce_begin, cudaEventDisableTiming));
+  WS_CHECK(cudaEventCreateWithFlags(&w.ev_pulled, cudaEventDisableTiming));
+  for (int c = 0; c < weave::kMaxCeChunks; ++c) {
+    WS_CHECK(cudaEventCreateWithFlags(&w.ev_pushed[c], cudaEventDisableTiming));
+    WS_CHECK(cudaEventCreateWithFlags(&w.ev_reduced[c], cudaEventDisableTiming));
+  }
   for (int s = 0; s < num_slots; ++s)
     WS_CHECK(cudaEventCreateWithFlags(&w.ev_done[s], cudaEventDisableTiming));
   // ev_last must have been recorded once before anyone waits on it
@@ -285,8 +292,14 @@ int weave_ws_free_all(char* errbuf, int errlen) {
     if (w.stamps_host) cudaFreeHost(w.stamps_host);
     if (w.ev_inputs) cudaEventDestroy(w.ev_inputs);
     if (w.ev_last) cudaEventDestroy(w.ev_last);
-    if (w.ev_pushed) cudaEventDestroy(w.ev_pushed);
-    if (w.ev_reduced) cudaEventDestroy(w.ev_reduced);
+    for (int c = 0; c < weave::kMaxCeChunks; ++c) {
+      if (w.ev_pushed[c]) cudaEventDestroy(w.ev_pushed[c]);
+      if (w.ev_reduced[c]) cudaEventDestroy(w.ev_reduced[c]);
+    }
+    if (w.ev_ce_begin) cudaEventDestroy(w.ev_ce_begin);
+    if (w.ev_pulled) cudaEventDestroy(w.ev_pulled);
+    if (w.ce_push) cudaStreamDestroy(w.ce_push);
+    if (w.ce_pull) cudaStreamDestroy(w.ce_pull);
     if (w.side) cudaStreamDestroy(w.side);
     if (w.side_high) cudaStreamDestroy(w.side_high);
     w = DeviceWorkspace{};

@@ -67,8 +67,12 @@ struct DeviceWorkspace {
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
-  cudaEvent_t ev_pushed = nullptr;          // my pushes of the current call are done
-  cudaEvent_t ev_reduced = nullptr;         // my out_slot rows of the current call are ready
+  cudaStream_t ce_push = nullptr;           // push copies (non-blocking, normal priority)
+  cudaStream_t ce_pull = nullptr;           // pull copies
+  cudaEvent_t ev_ce_begin = nullptr;        // the call's stream reached the call
+  cudaEvent_t ev_pushed[kMaxCeChunks] = {}; // my pushes of chunk c of the current call are done
+  cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my out_slot rows of chunk c are ready
+  cudaEvent_t ev_pulled = nullptr;          // my pulls of the current call are done
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
 };
 

@@ -94,7 +94,7 @@ def phase_times(f, args, algorithm, reps=3):
 
 
 def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), oneshot_ctas=(),
-                device_time=False, lsu_ctas=(), stamp_phases=False, tp=2):
+                device_time=False, lsu_ctas=(), stamp_phases=False, tp=2, ce_chunks=()):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -138,9 +138,11 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="one_shot",
                                                        ctas=c), True)
   for g in ce_grids:
-    methods[f"fused_ce_g{g}"] = (
-        lambda p, r, w, g=g: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="copy_engine",
-                                                       ce_ctas=g), True)
+    for k in ce_chunks or ["auto"]:  # "auto": ops.ce_chunks_for; k: that many pipeline chunks
+      name = f"fused_ce_g{g}" + ("" if k == "auto" else f"_k{k}")
+      methods[name] = (
+          lambda p, r, w, g=g, k=k: ops.fused_reduce_add_norm(
+              p, r, w, eps=EPS, algorithm="copy_engine", ce_ctas=g, ce_chunks=k), True)
   methods["fused_auto"] = (lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS), True)
   for c in cmdbuf_ctas:  # the command-buffer-compatible target: XLA may capture it in a graph
     methods[f"fused_p2p_c{c}_cmdbuf"] = (
@@ -303,6 +305,8 @@ def main():
                   "command-buffer-compatible target ('' for none)")
   ap.add_argument("--ce-grids", default="", help="copy-engine algorithm: grids of its local "
                   "reduce kernel, e.g. 64,132")
+  ap.add_argument("--ce-chunks", default="", help="copy-engine algorithm: pipeline chunk "
+                  "counts to time for each --ce-grids grid, e.g. auto,1,4,16 (default: auto)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
   ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
                   "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")
@@ -327,7 +331,8 @@ def main():
   ints = lambda text: [int(c) for c in text.split(",") if c]
   rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints(args.cmdbuf_ctas), args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
-                      ints(args.lsu_ctas), args.phases, args.tp)
+                      ints(args.lsu_ctas), args.phases, args.tp,
+                      [c if c == "auto" else int(c) for c in args.ce_chunks.split(",") if c])
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   name = f"allreduce_norm_{device}" + (f"_tp{args.tp}" if args.tp != 2 else "") + ".json"

@@ -49,6 +49,10 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"transport": "multimem"}, ValueError, r"transport='multimem' but the workspace"),
     (_args(), {"algorithm": "ring"}, ValueError, r"algorithm='ring' must be 'auto' or one of"),
     (_args(), {"algorithm": "copy_engine", "ce_ctas": 1}, ValueError, r"ce_ctas=1 outside 2\.\.1024"),
+    (_args(), {"algorithm": "copy_engine", "ce_chunks": 0}, ValueError,
+     r"ce_chunks=0 must be 'auto' or an integer in 1\.\.32"),
+    (_args(), {"algorithm": "copy_engine", "ce_chunks": 33}, ValueError, r"ce_chunks=33 must be"),
+    (_args(), {"ce_chunks": "many"}, ValueError, r"ce_chunks='many' must be"),
     (_args(), {"algorithm": "copy_engine", "cmd_buffer": True}, ValueError,
      r"cmd_buffer=True cannot run algorithm='copy_engine'"),
 ])
@@ -94,7 +98,24 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
     ops.fused_start(*_args(tokens=64, hidden=8192), eps=1e-6, algorithm="copy_engine")
 
 
+def test_copy_engine_chunks_auto():
+  # ~CE_CHUNK_BYTES of a rank's slice per chunk, 1..MAX_CE_CHUNKS
+  per_chunk_rows = ops.CE_CHUNK_BYTES // (8192 * 2)
+  chunks = lambda t, world=2: ops.ce_chunks_for(t, 8192, 2, world)
+  assert chunks(1) == chunks(2 * per_chunk_rows) == 1
+  assert chunks(2 * per_chunk_rows + 2) == 2
+  assert chunks(4 * per_chunk_rows, world=4) == 1 and chunks(4 * per_chunk_rows, world=2) == 2
+  assert chunks(10 ** 7) == ops.MAX_CE_CHUNKS
+  for ok in ("auto", 1, 32, np.int32(4)):
+    ops.check_chunks("op", ok)
+  for bad in (0, 33, True, 2.0, "4"):
+    with pytest.raises(ValueError, match="ce_chunks="):
+      ops.check_chunks("op", bad)
+
+
 def test_start_validates_too(fake_ws):
+  with pytest.raises(ValueError, match="fused_start: ce_chunks=40"):
+    ops.fused_start(*_args(), eps=1e-6, algorithm="copy_engine", ce_chunks=40)
   with pytest.raises(ValueError, match="fused_start: ctas=140"):
     ops.fused_start(*_args(), eps=1e-6, ctas=140)
   with pytest.raises(ValueError, match="fused_start: slot=2"):
@@ -138,9 +159,11 @@ def test_backend_options():
     get_backend("fused_multimem", algorithm="one_shot")
   assert d.weave_algorithm == "auto"
   assert get_backend("fused_p2p", weave_algorithm="copy_engine")._algo(woven=True) == dict(
-      algorithm="copy_engine", ce_ctas=ops.DEFAULT_CE_CTAS)
-  assert get_backend("fused_p2p", weave_algorithm="two_shot")._algo() == dict(
-      algorithm="auto", ce_ctas=ops.DEFAULT_CE_CTAS)
+      algorithm="copy_engine", ce_ctas=ops.DEFAULT_CE_CTAS, ce_chunks="auto")
+  assert get_backend("fused_p2p", weave_algorithm="two_shot", ce_chunks=4)._algo() == dict(
+      algorithm="auto", ce_ctas=ops.DEFAULT_CE_CTAS, ce_chunks=4)
+  with pytest.raises(ValueError, match="ce_chunks=0"):
+    get_backend("fused_p2p", ce_chunks=0)
   with pytest.raises(ValueError, match="weave_algorithm='ring'"):
     get_backend("fused_p2p", weave_algorithm="ring")
   with pytest.raises(ValueError, match="runs only two_shot"):

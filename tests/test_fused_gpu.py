@@ -58,9 +58,11 @@ def _smap(f, in_specs, out_specs):
 
 
 def _call_kw(algorithm, ctas):
-  """ops keyword arguments: `ctas` is the grid of whichever kernel the algorithm runs."""
-  if algorithm == "copy_engine":
-    return dict(algorithm=algorithm, ce_ctas=ctas)
+  """ops keyword arguments: `ctas` is the grid of whichever kernel the algorithm runs;
+  "copy_engine:K" is the copy-engine algorithm pipelined in K chunks ("auto" without K)."""
+  if algorithm.startswith("copy_engine"):
+    chunks = algorithm.partition(":")[2]
+    return dict(algorithm="copy_engine", ce_ctas=ctas, ce_chunks=int(chunks) if chunks else "auto")
   return dict(algorithm=algorithm, ctas=ctas)
 
 
@@ -121,7 +123,10 @@ def _random_shapes(n, seed, algorithm):
     while tokens * hidden > 2**27:  # keep each case <= 256 MiB per rank: time, not correctness
       tokens //= 2
     grids = [2, 16, 64, 132, 264] if algorithm == "copy_engine" else [2, 4, 8, 16, 32, 64, 128]
-    shapes.append((max(tokens, 1), hidden, int(rng.choice(grids)), algorithm))
+    name = algorithm
+    if algorithm == "copy_engine":  # pipelined in 1..32 chunks (more than rows: clamped)
+      name += f":{int(rng.choice([1, 2, 3, 7, 32]))}"
+    shapes.append((max(tokens, 1), hidden, int(rng.choice(grids)), name))
   return shapes
 
 
@@ -139,8 +144,9 @@ CASES = (EDGE + _random_shapes(N_SHAPES, 4, "two_shot")
 # two_shot runs the TMA kernel on sm_90+; the 16-byte-copy kernel (sm_80's) is checked here too
 CASES += [(1, 1024, 2, "two_shot_lsu"), (3, 8, 2, "two_shot_lsu"), (33, 16384, 4, "two_shot_lsu")]
 CASES += _random_shapes(max(1, N_SHAPES // 5), 7, "two_shot_lsu")
-CASES += [(1, 1024, 2, "copy_engine"), (3, 8, 1024, "copy_engine"), (1025, 8192, 7, "copy_engine"),
-          (32768, 4096, 132, "copy_engine")]
+CASES += [(1, 1024, 2, "copy_engine"), (3, 8, 1024, "copy_engine:32"),
+          (1025, 8192, 7, "copy_engine:3"), (32768, 4096, 132, "copy_engine"),
+          (32768, 4096, 16, "copy_engine:32"), (4097, 2048, 64, "copy_engine:5")]
 CASES += _random_shapes(max(2, N_SHAPES // 5), 8, "copy_engine")
 
 
@@ -158,7 +164,8 @@ def test_matches_psum_reference(ws, case):
 
 @pytest.mark.parametrize("algorithm,priority", [("two_shot", "normal"), ("one_shot", "normal"),
                                                 ("two_shot", "high"), ("copy_engine", "normal"),
-                                                ("copy_engine", "high")])
+                                                ("copy_engine", "high"),
+                                                ("copy_engine:4", "normal")])
 def test_start_done_matches_sync(ws, algorithm, priority):
   """start/done (side stream, results written into start's own outputs, aliased by done) give
   the same bits as the synchronous call, with a GEMM of the other operands between them."""
@@ -188,13 +195,16 @@ def test_start_done_matches_sync(ws, algorithm, priority):
   np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
 
 
-def test_copy_engine_bitwise_equals_two_shot(ws):
-  """Both reduce my slice with the same code in the same source order: identical bits."""
+@pytest.mark.parametrize("chunks", [1, 5])
+def test_copy_engine_bitwise_equals_two_shot(ws, chunks):
+  """Both reduce my slice with the same code in the same source order: identical bits, however
+  the copy-engine call is cut into chunks."""
   tokens, hidden = 3000, 8192
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)
-    b = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="copy_engine")
+    b = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="copy_engine",
+                                  ce_chunks=chunks)
     return a[0][None], b[0][None], a[1], b[1]
 
   f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))
@@ -426,8 +436,8 @@ def test_uninitialised_workspace_raises(ws):
 
 # The calls of CE_CHILD's mixed loop: copy-engine calls between the kernels' algorithms, so a
 # copy waiting behind a peer's spinning kernel (the old protocol's deadlock) would show.
-CE_LOOP_CALLS = ((1000, "copy_engine", 64), (20, "one_shot", 4), (257, "two_shot", 4),
-                 (3, "copy_engine", 2), (2048, "two_shot", 32))
+CE_LOOP_CALLS = ((1000, "copy_engine:4", 64), (20, "one_shot", 4), (257, "two_shot", 4),
+                 (3, "copy_engine", 2), (2048, "two_shot", 32), (4096, "copy_engine:32", 16))
 
 CE_CHILD = textwrap.dedent("""
   import os, sys, numpy as np, jax, jax.numpy as jnp

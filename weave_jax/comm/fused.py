@@ -44,15 +44,15 @@ def available() -> tuple[bool, str]:
   return True, "libweave_fused loaded"
 
 
-_OPTIONS = ("ctas", "weave_ctas", "algorithm", "weave_algorithm", "ce_ctas", "side_priority",
-            "cmd_buffer")
+_OPTIONS = ("ctas", "weave_ctas", "algorithm", "weave_algorithm", "ce_ctas", "ce_chunks",
+            "side_priority", "cmd_buffer")
 
 
 def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
   ``algorithm`` and ``weave_algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu",
-  "copy_engine"), ``ce_ctas`` (2..1024), ``side_priority`` ("high", "normal"), ``cmd_buffer``
-  (bool)."""
+  "copy_engine"), ``ce_ctas`` (2..1024), ``ce_chunks`` ("auto" or 1..32), ``side_priority``
+  ("high", "normal"), ``cmd_buffer`` (bool)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -68,6 +68,7 @@ def make_backend(name: str, **options) -> CommBackend:
                        f"{sorted(ops.ALGORITHMS)}")
     if cls.transport != "peer" and algorithm not in ("auto", "two_shot"):
       raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
+  ops.check_chunks(f"backend {name!r}", options.get("ce_chunks", cls.ce_chunks))
   cmd_buffer = options.get("cmd_buffer", cls.cmd_buffer)
   if cmd_buffer not in (True, False):  # 0 / 1 from a benchmark variant name pass too
     raise ValueError(f"backend {name!r}: cmd_buffer={cmd_buffer!r} must be a bool")
@@ -103,6 +104,8 @@ class FusedP2P(CommBackend):
   weave_algorithm: str = "auto"
   #: blocks of the copy-engine algorithm's local reduce kernel (2..1024).
   ce_ctas: int = ops.DEFAULT_CE_CTAS
+  #: chunks (1..32) a copy-engine call is pipelined in, or "auto" (``ops.ce_chunks_for``).
+  ce_chunks: int | str = "auto"
   #: priority of the side stream that woven (start) calls run on: "normal" or "high"
   #: (``weave_jax.fused.ops.fused_start``; "high" measured no faster in the woven model).
   side_priority: str = "normal"
@@ -133,7 +136,7 @@ class FusedP2P(CommBackend):
     algorithm = self.weave_algorithm if woven else self.algorithm
     if self.transport != "peer":
       algorithm = "two_shot"
-    return dict(algorithm=algorithm, ce_ctas=self.ce_ctas)
+    return dict(algorithm=algorithm, ce_ctas=self.ce_ctas, ce_chunks=self.ce_chunks)
 
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
     if not self._fused_ok():

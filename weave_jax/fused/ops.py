@@ -19,7 +19,8 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  two copy phases are TMA bulk copies (the norm's stores stay 16-byte stores)
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  the two-shot data flow with the NVLink copies on the copy engines: push copies,
-                 a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies.  Ranks meet
+                 a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies, pipelined
+                 over ``ce_chunks`` chunks of rows on three streams.  Ranks meet
                  on the host and order their streams with cross-device CUDA events, so nothing
                  spins on the GPU and no SM copies.  One process driving every GPU only, and
                  it relies on XLA running each device's program on its own host thread (true
@@ -41,6 +42,7 @@ from weave_jax.fused import workspace as ws_lib
 
 MIN_CTAS, MAX_CTAS = 2, 128
 MAX_CE_CTAS = 1024        # kMaxCeCtas: the copy-engine kernel's blocks are not paired
+MAX_CE_CHUNKS = 32        # kMaxCeChunks: the copy-engine pipeline's depth
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
 ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3}
@@ -61,6 +63,10 @@ DEFAULT_CE_CTAS = 64
 # e.g. 1.844 vs 1.952 ms/layer at 1K and 26.62 vs 28.22 at 16K.  Smaller woven calls were not
 # measured, so they keep the kernels.
 AUTO_WOVEN_COPY_ENGINE_MIN_BYTES = 8 << 20
+# "auto" cuts a copy-engine call into chunks of about this many bytes of each rank's slice
+# (push of chunk c+1, reduce of chunk c and pull of chunk c-1 then overlap), at most
+# MAX_CE_CHUNKS and at least one.
+CE_CHUNK_BYTES = 8 << 20
 # Unsplit calls keep the kernel at every size.  At TP=4 the copy engines were faster in
 # isolation from 128 MiB (run/bench_allreduce_norm.py --tp 4: 831 vs 981 µs at 128 MiB), but
 # slower in the model: Llama-3.3-70B shapes, unsplit, 4 x H200, 0.956 / 0.963x the psum
@@ -72,6 +78,22 @@ def check_grid(op: str, field: str, value, hi: int) -> None:
   """Raises ValueError unless ``value`` is an integer grid size in MIN_CTAS..hi."""
   if not (isinstance(value, (int, np.integer)) and MIN_CTAS <= value <= hi):
     raise ValueError(f"{op}: {field}={value} outside {MIN_CTAS}..{hi}")
+
+
+def check_chunks(op: str, value) -> None:
+  """Raises ValueError unless ``value`` is "auto" or an integer in 1..MAX_CE_CHUNKS."""
+  if value == "auto":
+    return
+  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and 1 <= value <= MAX_CE_CHUNKS):
+    raise ValueError(f"{op}: ce_chunks={value!r} must be 'auto' or an integer in "
+                     f"1..{MAX_CE_CHUNKS}")
+
+
+def ce_chunks_for(tokens: int, hidden: int, itemsize: int, world: int) -> int:
+  """The chunks "auto" cuts a copy-engine call into: ~CE_CHUNK_BYTES of a rank's slice each."""
+  slice_bytes = -(-tokens // world) * hidden * itemsize
+  return max(1, min(MAX_CE_CHUNKS, -(-slice_bytes // CE_CHUNK_BYTES)))
 
 
 def one_shot_rows(ws) -> int:
@@ -96,9 +118,10 @@ def choose_algorithm(tokens: int, hidden: int, itemsize: int, ws, transport: str
 
 
 def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transport: str,
-             woven: bool = False):
-  """(algorithm, grid) for a call, validated.  Runs after _validate."""
+             woven: bool = False, ce_chunks="auto"):
+  """(algorithm, grid, chunks) for a call, validated.  Runs after _validate."""
   ws = ws_lib.current()
+  check_chunks(op, ce_chunks)
   if algorithm == "auto":
     algorithm = choose_algorithm(partial.shape[0], partial.shape[1], partial.dtype.itemsize, ws,
                                  transport, woven)
@@ -116,10 +139,12 @@ def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transpor
                        f"the group (this workspace is {ws.mode!r})")
     check_grid(op, "ce_ctas", ce_ctas, MAX_CE_CTAS)
     grid = int(ce_ctas)
+    chunks = (ce_chunks_for(partial.shape[0], partial.shape[1], partial.dtype.itemsize, ws.world)
+              if ce_chunks == "auto" else int(ce_chunks))
   else:
-    grid = int(ctas)
+    grid, chunks = int(ctas), 1
   _lib.register_targets()  # last: everything above raises before anything can launch
-  return algorithm, grid
+  return algorithm, grid, chunks
 
 
 def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
@@ -158,7 +183,8 @@ def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
 
 def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_CTAS,
                           transport: str = "peer", algorithm: str = "auto",
-                          ce_ctas: int = DEFAULT_CE_CTAS, cmd_buffer: bool = False):
+                          ce_ctas: int = DEFAULT_CE_CTAS, cmd_buffer: bool = False,
+                          ce_chunks="auto"):
   """One fused call on XLA's stream.  Returns (normed (T, H), new_residual (S, H)).
 
   Args:
@@ -171,6 +197,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu" or "copy_engine" (module
       docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
+    ce_chunks: chunks (1..32) the copy-engine algorithm pipelines a call in, or "auto"
+      (``ce_chunks_for``: about CE_CHUNK_BYTES of a rank's slice each).
     cmd_buffer: use the target registered as command-buffer compatible, so that XLA may
       record the call into a CUDA graph with its neighbours (XLA's default
       ``--xla_gpu_enable_command_buffer`` includes CUSTOM_CALL; a graph needs
@@ -187,7 +215,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   if cmd_buffer and algorithm == "copy_engine":  # ("auto" never picks it for this call)
     raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
                      "on the host every call, which a replayed CUDA graph skips)")
-  algorithm, grid = _resolve(op, partial, algorithm, ctas, ce_ctas, transport)
+  algorithm, grid, chunks = _resolve(op, partial, algorithm, ctas, ce_ctas, transport,
+                                     ce_chunks=ce_chunks)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
@@ -200,7 +229,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   # drops or merges the same calls and no barrier is left waiting.
   return jax.ffi.ffi_call(target, out, has_side_effect=False)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid),
-      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]))
+      transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]),
+      ce_chunks=np.int32(chunks))
 
 
 SIDE_PRIORITIES = {"normal": 0, "high": 1}
@@ -208,7 +238,8 @@ SIDE_PRIORITIES = {"normal": 0, "high": 1}
 
 def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WEAVE_CTAS,
                 slot: int = 0, transport: str = "peer", algorithm: str = "auto",
-                ce_ctas: int = DEFAULT_CE_CTAS, side_priority: str = "normal"):
+                ce_ctas: int = DEFAULT_CE_CTAS, side_priority: str = "normal",
+                ce_chunks="auto"):
   """Launches the kernel on the library's side stream and returns at once.
 
   Returns a pending result ``(token, normed, new_residual)`` for ``fused_done``: the kernel
@@ -232,8 +263,8 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
     raise ValueError(f"fused_start: side_priority={side_priority!r} must be one of "
                      f"{sorted(SIDE_PRIORITIES)}")
   _validate("fused_start", partial, residual, weight, ctas, transport)
-  algorithm, grid = _resolve("fused_start", partial, algorithm, ctas, ce_ctas, transport,
-                            woven=True)
+  algorithm, grid, chunks = _resolve("fused_start", partial, algorithm, ctas, ce_ctas,
+                                     transport, woven=True, ce_chunks=ce_chunks)
   out = (jax.ShapeDtypeStruct((1,), jnp.uint32),
          jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
@@ -244,7 +275,7 @@ def fused_start(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_WE
   return jax.ffi.ffi_call("weave_fused_start", out, has_side_effect=True)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid), slot=np.int32(slot),
       transport=np.int32(_TRANSPORTS[transport]), algo=np.int32(ALGORITHMS[algorithm]),
-      priority=np.int32(SIDE_PRIORITIES[side_priority]))
+      priority=np.int32(SIDE_PRIORITIES[side_priority]), ce_chunks=np.int32(chunks))
 
 
 def fused_done(pending, partial, residual, weight, *, slot: int = 0):
