@@ -17,6 +17,7 @@
 // driving every GPU only).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -66,7 +67,8 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   w.dtype_bytes = dtype_bytes;
   w.num_slots = num_slots;
   const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
-  const size_t slot = res * world;  // world * ceil(Tmax / world) rows
+  // world * ceil(Tmax / world) rows, and at least the peer probes' blocks (kMaxRanks * 4 KiB)
+  const size_t slot = std::max<size_t>(res * world, weave::kMaxRanks * 4096);
   WS_CHECK(cudaSetDevice(ordinal));
   WS_CHECK(cudaDeviceGetAttribute(&w.sm_major, cudaDevAttrComputeCapabilityMajor, ordinal));
   WS_CHECK(weave::preload_kernels(w.sm_major));
@@ -258,6 +260,72 @@ int weave_ws_init_ipc_open(int ordinal, const uint8_t* all_handles, char* errbuf
   }
   w.ipc = true;
   w.ready = true;
+  return 0;
+}
+
+// The IPC workspace's write/read-back probe, in two steps with a barrier of every rank between
+// them (the caller's, through the distributed key-value store):
+//   write: for every peer q, this rank's kernel writes a pattern into ITS block of q's
+//          out_slot[0] (block = my rank, kProbeWords words) through the IPC mapping and reads
+//          it back over NVLink;
+//   check: after every rank wrote, the host reads every peer's block of MY out_slot[0] and
+//          checks that peer's pattern landed.
+// Nothing else touches out_slot[0] before the first call, so the blocks cannot collide.
+// Returns 0 when every check passes, -2 on wrong data, -1 on a CUDA error.
+constexpr int kProbeWords = 1024;
+
+static uint32_t probe_seed(int writer, int owner) {
+  return 0x9e3779b9u * (writer * weave::kMaxRanks + owner + 1);
+}
+
+static int check_pattern(const uint32_t* words, uint32_t seed) {
+  for (int k = 0; k < kProbeWords; ++k)
+    if (words[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) return -2;
+  return 0;
+}
+
+int weave_ws_probe_ipc_write(int ordinal, char* errbuf, int errlen) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (!w.ready || !w.ipc) {
+    snprintf(errbuf, errlen, "ipc probe: device %d has no IPC workspace", ordinal);
+    return -1;
+  }
+  uint32_t host[kProbeWords];
+  uint32_t* readback = nullptr;
+  WS_CHECK(cudaSetDevice(ordinal));
+  WS_CHECK(cudaMalloc(&readback, sizeof(host)));
+  for (int q = 0; q < w.world; ++q) {
+    if (q == w.rank) continue;
+    uint32_t* block = static_cast<uint32_t*>(w.peer_out[0][q]) + w.rank * kProbeWords;
+    probe_kernel<<<kProbeWords / 256, 256>>>(block, readback, probe_seed(w.rank, q), kProbeWords);
+    WS_CHECK(cudaGetLastError());
+    WS_CHECK(cudaDeviceSynchronize());
+    WS_CHECK(cudaMemcpy(host, readback, sizeof(host), cudaMemcpyDeviceToHost));
+    if (check_pattern(host, probe_seed(w.rank, q)) != 0) {
+      cudaFree(readback);
+      snprintf(errbuf, errlen, "ipc probe: rank %d read back wrong data from rank %d's memory",
+               w.rank, q);
+      return -2;
+    }
+  }
+  WS_CHECK(cudaFree(readback));
+  return 0;
+}
+
+int weave_ws_probe_ipc_check(int ordinal, char* errbuf, int errlen) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  uint32_t host[kProbeWords];
+  WS_CHECK(cudaSetDevice(ordinal));
+  for (int q = 0; q < w.world; ++q) {
+    if (q == w.rank) continue;
+    WS_CHECK(cudaMemcpy(host, static_cast<uint32_t*>(w.out_slot[0]) + q * kProbeWords,
+                        sizeof(host), cudaMemcpyDeviceToHost));
+    if (check_pattern(host, probe_seed(q, w.rank)) != 0) {
+      snprintf(errbuf, errlen, "ipc probe: rank %d's stores did not land in rank %d's memory", q,
+               w.rank);
+      return -2;
+    }
+  }
   return 0;
 }
 

@@ -2,6 +2,8 @@
 options, the rs_ag fallback warning and the compute_on shim.  No GPU needed."""
 from __future__ import annotations
 
+import itertools
+import threading
 import warnings
 
 import numpy as np
@@ -99,13 +101,12 @@ def test_one_shot_capacity_and_auto_choice(monkeypatch):
 
 
 def test_copy_engine_chunks_auto():
-  # ~CE_CHUNK_BYTES of a rank's slice per chunk, 1..MAX_CE_CHUNKS
-  per_chunk_rows = ops.CE_CHUNK_BYTES // (8192 * 2)
+  # 2 chunks from CE_TWO_CHUNKS_MIN_SLICE_BYTES of a rank's slice (measured faster), else 1
+  rows = ops.CE_TWO_CHUNKS_MIN_SLICE_BYTES // (8192 * 2)
   chunks = lambda t, world=2: ops.ce_chunks_for(t, 8192, 2, world)
-  assert chunks(1) == chunks(2 * per_chunk_rows) == 1
-  assert chunks(2 * per_chunk_rows + 2) == 2
-  assert chunks(4 * per_chunk_rows, world=4) == 1 and chunks(4 * per_chunk_rows, world=2) == 2
-  assert chunks(10 ** 7) == ops.MAX_CE_CHUNKS
+  assert chunks(1) == chunks(2 * rows - 2) == 1
+  assert chunks(2 * rows) == chunks(10 ** 7) == 2
+  assert chunks(4 * rows, world=4) == 2 and chunks(4 * rows - 4, world=4) == 1
   for ok in ("auto", 1, 32, np.int32(4)):
     ops.check_chunks("op", ok)
   for bad in (0, 33, True, 2.0, "4"):
@@ -307,3 +308,72 @@ def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):
   line = next(l for l in f.lower(*args).as_text().splitlines() if "@weave_fused_ran(" in l)
   assert "has_side_effect = true" not in line
   assert not jax.make_jaxpr(f)(*args).effects
+
+
+class _FakeKV:
+  """The distributed runtime's key-value store, shared by threads that play the ranks."""
+
+  def __init__(self):
+    self.data, self.cv = {}, threading.Condition()
+
+  def key_value_set_bytes(self, key, value):
+    with self.cv:
+      self.data[key] = value
+      self.cv.notify_all()
+
+  def blocking_key_value_get_bytes(self, key, timeout_ms):
+    with self.cv:
+      assert self.cv.wait_for(lambda: key in self.data, timeout_ms / 1e3), f"no {key}"
+      return self.data[key]
+
+
+class _FakeIpcLib:
+  """libweave_fused's IPC entry points: handles are the rank's id; ``bad_check`` ranks fail
+  the probe's check step."""
+
+  def __init__(self, bad_check=()):
+    self.bad_check, self.opened = set(bad_check), {}
+
+  def weave_ws_ipc_handle_bytes(self):
+    return 2
+
+  def weave_ws_init_ipc_export(self, ordinal, rank, world, tmax, hidden, itemsize, slots, out,
+                               err, n):
+    out[0], out[1] = rank, world
+    return 0
+
+  def weave_ws_init_ipc_open(self, ordinal, handles, err, n):
+    self.opened[ordinal] = bytes(handles)
+    return 0
+
+  def weave_ws_probe_ipc_write(self, ordinal, err, n):
+    return 0
+
+  def weave_ws_probe_ipc_check(self, ordinal, err, n):
+    if ordinal in self.bad_check:
+      err.value = f"ipc probe: rank 0's stores did not land in rank {ordinal}'s memory".encode()
+      return -2
+    return 0
+
+
+@pytest.mark.parametrize("bad_check", [(), (1,)])
+def test_ipc_init_exchanges_handles_and_agrees_on_the_probe(monkeypatch, bad_check):
+  """Every rank opens every rank's handles, and all ranks reach the same verdict: one rank's
+  failed probe makes every rank fall back (a mix would leave the kernels' barriers unpaired)."""
+  from jax._src import distributed
+
+  monkeypatch.setattr(distributed.global_state, "client", _FakeKV())
+  monkeypatch.setattr(ws_lib, "_IPC_GENERATION", itertools.repeat(0))
+  lib, results = _FakeIpcLib(bad_check), {}
+  threads = [threading.Thread(target=lambda r=r: results.__setitem__(
+      r, ws_lib._init_ipc(lib, r, r, 2, 64, 1024, 2, 2))) for r in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(30)
+  assert lib.opened == {0: bytes([0, 2, 1, 2]), 1: bytes([0, 2, 1, 2])}
+  if bad_check:
+    assert results[0] == results[1] == (
+        False, "rank 1: ipc probe: rank 0's stores did not land in rank 1's memory")
+  else:
+    assert results[0] == results[1] == (True, "ipc write/read-back probe passed on 2 ranks")

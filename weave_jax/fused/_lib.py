@@ -59,6 +59,8 @@ def _declare(lib: ctypes.CDLL) -> None:
       "weave_ws_init_ipc_export": (c_int, [c_int, c_int, c_int, c_i64, c_i64, c_int, c_int, u8_p,
                                            c_char_p, c_int]),
       "weave_ws_init_ipc_open": (c_int, [c_int, u8_p, c_char_p, c_int]),
+      "weave_ws_probe_ipc_write": (c_int, [c_int, c_char_p, c_int]),
+      "weave_ws_probe_ipc_check": (c_int, [c_int, c_char_p, c_int]),
       "weave_ws_free_all": (c_int, [c_char_p, c_int]),
       "weave_ws_read_error": (c_int, [c_int, ctypes.POINTER(ctypes.c_int32)]),
       "weave_ws_set_timeout_ms": (c_int, [c_int, c_double]),

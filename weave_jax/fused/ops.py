@@ -63,10 +63,14 @@ DEFAULT_CE_CTAS = 64
 # e.g. 1.844 vs 1.952 ms/layer at 1K and 26.62 vs 28.22 at 16K.  Smaller woven calls were not
 # measured, so they keep the kernels.
 AUTO_WOVEN_COPY_ENGINE_MIN_BYTES = 8 << 20
-# "auto" cuts a copy-engine call into chunks of about this many bytes of each rank's slice
-# (push of chunk c+1, reduce of chunk c and pull of chunk c-1 then overlap), at most
-# MAX_CE_CHUNKS and at least one.
-CE_CHUNK_BYTES = 8 << 20
+# "auto" pipelines a copy-engine call in 2 chunks (push of chunk 1 overlaps the reduce of chunk
+# 0, which overlaps ... the pull of chunk 0) once a rank's slice reaches this many bytes, else
+# runs it in one.  Measured (run/bench_allreduce_norm.py, 2 x H200, TP=2, H=8192, 64-block
+# kernel, 2026-11-30, BENCHMARKS.md): 2 chunks were 16-22% faster than 1 from 64 MiB messages
+# (32 MiB slices) to 512 MiB, even at 32 MiB; 4, 8 and 16 chunks were slower than 2 at every
+# size (each chunk adds ~10 µs: its copies, kernel launch and cross-device event waits are
+# enqueued by the host).  Not measured at TP > 2.
+CE_TWO_CHUNKS_MIN_SLICE_BYTES = 32 << 20
 # Unsplit calls keep the kernel at every size.  At TP=4 the copy engines were faster in
 # isolation from 128 MiB (run/bench_allreduce_norm.py --tp 4: 831 vs 981 µs at 128 MiB), but
 # slower in the model: Llama-3.3-70B shapes, unsplit, 4 x H200, 0.956 / 0.963x the psum
@@ -91,9 +95,10 @@ def check_chunks(op: str, value) -> None:
 
 
 def ce_chunks_for(tokens: int, hidden: int, itemsize: int, world: int) -> int:
-  """The chunks "auto" cuts a copy-engine call into: ~CE_CHUNK_BYTES of a rank's slice each."""
+  """The chunks "auto" pipelines a copy-engine call in: 2 from CE_TWO_CHUNKS_MIN_SLICE_BYTES of
+  a rank's slice, else 1."""
   slice_bytes = -(-tokens // world) * hidden * itemsize
-  return max(1, min(MAX_CE_CHUNKS, -(-slice_bytes // CE_CHUNK_BYTES)))
+  return 2 if slice_bytes >= CE_TWO_CHUNKS_MIN_SLICE_BYTES else 1
 
 
 def one_shot_rows(ws) -> int:
@@ -198,7 +203,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
       docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     ce_chunks: chunks (1..32) the copy-engine algorithm pipelines a call in, or "auto"
-      (``ce_chunks_for``: about CE_CHUNK_BYTES of a rank's slice each).
+      (``ce_chunks_for``: 2 from CE_TWO_CHUNKS_MIN_SLICE_BYTES of a rank's slice, else 1).
     cmd_buffer: use the target registered as command-buffer compatible, so that XLA may
       record the call into a CUDA graph with its neighbours (XLA's default
       ``--xla_gpu_enable_command_buffer`` includes CUSTOM_CALL; a graph needs

@@ -11,7 +11,8 @@ e.g. Tmax=32768, H=8192, bf16, world=2, num_slots=2: 1.5 GiB + 6 MiB per device.
 
 One process driving every GPU: peer pointers (peer access enabled).  One process per GPU
 (``jax.distributed``): CUDA IPC handles exchanged through the distributed runtime's key-value
-store — that path is UNVERIFIED (never run on GPUs in this project; see ``_init_ipc``).
+store (``_init_ipc``).  Both prove peer access with a real write/read-back probe before the
+first call.
 """
 from __future__ import annotations
 
@@ -135,8 +136,8 @@ def init_workspace(devices_or_mesh, *, max_tokens: int, hidden: int, dtype=jnp.b
         raise RuntimeError(f"{op}: {message}")
   elif len(local) == 1:
     mode = "ipc"
-    _init_ipc(lib, ordinals[0], ranks[0], world, max_tokens, hidden, dtype.itemsize, num_slots)
-    peer_ok, message = True, "ipc path: no probe (unverified)"
+    peer_ok, message = _init_ipc(lib, ordinals[0], ranks[0], world, max_tokens, hidden,
+                                 dtype.itemsize, num_slots)
   else:
     raise ValueError(f"{op}: this process holds {len(local)} of {world} devices; "
                      "use one process for all or one device per process")
@@ -156,11 +157,12 @@ def init_workspace(devices_or_mesh, *, max_tokens: int, hidden: int, dtype=jnp.b
   return _WORKSPACE
 
 
-def _init_ipc(lib, ordinal, rank, world, max_tokens, hidden, itemsize, num_slots) -> None:
-  """One process per GPU: export this rank's handles, fetch every peer's from the KV store.
-
-  UNVERIFIED: written against the CUDA IPC API and the distributed client calls that DESIGN.md
-  saw working (key_value_set_bytes / blocking_key_value_get_bytes); never run here.
+def _init_ipc(lib, ordinal, rank, world, max_tokens, hidden, itemsize,
+              num_slots) -> tuple[bool, str]:
+  """One process per GPU: export this rank's handles, fetch every peer's from the KV store,
+  open them, and run the write/read-back probe.  Returns (peer_ok, message), equal on every
+  rank: each rank publishes its probe outcome and all of them must pass, so that either every
+  rank runs the fused kernel or every rank falls back (a mix would leave barriers unpaired).
   """
   from jax._src import distributed
 
@@ -174,12 +176,28 @@ def _init_ipc(lib, ordinal, rank, world, max_tokens, hidden, itemsize, num_slots
                                   mine, err, len(err)) != 0:
     raise RuntimeError(f"init_workspace: {err.value.decode()}")
   gen = next(_IPC_GENERATION)
-  client.key_value_set_bytes(f"weave_fused/{gen}/{rank}", bytes(mine))
-  blob = b"".join(client.blocking_key_value_get_bytes(f"weave_fused/{gen}/{q}", 60_000)
-                  for q in range(world))
+
+  def exchange(kind: str, value: bytes) -> list[bytes]:
+    client.key_value_set_bytes(f"weave_fused/{gen}/{kind}/{rank}", value)
+    return [client.blocking_key_value_get_bytes(f"weave_fused/{gen}/{kind}/{q}", 60_000)
+            for q in range(world)]
+
+  blob = b"".join(exchange("handles", bytes(mine)))
   all_handles = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
   if lib.weave_ws_init_ipc_open(ordinal, all_handles, err, len(err)) != 0:
     raise RuntimeError(f"init_workspace: {err.value.decode()}")
+  # probe: every rank writes into every peer's memory, then (after all wrote) checks its own
+  rc = lib.weave_ws_probe_ipc_write(ordinal, err, len(err))
+  outcome = "ok" if rc == 0 else err.value.decode() or f"error {rc}"
+  exchange("probe_written", outcome.encode())
+  if rc == 0:
+    rc = lib.weave_ws_probe_ipc_check(ordinal, err, len(err))
+    outcome = "ok" if rc == 0 else err.value.decode() or f"error {rc}"
+  failed = [f"rank {q}: {o.decode()}" for q, o in enumerate(exchange("probe", outcome.encode()))
+            if o != b"ok"]
+  if failed:
+    return False, "; ".join(failed)
+  return True, f"ipc write/read-back probe passed on {world} ranks"
 
 
 def free_workspace() -> None:

@@ -1,0 +1,94 @@
+"""One process per GPU (jax.distributed): the workspace's CUDA IPC path on real GPUs.
+
+Each rank is a child process that owns one GPU, exchanges IPC handles through the distributed
+runtime's key-value store, passes the write/read-back probe, and runs the fused kernels against
+XLA psum + float32 RMSNorm (the checks of ``test_fused_gpu._check_fn``), start/done included.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import gpu_count, gpu_tp
+
+pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RANK_CHILD = textwrap.dedent("""
+  import sys
+  rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+  import jax
+  jax.distributed.initialize(coordinator_address=f"localhost:{{port}}", num_processes=world,
+                             process_id=rank, local_device_ids=[rank])
+  import jax.numpy as jnp, numpy as np
+  sys.path.insert(0, {root!r})
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from tests import test_fused_gpu as t
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  assert jax.process_count() == world and len(jax.local_devices()) == 1
+  ws = fused.init_workspace(t.MESH, max_tokens=t.MAX_TOKENS, hidden=t.MAX_HIDDEN,
+                            dtype=jnp.bfloat16, timeout_ms=20000)
+  print("WORKSPACE", ws.mode, ws.peer_ok, ws.probe_message, flush=True)
+  rep = NamedSharding(t.MESH, P())
+  for case in {cases!r}:
+    tokens, hidden, ctas, algorithm = case
+    check = jax.jit(t._check_fn(tokens, hidden, jnp.bfloat16, ctas, algorithm),
+                    out_shardings=(rep,) * 4)
+    rel, rel_res, nans, cross = (float(x) for x in check(jax.random.key(sum(case[:3]))))
+    ok = rel < t.TOL[jnp.bfloat16] and rel_res < t.TOL[jnp.bfloat16] and nans == 0 and cross == 0
+    print("CASE", case, "ok" if ok else "BAD", rel, rel_res, nans, cross, flush=True)
+  # the copy engines need one process driving every GPU: refused before any launch
+  try:
+    ops.fused_reduce_add_norm(jnp.zeros((8, 1024), jnp.bfloat16),
+                              jnp.zeros((-(-8 // world), 1024), jnp.bfloat16),
+                              jnp.zeros((1024,), jnp.bfloat16), eps=1e-6, algorithm="copy_engine")
+    print("COPY-ENGINE NOT REFUSED", flush=True)
+  except ValueError as e:
+    print("COPY-ENGINE REFUSED", e, flush=True)
+  print("RANK DONE", rank, flush=True)
+""")
+
+# (tokens, hidden, ctas, algorithm): the kernels' algorithms that run through peer pointers,
+# edge sizes included (a token count not divisible by the world size, a 1-row call)
+CASES = [(1, 1024, 2, "one_shot"), (24, 8192, 16, "one_shot"), (1, 1024, 2, "two_shot"),
+         (3001, 8192, 32, "two_shot"), (4096, 4096, 128, "two_shot"), (777, 2048, 7, "two_shot"),
+         (2048, 8192, 16, "two_shot_lsu")]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_one_process_per_gpu_ipc_workspace():
+  world = gpu_tp()
+  if gpu_count() < world:
+    pytest.skip(f"needs {world} GPUs")
+  env = dict(os.environ, WEAVE_TEST_TP=str(world), XLA_PYTHON_CLIENT_MEM_FRACTION="0.1")
+  env.pop("XLA_FLAGS", None)  # no virtual CPU devices in the children
+  code, port = RANK_CHILD.format(root=ROOT, cases=CASES), str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), port], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for r in range(world)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=400)[0])
+  finally:
+    for p in procs:
+      p.kill()
+  for r, (p, out) in enumerate(zip(procs, outs)):
+    tail = out[-4000:]
+    assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{tail}"
+    assert "WORKSPACE ipc True ipc write/read-back probe passed" in out, tail
+    cases = [line for line in out.splitlines() if line.startswith("CASE")]
+    assert len(cases) == len(CASES) and all(" ok " in c for c in cases), tail
+    assert "COPY-ENGINE REFUSED" in out and "one process driving every GPU" in out, tail
+    assert f"RANK DONE {r}" in out, tail
