@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -183,3 +184,39 @@ def test_shipped_tuning_table_is_consistent():
       assert all(weave[b] for b in weave if b >= woven[0]), (key, "unsplit above the threshold")
     for backend in entry.get("backend_by_bucket", {}).values():
       assert backend in BACKENDS, (key, backend)
+
+
+def test_tuned_weave_is_dropped_where_woven_calls_cannot_use_the_copy_engines(tmp_path, monkeypatch):
+  """The table's woven verdicts were measured with woven calls on the copy engines; with one
+  process per GPU (IPC workspace) those calls would run the two-shot kernel, which measured
+  slower than unsplit: the tuned plan runs unsplit and warns once.  An explicit threshold
+  still weaves."""
+  from weave_jax.fused import workspace as ws_lib
+
+  cfg = preset("tiny")
+  mesh = make_mesh(4)
+  model = init_random(cfg, mesh)
+  path = str(tmp_path / "splits.json")
+  eng = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True))
+  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "fused_p2p")
+  split_mod.save_entry(key, {"min_tokens": 64, "weave": {"512": True}}, path)
+  real = split_mod.weave_threshold, split_mod.tuned_weave
+  monkeypatch.setattr(split_mod, "weave_threshold", lambda *a, **k: real[0](*a, path=path))
+  monkeypatch.setattr(split_mod, "tuned_weave", lambda *a, **k: real[1](*a, path=path))
+
+  def workspace(mode):
+    return ws_lib.Workspace(ordinals=(0,), ranks=(0,), world=4, max_tokens=1024, hidden=64,
+                            dtype=np.dtype(jnp.bfloat16), num_slots=2, mode=mode,
+                            transport="peer", peer_ok=True)
+
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", workspace("local"))
+  assert eng.plan(512).split is not None and eng.plan(256).split is not None
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", workspace("ipc"))
+  with pytest.warns(RuntimeWarning, match="one process per GPU") as record:
+    assert eng.plan(512).split is None and eng.plan(256).split is None
+  assert len(record) == 1
+  forced = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True, weave_min_tokens=16))
+  assert forced.plan(512).split is not None
+  on_ce = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True, backend_options=(
+      ("weave_algorithm", "copy_engine"),)))
+  assert on_ce.plan(512).split is not None

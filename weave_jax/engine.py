@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,7 @@ class Engine:
     # fails loudly instead of silently materialising T x T scores.
     self.attn_impl = run.attn_impl or ("cudnn" if self.platform == "gpu" else None)
     self._compiled: dict = {}
+    self._warned_untuned_weave = False
 
   def _check_param_dtypes(self):
     want = jnp.dtype(self.cfg.dtype)
@@ -122,6 +124,8 @@ class Engine:
       min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend,
                                              DEFAULT_WEAVE_MIN_TOKENS)
       measured = split_mod.tuned_weave(self.device_kind, self.cfg, tp, run.backend, n_tokens)
+      if run.weave and not self._woven_as_tuned():
+        measured = False
     woven = n_tokens >= max(min_tokens, 2 * tp) if measured is None else measured
     if not run.weave or not woven or n_tokens < 2 * tp:
       backend = run.backend
@@ -136,6 +140,20 @@ class Engine:
     else:
       s = split_mod.choose_split(n_tokens, self.cfg, tp, self.device_kind, self.sms, run.backend)
     return Plan(n_tokens, s + _round_up(n_tokens - s, tp), s, run.backend)
+
+  def _woven_as_tuned(self) -> bool:
+    """False when this backend's woven calls would not run the way the tuning table measured
+    them (``FusedP2P.woven_as_tuned``); the tuned plan then stays unsplit, with one warning."""
+    check = getattr(self.backend, "woven_as_tuned", None)
+    if check is None or check():
+      return True
+    if not self._warned_untuned_weave:
+      self._warned_untuned_weave = True
+      warnings.warn(f"Engine: {self.run.backend} with one process per GPU runs woven calls on "
+                    "the two-shot kernel (the copy engines need one process driving every GPU), "
+                    "which measured slower than unsplit calls; the tuned plan runs unsplit.  Set "
+                    "RunConfig.weave_min_tokens to weave anyway.", RuntimeWarning, stacklevel=3)
+    return False
 
   def backend_of(self, plan: Plan):
     """The backend object that runs ``plan`` (built on first use for a substituted one)."""
