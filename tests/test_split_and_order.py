@@ -186,7 +186,7 @@ def test_shipped_tuning_table_is_consistent():
       assert backend in BACKENDS, (key, backend)
 
 
-def test_tuned_weave_is_dropped_where_woven_calls_cannot_use_the_copy_engines(tmp_path, monkeypatch):
+def test_tuned_weave_dropped_where_woven_calls_miss_the_copy_engines(tmp_path, monkeypatch):
   """The table's woven verdicts were measured with woven calls on the copy engines; with one
   process per GPU (IPC workspace) those calls would run the two-shot kernel, which measured
   slower than unsplit: the tuned plan runs unsplit and warns once.  An explicit threshold

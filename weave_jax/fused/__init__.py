@@ -11,9 +11,11 @@ Verified on 2xH200 (JAX 0.11.2, 2026-11-22): the peer transport in one process, 
 Hopper (TMA) two-shot kernel -- the GPU test file with WEAVE_TEST_SHAPES=30 (edge cases and
 random shapes in bf16 and fp16 against an fp32 psum reference with bitwise-equal ranks, 10,000
 chained calls, bad inputs, the ``on_stream`` variant, start/done, phase stamps and the timeout
-error): 138 passed, 1 skipped.  Unverified: the multimem transport, the one-process-per-GPU (IPC)
-workspace, and command-buffer replay (see ``ffi/NOTES.md``).  Phase stamps for profiling:
-``weave_jax.fused.phases``.
+error): 138 passed, 1 skipped.  One process per GPU (``jax.distributed``, IPC workspace):
+verified on 2xH200 on 2026-11-30 (``tests/test_ipc_gpu.py``: handles exchanged, write/read-back
+probe, one-shot / two-shot / 16-byte-copy kernels against psum + fp32 norm).  Unverified: the
+multimem transport and command-buffer replay (see ``ffi/NOTES.md``).  Phase stamps for
+profiling: ``weave_jax.fused.phases``.
 """
 from weave_jax.fused._lib import FusedUnavailableError, available
 from weave_jax.fused.gate import multicast_policy

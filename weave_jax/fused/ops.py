@@ -63,13 +63,14 @@ DEFAULT_CE_CTAS = 64
 # e.g. 1.844 vs 1.952 ms/layer at 1K and 26.62 vs 28.22 at 16K.  Smaller woven calls were not
 # measured, so they keep the kernels.
 AUTO_WOVEN_COPY_ENGINE_MIN_BYTES = 8 << 20
-# "auto" pipelines a copy-engine call in 2 chunks (push of chunk 1 overlaps the reduce of chunk
-# 0, which overlaps ... the pull of chunk 0) once a rank's slice reaches this many bytes, else
-# runs it in one.  Measured (run/bench_allreduce_norm.py, 2 x H200, TP=2, H=8192, 64-block
-# kernel, 2026-11-30, BENCHMARKS.md): 2 chunks were 16-22% faster than 1 from 64 MiB messages
-# (32 MiB slices) to 512 MiB, even at 32 MiB; 4, 8 and 16 chunks were slower than 2 at every
-# size (each chunk adds ~10 µs: its copies, kernel launch and cross-device event waits are
-# enqueued by the host).  Not measured at TP > 2.
+# "auto" pipelines a copy-engine call in 2 chunks (the push of chunk 1 overlaps the reduce of
+# chunk 0, which overlaps nothing else; the reduce of chunk 1 overlaps the pull of chunk 0) once
+# a rank's slice reaches this many bytes, else runs it in one.  Measured
+# (run/bench_allreduce_norm.py, 2 x H200, TP=2, H=8192, 64-block kernel, 2026-11-30,
+# BENCHMARKS.md): 2 chunks took 16-22% less time than 1 from 64 MiB messages (32 MiB slices) to
+# 512 MiB, the same at 32 MiB; 4, 8 and 16 chunks were slower than 2 at every size (each chunk
+# adds ~10 µs: its copies, kernel launch and cross-device event waits are enqueued by the host).
+# Not measured at TP > 2.
 CE_TWO_CHUNKS_MIN_SLICE_BYTES = 32 << 20
 # Unsplit calls keep the kernel at every size.  At TP=4 the copy engines were faster in
 # isolation from 128 MiB (run/bench_allreduce_norm.py --tp 4: 831 vs 981 µs at 128 MiB), but
