@@ -56,7 +56,11 @@ AUTO_ONE_SHOT_MAX_BYTES = 256 << 10
 # overlaps.
 DEFAULT_CTAS = 128
 DEFAULT_WEAVE_CTAS = 32
-DEFAULT_CE_CTAS = 64
+# The copy-engine algorithm's local kernel: one block per SM of an H100 / H200.  In the woven
+# model (Llama-3.3-70B shapes, 16 layers, 2 x H200, two runs on 2026-11-30, BENCHMARKS.md) 132
+# blocks were 0.6-2.3% faster than 64 at 4K, 8K and 16K tokens (5 of 5 comparisons), 16 blocks
+# 1-2% slower; a 4-layer run of the fifth session had 64 ahead by 0.5-2.5%.  Not compared at TP=4.
+DEFAULT_CE_CTAS = 132
 # "auto" runs woven calls of at least this many bytes on the copy engines.  Measured on 2 x H200
 # (Llama-3.3-70B shapes, 4 layers, BENCHMARKS.md): the woven forward with copy-engine calls beat
 # the one with 32-CTA two-shot calls at every size measured, 1K-16K tokens (halves of 8-128 MiB),
