@@ -5,7 +5,8 @@
 // Memory footprint per device, with Tmax max tokens, H hidden, B bytes per element (2),
 // world ranks, Smax = ceil(Tmax / world) and num_slots output slots (default 2):
 //   in_slot                      world * Smax * H * B   (~ Tmax * H * B)
-//   out_slot   x num_slots       world * Smax * H * B each
+//   out_slot   x num_slots       world * Smax * H * B each (in_slot and out_slot: >= 32 KiB, the
+//                                peer probes' blocks)
 //   os_slot                      2 * (world + 1) * Tos * H * B, Tos = max(1, min(Tmax, 1 MiB / (H * B)))
 //                                (one-shot staging: <= 2 * (world + 1) MiB, 6 MiB at world 2)
 //   pads + epochs + claim        20 KiB + 528 B + 4 B
