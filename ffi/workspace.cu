@@ -57,6 +57,20 @@ __global__ void probe_kernel(uint32_t* peer, uint32_t* readback, uint32_t seed, 
   if (i < n) readback[i] = static_cast<volatile uint32_t*>(peer)[i];
 }
 
+// The peer probes (local and IPC): rank `writer` writes kProbeWords words, word k =
+// probe_seed(writer, owner) ^ (k * 2654435761), into rank `owner`'s out_slot[0].
+constexpr int kProbeWords = 1024;
+
+uint32_t probe_seed(int writer, int owner) {
+  return 0x9e3779b9u * (writer * weave::kMaxRanks + owner + 1);
+}
+
+int check_pattern(const uint32_t* words, uint32_t seed) {
+  for (int k = 0; k < kProbeWords; ++k)
+    if (words[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) return -2;
+  return 0;
+}
+
 int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t max_tokens,
                 int64_t hidden, int dtype_bytes, int num_slots, char* errbuf, int errlen) {
   w = DeviceWorkspace{};
@@ -69,7 +83,8 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   w.num_slots = num_slots;
   const size_t res = static_cast<size_t>((max_tokens + world - 1) / world) * hidden * dtype_bytes;
   // world * ceil(Tmax / world) rows, and at least the peer probes' blocks (kMaxRanks * 4 KiB)
-  const size_t slot = std::max<size_t>(res * world, weave::kMaxRanks * 4096);
+  const size_t slot =
+      std::max<size_t>(res * world, weave::kMaxRanks * kProbeWords * sizeof(uint32_t));
   WS_CHECK(cudaSetDevice(ordinal));
   WS_CHECK(cudaDeviceGetAttribute(&w.sm_major, cudaDevAttrComputeCapabilityMajor, ordinal));
   WS_CHECK(weave::preload_kernels(w.sm_major));
@@ -175,38 +190,33 @@ int weave_ws_init_local(int n, const int* ordinals, int64_t max_tokens, int64_t 
 // j's out_slot[0] and reads it back; the host then checks both the read-back and j's memory.
 // Returns 0 when every pair works, -2 when a pair gives wrong data, -1 on a CUDA error.
 int weave_ws_probe(int n, const int* ordinals, char* errbuf, int errlen) {
-  constexpr int kWords = 1024;
-  uint32_t host[kWords];
+  uint32_t host[kProbeWords];
   for (int i = 0; i < n; ++i) {
     DeviceWorkspace& w = weave::workspace(ordinals[i]);
     for (int j = 0; j < n; ++j) {
       if (i == j) continue;
-      const uint32_t seed = 0x9e3779b9u * (i * weave::kMaxRanks + j + 1);
+      const uint32_t seed = probe_seed(i, j);
       uint32_t* readback = nullptr;
       WS_CHECK(cudaSetDevice(ordinals[i]));
-      WS_CHECK(cudaMalloc(&readback, kWords * sizeof(uint32_t)));
-      probe_kernel<<<kWords / 256, 256>>>(static_cast<uint32_t*>(w.peer_out[0][j]), readback, seed,
-                                          kWords);
+      WS_CHECK(cudaMalloc(&readback, sizeof(host)));
+      probe_kernel<<<kProbeWords / 256, 256>>>(static_cast<uint32_t*>(w.peer_out[0][j]), readback,
+                                               seed, kProbeWords);
       WS_CHECK(cudaGetLastError());
       WS_CHECK(cudaDeviceSynchronize());
       WS_CHECK(cudaMemcpy(host, readback, sizeof(host), cudaMemcpyDeviceToHost));
       WS_CHECK(cudaFree(readback));
-      for (int k = 0; k < kWords; ++k) {
-        if (host[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) {
-          snprintf(errbuf, errlen, "peer probe: device %d read back wrong data from device %d",
-                   ordinals[i], ordinals[j]);
-          return -2;
-        }
+      if (check_pattern(host, seed) != 0) {
+        snprintf(errbuf, errlen, "peer probe: device %d read back wrong data from device %d",
+                 ordinals[i], ordinals[j]);
+        return -2;
       }
       WS_CHECK(cudaSetDevice(ordinals[j]));
       WS_CHECK(cudaMemcpy(host, weave::workspace(ordinals[j]).out_slot[0], sizeof(host),
                           cudaMemcpyDeviceToHost));
-      for (int k = 0; k < kWords; ++k) {
-        if (host[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) {
-          snprintf(errbuf, errlen, "peer probe: device %d's stores did not land on device %d",
-                   ordinals[i], ordinals[j]);
-          return -2;
-        }
+      if (check_pattern(host, seed) != 0) {
+        snprintf(errbuf, errlen, "peer probe: device %d's stores did not land on device %d",
+                 ordinals[i], ordinals[j]);
+        return -2;
       }
     }
   }
@@ -273,18 +283,6 @@ int weave_ws_init_ipc_open(int ordinal, const uint8_t* all_handles, char* errbuf
 //          checks that peer's pattern landed.
 // Nothing else touches out_slot[0] before the first call, so the blocks cannot collide.
 // Returns 0 when every check passes, -2 on wrong data, -1 on a CUDA error.
-constexpr int kProbeWords = 1024;
-
-static uint32_t probe_seed(int writer, int owner) {
-  return 0x9e3779b9u * (writer * weave::kMaxRanks + owner + 1);
-}
-
-static int check_pattern(const uint32_t* words, uint32_t seed) {
-  for (int k = 0; k < kProbeWords; ++k)
-    if (words[k] != (seed ^ (static_cast<uint32_t>(k) * 2654435761u))) return -2;
-  return 0;
-}
-
 int weave_ws_probe_ipc_write(int ordinal, char* errbuf, int errlen) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (!w.ready || !w.ipc) {

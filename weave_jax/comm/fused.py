@@ -139,16 +139,15 @@ class FusedP2P(CommBackend):
     return dict(algorithm=algorithm, ce_ctas=self.ce_ctas, ce_chunks=self.ce_chunks)
 
   def woven_as_tuned(self) -> bool:
-    """Whether large woven calls run on the copy engines here, as they did when the tuning
-    table's woven-vs-unsplit verdicts were measured (weave_jax/tuning/splits.json).  Not so
-    with one process per GPU (the copy engines need one process driving every GPU): "auto" then
-    runs woven calls on the two-shot kernel, which measured slower than unsplit calls in the
-    model (0.94-1.00x the psum baseline against 1.03-1.07x, Llama shapes, 2 x H200,
-    BENCHMARKS.md fifth session)."""
-    if self.weave_algorithm == "copy_engine":
-      return True
+    """False when "auto" would run large woven calls on the two-shot kernel instead of the copy
+    engines, which the tuning table's woven-vs-unsplit verdicts were measured with
+    (weave_jax/tuning/splits.json): with one process per GPU (IPC workspace; the copy engines
+    need one process driving every GPU).  That kernel path measured slower than unsplit calls
+    in the model (0.94-1.00x the psum baseline against 1.03-1.07x, Llama shapes, 2 x H200,
+    BENCHMARKS.md fifth session).  An explicit ``weave_algorithm`` is the user's choice and keeps
+    the table's verdicts."""
     ws = ws_lib.current()
-    return self.weave_algorithm == "auto" and (ws is None or ws.mode == "local")
+    return not (self.weave_algorithm == "auto" and ws is not None and ws.mode == "ipc")
 
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
     if not self._fused_ok():
@@ -195,5 +194,3 @@ class FusedMultimem(FusedP2P):
   name: str = "fused_multimem"
   transport: ClassVar[str] = "multimem"
 
-  def woven_as_tuned(self) -> bool:
-    return True  # no copy engines involved; its own table entries (if any) apply as they are
