@@ -364,11 +364,14 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
     return err;
   p.normed = normed->untyped_data();
   p.new_residual = new_residual->untyped_data();
+  const bool capturing = is_capturing(stream);
+  ++w->handler_calls;
+  if (capturing) ++w->captured_calls;
   // Serialize with a start on the side stream that no later wait covered: both kernels use
   // in_slot and the signal pads.  (Under graph capture an outside event cannot be waited on;
   // start refuses capture, so nothing can be pending there.)  Fused calls on two XLA streams
   // (compute_on) must be ordered by data dependencies.
-  if (w->side_pending && !is_capturing(stream)) {
+  if (w->side_pending && !capturing) {
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
   }

@@ -427,6 +427,16 @@ int weave_ws_read_stamps(int ordinal, uint64_t* out, int n) {
   return n;
 }
 
+// Diagnostics: out[0] = synchronous-call handler invocations on `ordinal` since init, out[1] = how
+// many of them ran under CUDA stream capture (see DeviceWorkspace::handler_calls).
+int weave_ws_call_counts(int ordinal, uint64_t* out) {
+  const DeviceWorkspace& w = weave::workspace(ordinal);
+  if (!w.ready) return -1;
+  out[0] = w.handler_calls;
+  out[1] = w.captured_calls;
+  return 0;
+}
+
 int weave_ws_set_timeout_ms(int ordinal, double ms) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (w.ordinal < 0) return -1;

@@ -74,6 +74,11 @@ struct DeviceWorkspace {
   cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my out_slot rows of chunk c are ready
   cudaEvent_t ev_pulled = nullptr;          // my pulls of the current call are done
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
+  // Synchronous-call handler invocations since init, and how many of them ran under CUDA stream
+  // capture (XLA recording a command buffer).  A replayed graph launches the kernel without
+  // running the handler, so fewer invocations than calls executed proves replay.
+  uint64_t handler_calls = 0;
+  uint64_t captured_calls = 0;
 };
 
 DeviceWorkspace& workspace(int ordinal);

@@ -12,7 +12,9 @@ Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, b
   fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)
   fused_auto        what the fused_p2p backend runs by default (ops.choose_algorithm)
   fused_p2p_cN_cmdbuf  fused_p2p_cN through the command-buffer-compatible target (--cmdbuf-ctas):
-                    the chain is one CUDA graph when XLA captures it (column command_buffer)
+                    the chain is one CUDA graph when XLA captures it; column command_buffer is
+                    True when the handler ran fewer times than calls were timed (graph replayed)
+  fused_auto_cmdbuf fused_auto through that target (--cmdbuf-ctas auto)
   torch_1shot_norm  torch.ops.symm_mem.one_shot_all_reduce + add + rms_norm (--tp processes)
   torch_2shot_norm  torch.ops.symm_mem.two_shot_all_reduce_ + add + rms_norm (--tp processes)
 
@@ -65,6 +67,16 @@ def device_busy_us(logdir, n_calls_by_step):
   return out
 
 
+def replayed(before, after, calls):
+  """Whether the synchronous fused handler's counts (invocations, under capture) before and after
+  `calls` executed calls show a replayed CUDA graph: fewer invocations than calls.  None when
+  the handler did not run (XLA methods, or the start/done targets)."""
+  invocations = after[0] - before[0]
+  if invocations == 0:
+    return None
+  return invocations < calls
+
+
 def stamp_algorithm(method, tokens, hidden, ws):
   """The kernel a fused bench method runs at `tokens` (its phase-stamp points), or None."""
   from weave_jax.fused import ops
@@ -111,6 +123,7 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
     raise SystemExit(f"--tp {tp}: only {len(gpus)} GPUs visible")
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
   fused.init_workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16)
+  rank0 = gpus[0].id
 
   def make(step, residual_sharded, n):
     def local(partial, residual, weight):
@@ -145,9 +158,10 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
               p, r, w, eps=EPS, algorithm="copy_engine", ce_ctas=g, ce_chunks=k), True)
   methods["fused_auto"] = (lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS), True)
   for c in cmdbuf_ctas:  # the command-buffer-compatible target: XLA may capture it in a graph
-    methods[f"fused_p2p_c{c}_cmdbuf"] = (
-        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c,
-                                                       cmd_buffer=True), True)
+    name = "fused_auto_cmdbuf" if c == "auto" else f"fused_p2p_c{c}_cmdbuf"
+    kw = {} if c == "auto" else dict(ctas=c)
+    methods[name] = (lambda p, r, w, kw=kw: ops.fused_reduce_add_norm(
+        p, r, w, eps=EPS, cmd_buffer=True, **kw), True)
 
   rows = []
   for tokens in sizes:
@@ -163,16 +177,18 @@ def jax_methods(hidden, sizes, ctas_list, cmdbuf_ctas, reps, ce_grids=(), onesho
       try:
         f = make(step, sharded, n)
         args = (partial, res_full, weight)
-        in_graph = "command_buffer" in f.lower(*args).compile().as_text()
         jax.block_until_ready(f(*args))  # compile + warm-up
         jax.block_until_ready(f(*args))
+        before = ws_lib.handler_calls()[rank0]
         times = []
         for _ in range(reps):
           t0 = time.perf_counter()
           jax.block_until_ready(f(*args))
           times.append((time.perf_counter() - t0) / n)
+        after = ws_lib.handler_calls()[rank0]
         rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
-                         us_min=min(times) * 1e6, calls=n, reps=reps, command_buffer=in_graph))
+                         us_min=min(times) * 1e6, calls=n, reps=reps,
+                         command_buffer=replayed(before, after, n * reps)))
         timed.append((len(rows) - 1, f))
       except Exception as e:  # report, keep going
         if (timeout := fused.timeout_error()) is not None:  # names the rank and barrier
@@ -301,8 +317,8 @@ def main():
   ap.add_argument("--min-tokens", type=int, default=8)
   ap.add_argument("--max-tokens", type=int, default=32768)
   ap.add_argument("--ctas", default="2,4,8,16,32", help="two-shot kernel CTA counts")
-  ap.add_argument("--cmdbuf-ctas", default="", help="CTA counts also timed via the "
-                  "command-buffer-compatible target ('' for none)")
+  ap.add_argument("--cmdbuf-ctas", default="", help="CTA counts (or 'auto': the default "
+                  "kernel choice) also timed via the command-buffer-compatible target ('' for none)")
   ap.add_argument("--ce-grids", default="", help="copy-engine algorithm: grids of its local "
                   "reduce kernel, e.g. 64,132")
   ap.add_argument("--ce-chunks", default="", help="copy-engine algorithm: pipeline chunk "
@@ -329,7 +345,8 @@ def main():
     except Exception:
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
   ints = lambda text: [int(c) for c in text.split(",") if c]
-  rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints(args.cmdbuf_ctas), args.reps,
+  cmdbuf = [c if c == "auto" else int(c) for c in args.cmdbuf_ctas.split(",") if c]
+  rows += jax_methods(args.hidden, sizes, ints(args.ctas), cmdbuf, args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
                       ints(args.lsu_ctas), args.phases, args.tp,
                       [c if c == "auto" else int(c) for c in args.ce_chunks.split(",") if c])

@@ -275,11 +275,21 @@ LOOP_CHILD = textwrap.dedent("""
   from weave_jax import fused
   from weave_jax.fused import ops
   fused.init_workspace(t.MESH, max_tokens=4096, hidden=4096, dtype=jnp.bfloat16)
-  print("ok", t._loop_check(2500, cmd_buffer=True, dtype=jnp.bfloat16))
+  mismatches, (invocations, captured, executed) = t._loop_check(2500, cmd_buffer=True,
+                                                                dtype=jnp.bfloat16)
+  print(f"RESULT mismatches={{mismatches}} invocations={{invocations}} captured={{captured}} "
+        f"executed={{executed}}", flush=True)
 """)
 
 
+def _handler_counts():
+  """(invocations, under capture) of the synchronous handler on rank 0's device so far."""
+  return ws_lib.handler_calls()[MESH.devices.flat[0].id]
+
+
 def _loop_check(n_iter, cmd_buffer, dtype, calls=LOOP_CALLS):
+  """(elements that differ from the standalone results, (handler invocations, of them under
+  capture, calls executed)) of n_iter loop iterations, counted on rank 0's device."""
   f, hidden = _loop_fn(n_iter, cmd_buffer, dtype, calls)
   k = iter(jax.random.split(jax.random.key(3), 2 * len(calls)))
   w = jnp.ones((hidden,), dtype)
@@ -292,9 +302,11 @@ def _loop_check(n_iter, cmd_buffer, dtype, calls=LOOP_CALLS):
                       (P(AXIS), P(AXIS)), P(AXIS)))
     inputs += [p, r]
     expected.append(g(p, r))
-  text = f.lower(w, *inputs, *expected).compile().as_text()
-  counts = np.asarray(f(w, *inputs, *expected))
-  return int(counts.sum()), ("command_buffer" in text)
+  compiled = f.lower(w, *inputs, *expected).compile()
+  before = _handler_counts()
+  counts = np.asarray(compiled(w, *inputs, *expected))
+  after = _handler_counts()
+  return int(counts.sum()), (after[0] - before[0], after[1] - before[1], n_iter * len(calls))
 
 
 def test_10k_calls_alternating_sizes(ws):
@@ -309,14 +321,77 @@ def _child(code, env_extra, timeout=300, **fmt):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _child_result(r):
+  """{key: int} from a child's "RESULT k=v ..." line."""
+  assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+  line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
+def _require_replay(res):
+  """Skips unless the handler ran under capture and fewer times than the calls executed (XLA
+  recorded the call into a CUDA graph and replayed it); otherwise graph replay went untested."""
+  if res["captured"] == 0:
+    pytest.skip(f"XLA ran the call outside any command buffer: replay untested ({res})")
+  assert res["invocations"] < res["executed"], f"recorded but re-recorded at every call: {res}"
+
+
 def test_10k_calls_under_command_buffers():
+  """The 10,000-call loop (four calls of three kernels per iteration, each result compared with
+  its standalone one) with the loop itself in a command buffer: the recorded graph of every call
+  is replayed 2,500 times, so the kernels' device-side epochs must carry each replay."""
   flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE --xla_gpu_graph_min_graph_size=1"
-  r = _child(LOOP_CHILD, {"XLA_FLAGS": flags})
-  print("command-buffer child (mismatches, captured):", r.stdout[-300:])
-  assert r.returncode == 0, r.stderr[-4000:]
-  assert "ok (0," in r.stdout
-  if "ok (0, False)" in r.stdout:  # right results, but XLA ran the call outside any graph
-    pytest.skip("XLA did not capture the custom call into a command buffer: replay untested")
+  res = _child_result(_child(LOOP_CHILD, {"XLA_FLAGS": flags}))
+  print("command-buffer loop:", res)
+  assert res["mismatches"] == 0
+  _require_replay(res)
+
+
+CHAIN_CHILD = textwrap.dedent("""
+  import sys, numpy as np, jax, jax.numpy as jnp
+  sys.path.insert(0, {root!r})
+  from tests import test_fused_gpu as t
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  fused.init_workspace(t.MESH, max_tokens=4096, hidden=8192, dtype=jnp.bfloat16)
+  algos = [("one_shot", 8), ("two_shot", 16), ("one_shot", 32), ("two_shot", 128)] * 4
+  def chain(cmd_buffer):
+    def local(p, r, w):
+      for algorithm, ctas in algos:  # chained by data: each call consumes the last one's outputs
+        p, r = ops.fused_reduce_add_norm(p, r, w, eps=1e-6, algorithm=algorithm, ctas=ctas,
+                                         cmd_buffer=cmd_buffer)
+      return p[None], r
+    return jax.jit(t._smap(local, (t.P(t.AXIS), t.P(t.AXIS), t.P()), (t.P(t.AXIS), t.P(t.AXIS))))
+  plain, graph = chain(False), chain(True)
+  w = (1 + 0.1 * jax.random.normal(jax.random.key(0), (8192,))).astype(jnp.bfloat16)
+  diffs = invocations = captured = executed = 0
+  for i in range(6):  # fresh inputs (new buffers) on even runs, the same ones again on odd runs
+    if i % 2 == 0:
+      k = jax.random.split(jax.random.key(i + 1), 2)
+      p = jax.random.normal(k[0], (t.TP * 32, 8192)).astype(jnp.bfloat16)
+      r = jax.random.normal(k[1], (t.TP * -(-32 // t.TP), 8192)).astype(jnp.bfloat16)
+    before = t._handler_counts()
+    got = jax.block_until_ready(graph(p, r, w))
+    after = t._handler_counts()
+    invocations += after[0] - before[0]
+    captured += after[1] - before[1]
+    executed += len(algos)
+    want = plain(p, r, w)
+    diffs += sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(got, want))
+  print(f"RESULT mismatches={{diffs}} invocations={{invocations}} captured={{captured}} "
+        f"executed={{executed}}", flush=True)
+""")
+
+
+def test_command_buffer_chain_matches_plain_target():
+  """16 chained calls (one-shot and two-shot, four grids) through the command-buffer target
+  under XLA's default command-buffer flags, bitwise equal to the plain target's results, over
+  runs with fresh inputs and repeated inputs; the graph must be replayed, not re-recorded at
+  every call."""
+  res = _child_result(_child(CHAIN_CHILD, {}))
+  print("command-buffer chain:", res)
+  assert res["mismatches"] == 0
+  _require_replay(res)
 
 
 TIMEOUT_CHILD = textwrap.dedent("""

@@ -220,6 +220,24 @@ def poison_slots() -> None:
       raise RuntimeError(f"poison_slots: failed on CUDA device {o}")
 
 
+def handler_calls() -> dict[int, tuple[int, int]]:
+  """{CUDA ordinal: (invocations, under capture)} of the synchronous fused call's handler since
+  init, per local device.  XLA runs the handler once per executed call, except inside a command
+  buffer: there it runs it while recording the CUDA graph (under stream capture) and replays
+  the graph afterwards without it.  So captured > 0 with fewer invocations than calls executed
+  shows that graphs were replayed."""
+  ws = _WORKSPACE
+  if ws is None:
+    raise RuntimeError("handler_calls: workspace not initialised")
+  out = {}
+  counts = (ctypes.c_uint64 * 2)()
+  for o in ws.ordinals:
+    if _lib.load().weave_ws_call_counts(o, counts) != 0:
+      raise RuntimeError(f"handler_calls: no workspace on CUDA device {o}")
+    out[o] = (int(counts[0]), int(counts[1]))
+  return out
+
+
 def timeout_error() -> FusedTimeoutError | None:
   """Reads every local device's host-mapped error record; returns an error naming the rank
   and barrier of the first recorded timeout, or None."""

@@ -1,0 +1,131 @@
+"""Where the host time of a chain of small fused calls goes (diagnostic, >= 2 GPUs).
+
+    python run/host_gaps.py [--tokens 8] [--calls 64] [--top 12]
+
+At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit takes
+20-27 µs per call in wall time (BENCHMARKS.md): the host, not the GPU, sets the pace.  For each
+chain (fused "auto" through the plain target and through the command-buffer target, XLA psum +
+norm, and a chain of trivial XLA kernels for XLA's own per-op cost) this prints the wall time
+per call and the handler's invocation counts (a replayed CUDA graph runs the handler fewer
+times than calls), then profiles one run of the non-graph chains and prints, per host thread,
+the events that took the most time per call (XLA thunks, CUDA driver calls).  Profiling
+disables XLA's command buffers, so the graph chain is timed but not profiled.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+EPS = 1e-6
+
+
+def host_table(logdir, calls, top):
+  """Lines: per host thread, the `top` event names by total time, per call of the chain."""
+  from weave_jax import trace as tr
+
+  events = tr.load_events(tr.find_trace(logdir))
+  procs, threads = tr._names(events)
+  windows = tr.step_windows(events)
+  if not windows:
+    return ["  (no step window in the trace)"]
+  _, start, end = windows[0]
+  per = collections.defaultdict(list)  # (thread, name) -> durations
+  for e in events:
+    if e.get("ph") != "X" or "/device:" in procs.get(e.get("pid"), ""):
+      continue
+    if start <= float(e["ts"]) <= end and e.get("name") != "step":
+      per[(threads.get((e["pid"], e.get("tid")), "?"), e["name"])].append(float(e["dur"]))
+  by_thread = collections.defaultdict(list)
+  for (thread, name), durs in per.items():
+    by_thread[thread].append((sum(durs) / calls, len(durs) / calls, statistics.median(durs), name))
+  lines = [f"  step window {end - start:.0f} us = {(end - start) / calls:.1f} us per call"]
+  for thread, rows in sorted(by_thread.items(), key=lambda kv: -sum(r[0] for r in kv[1])):
+    lines.append(f"  thread {thread!r}: {sum(r[0] for r in rows):.1f} us of events per call")
+    for total, count, med, name in sorted(rows, reverse=True)[:top]:
+      lines.append(f"    {total:7.2f} us/call  {count:5.2f}x  median {med:6.2f} us  {name[:90]}")
+  return lines
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tokens", type=int, default=8, help="tokens per call (8 = 128 KiB at H=8192)")
+  ap.add_argument("--hidden", type=int, default=8192)
+  ap.add_argument("--calls", type=int, default=64, help="chained calls per jit")
+  ap.add_argument("--reps", type=int, default=9)
+  ap.add_argument("--top", type=int, default=12)
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+
+  from weave_jax import fused
+  from weave_jax.comm.base import AXIS
+  from weave_jax.comm.xla import Psum
+  from weave_jax.fused import ops
+  from weave_jax.fused import workspace as ws_lib
+
+  gpus = jax.devices("gpu")[:2]
+  mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
+  fused.init_workspace(mesh, max_tokens=max(args.tokens, 64), hidden=args.hidden,
+                       dtype=jnp.bfloat16)
+  n, t, h = args.calls, args.tokens, args.hidden
+
+  def trivial(p, r, w):  # one small XLA kernel per call: the barrier stops XLA fusing them
+    return jax.lax.optimization_barrier(p * w + 1), r
+
+  steps = {
+      "fused_auto": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS),
+      "fused_auto_cmdbuf": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
+                                                                     cmd_buffer=True),
+      "xla_psum_norm": lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS),
+      "xla_trivial_kernel": trivial,
+  }
+  sharded = {"xla_psum_norm": False}
+  k = jax.random.split(jax.random.key(0), 3)
+  partial = jax.random.normal(k[0], (2 * t, h)).astype(jnp.bfloat16)
+  res_full = jax.random.normal(k[1], (t, h)).astype(jnp.bfloat16)
+  weight = (1 + 0.1 * jax.random.normal(k[2], (h,))).astype(jnp.bfloat16)
+  rank0 = gpus[0].id
+  for name, step in steps.items():
+    def local(p, r, w, step=step):
+      for _ in range(n):
+        p, r = step(p, r, w)
+      return p[None], r
+    rspec = P(AXIS) if sharded.get(name, True) else P()
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
+                              out_specs=(P(AXIS), rspec), check_vma=False))
+    a = (partial, res_full, weight)
+    jax.block_until_ready(f(*a))
+    jax.block_until_ready(f(*a))
+    before = ws_lib.handler_calls()[rank0]
+    times = []
+    for _ in range(args.reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      times.append((time.perf_counter() - t0) / n * 1e6)
+    after = ws_lib.handler_calls()[rank0]
+    print(f"{name}: {statistics.median(times):.1f} us/call wall (min {min(times):.1f}); handler "
+          f"invocations {after[0] - before[0]} ({after[1] - before[1]} under capture) for "
+          f"{n * args.reps} calls", flush=True)
+    if name.endswith("cmdbuf"):
+      continue
+    with tempfile.TemporaryDirectory() as logdir:
+      with jax.profiler.trace(logdir):
+        with jax.profiler.StepTraceAnnotation("step", step_num=0):
+          jax.block_until_ready(f(*a))
+      print("\n".join(host_table(logdir, n, args.top)), flush=True)
+  fused.free_workspace()
+
+
+if __name__ == "__main__":
+  main()
