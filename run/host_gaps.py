@@ -2,14 +2,15 @@
 
     python run/host_gaps.py [--tokens 8] [--calls 64] [--top 12]
 
-At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit takes
-20-27 µs per call in wall time (BENCHMARKS.md): the host, not the GPU, sets the pace.  For each
-chain (fused "auto" through the plain target and through the command-buffer target, XLA psum +
-norm, and a chain of trivial XLA kernels for XLA's own per-op cost) this prints the wall time
-per call and the handler's invocation counts (a replayed CUDA graph runs the handler fewer
-times than calls), then profiles one run of the non-graph chains and prints, per host thread,
-the events that took the most time per call (XLA thunks, CUDA driver calls).  Profiling
-disables XLA's command buffers, so the graph chain is timed but not profiled.
+At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit took
+20-27 µs per call in wall time (BENCHMARKS.md).  For each chain (fused "auto" through the plain
+target and through the command-buffer target, XLA psum + norm, and a chain of trivial XLA
+kernels for XLA's own per-op cost) this prints the wall time per call in the chain, the time of
+one call alone, the slope between them (per call, without the execution's fixed cost) and the
+handler's invocation counts (a replayed CUDA graph runs the handler fewer times than calls);
+then it profiles one run of each non-graph chain and prints, per host thread, the events that
+took the most time per call (XLA thunks, CUDA driver calls).  Profiling slows everything and
+changes command-buffer behaviour, so the graph chain is timed but not profiled.
 """
 from __future__ import annotations
 
@@ -92,31 +93,45 @@ def main():
   }
   sharded = {"xla_psum_norm": False}
   k = jax.random.split(jax.random.key(0), 3)
-  partial = jax.random.normal(k[0], (2 * t, h)).astype(jnp.bfloat16)
+  put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  partial = put(jax.random.normal(k[0], (2 * t, h)).astype(jnp.bfloat16), P(AXIS))
   res_full = jax.random.normal(k[1], (t, h)).astype(jnp.bfloat16)
-  weight = (1 + 0.1 * jax.random.normal(k[2], (h,))).astype(jnp.bfloat16)
+  residual = {True: put(res_full, P(AXIS)), False: put(res_full, P())}
+  weight = put((1 + 0.1 * jax.random.normal(k[2], (h,))).astype(jnp.bfloat16), P())
   rank0 = gpus[0].id
-  for name, step in steps.items():
-    def local(p, r, w, step=step):
+
+  def chain(name, n):
+    def local(p, r, w, step=steps[name]):
       for _ in range(n):
         p, r = step(p, r, w)
       return p[None], r
     rspec = P(AXIS) if sharded.get(name, True) else P()
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
-                              out_specs=(P(AXIS), rspec), check_vma=False))
-    a = (partial, res_full, weight)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
+                                 out_specs=(P(AXIS), rspec), check_vma=False))
+
+  def wall_ms(f, a):
+    """Median ms of one execution after two warm-ups."""
     jax.block_until_ready(f(*a))
     jax.block_until_ready(f(*a))
-    before = ws_lib.handler_calls()[rank0]
     times = []
     for _ in range(args.reps):
       t0 = time.perf_counter()
       jax.block_until_ready(f(*a))
-      times.append((time.perf_counter() - t0) / n * 1e6)
+      times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+  for name in steps:
+    a = (partial, residual[sharded.get(name, True)], weight)
+    f = chain(name, n)
+    before = ws_lib.handler_calls()[rank0]
+    ms_n = wall_ms(f, a)
     after = ws_lib.handler_calls()[rank0]
-    print(f"{name}: {statistics.median(times):.1f} us/call wall (min {min(times):.1f}); handler "
-          f"invocations {after[0] - before[0]} ({after[1] - before[1]} under capture) for "
-          f"{n * args.reps} calls", flush=True)
+    ms_1 = wall_ms(chain(name, 1), a)
+    # per call from the slope between 1 and n calls: the execution's fixed cost cancels
+    print(f"{name}: {ms_n * 1e3 / n:.1f} us/call wall in a chain of {n}; 1 call {ms_1 * 1e3:.1f} "
+          f"us; slope {(ms_n - ms_1) * 1e3 / (n - 1):.1f} us/call; handler invocations "
+          f"{after[0] - before[0]} ({after[1] - before[1]} under capture) for "
+          f"{n * (args.reps + 2)} calls", flush=True)
     if name.endswith("cmdbuf"):
       continue
     with tempfile.TemporaryDirectory() as logdir:
