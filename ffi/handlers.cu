@@ -368,10 +368,14 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
   ++w->handler_calls;
   if (capturing) ++w->captured_calls;
   // Serialize with a start on the side stream that no later wait covered: both kernels use
-  // in_slot and the signal pads.  (Under graph capture an outside event cannot be waited on;
-  // start refuses capture, so nothing can be pending there.)  Fused calls on two XLA streams
-  // (compute_on) must be ordered by data dependencies.
-  if (w->side_pending && !capturing) {
+  // in_slot and the signal pads.  A call recorded into a CUDA graph cannot wait for it (the
+  // wait would not be replayed with the graph), so that case is an error, not a race.  Fused
+  // calls on two XLA streams (compute_on) must be ordered by data dependencies.
+  if (w->side_pending) {
+    if (capturing)
+      return op_error(op, "called under CUDA graph capture (cmd_buffer=True) while a woven call "
+                          "(fused_start) is pending: put its fused_done first, or use "
+                          "cmd_buffer=False");
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
   }
@@ -411,6 +415,7 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   cudaEventRecord(w->ev_done[slot], side);
   cudaEventRecord(w->ev_last, side);
   w->side_pending = true;
+  w->slot_start[slot] = ++w->starts;
   if (cudaError_t e = cudaMemsetAsync(token->untyped_data(), 0, token->size_bytes(), stream);
       e != cudaSuccess)
     return cuda_error(op, "token", e);
@@ -433,6 +438,9 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
   if (cudaError_t e = cudaStreamWaitEvent(stream, w.ev_done[slot], 0); e != cudaSuccess)
     return cuda_error(op, "wait", e);
+  // Waiting for the latest start covers every earlier one (each start waits for the previous
+  // one on the side streams), so nothing is pending for a later synchronous call.
+  if (w.slot_start[slot] == w.starts) w.side_pending = false;
   // The outputs alias start's outputs (input_output_aliases); copy only if XLA did not alias
   // them, after the wait, so the copy reads finished results.
   const std::pair<ffi::AnyBuffer*, ffi::Result<ffi::AnyBuffer>*> pairs[] = {

@@ -4,7 +4,7 @@
 
 At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit took
 20-27 µs per call in wall time (BENCHMARKS.md).  For each chain (fused "auto" through the plain
-target and through the command-buffer target, XLA psum + norm, and a chain of trivial XLA
+target and through its default, the command-buffer target, XLA psum + norm, and a chain of trivial XLA
 kernels for XLA's own per-op cost) this prints the wall time per call in the chain, the time of
 one call alone, the slope between them (per call, without the execution's fixed cost) and the
 handler's invocation counts (a replayed CUDA graph runs the handler fewer times than calls);
@@ -85,9 +85,9 @@ def main():
     return jax.lax.optimization_barrier(p * w + 1), r
 
   steps = {
-      "fused_auto": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS),
-      "fused_auto_cmdbuf": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
-                                                                     cmd_buffer=True),
+      "fused_auto_plain": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
+                                                                    cmd_buffer=False),
+      "fused_auto": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS),  # CUDA graphs
       "xla_psum_norm": lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS),
       "xla_trivial_kernel": trivial,
   }
@@ -132,7 +132,7 @@ def main():
           f"us; slope {(ms_n - ms_1) * 1e3 / (n - 1):.1f} us/call; handler invocations "
           f"{after[0] - before[0]} ({after[1] - before[1]} under capture) for "
           f"{n * (args.reps + 2)} calls", flush=True)
-    if name.endswith("cmdbuf"):
+    if name == "fused_auto":  # graphs: profiling would change what runs
       continue
     with tempfile.TemporaryDirectory() as logdir:
       with jax.profiler.trace(logdir):

@@ -173,8 +173,9 @@ def test_backend_options():
   assert get_backend("fused_p2p", side_priority="high").side_priority == "high"
   with pytest.raises(ValueError, match="side_priority='low'"):
     get_backend("fused_p2p", side_priority="low")
-  assert d.cmd_buffer is False
+  assert d.cmd_buffer is None  # ops.graph_target_default decides
   assert get_backend("fused_p2p", cmd_buffer=1).cmd_buffer is True  # "fused:cmd_buffer=1"
+  assert get_backend("fused_p2p", cmd_buffer=0).cmd_buffer is False
   with pytest.raises(ValueError, match="cmd_buffer='yes' must be a bool"):
     get_backend("fused_p2p", cmd_buffer="yes")
   with pytest.raises(ValueError, match="cannot run algorithm='copy_engine'"):
@@ -291,23 +292,50 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   assert "priority = 1 : i32" in text
 
 
-def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):
-  """The synchronous fused call lowers without a side effect, so JAX keeps its fast dispatch
-  path for programs made of it (effects would route every call through the slow path)."""
-  monkeypatch.setattr(_lib, "register_targets", lambda: None)
+def _unsplit_lowered(**kw):
+  """(the lowered program's line calling a weave_fused_ran* target, the jaxpr's effects) of one
+  unsplit call on a 2-device mesh (CPU: lowering only, nothing runs)."""
   mesh = jax.make_mesh((2,), (AXIS,), devices=jax.devices()[:2])
 
   def local(p, r, w):
-    return ops.fused_reduce_add_norm(p, r, w, eps=1e-6, ctas=8)
+    return ops.fused_reduce_add_norm(p, r, w, eps=1e-6, **kw)
 
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P()),
                             out_specs=(P(AXIS), P(AXIS))))
   sds = lambda shape, spec: jax.ShapeDtypeStruct(
       shape, jnp.bfloat16, sharding=jax.sharding.NamedSharding(mesh, spec))
   args = (sds((128, 1024), P(AXIS)), sds((64, 1024), P(AXIS)), sds((1024,), P()))
-  line = next(l for l in f.lower(*args).as_text().splitlines() if "@weave_fused_ran(" in l)
-  assert "has_side_effect = true" not in line
-  assert not jax.make_jaxpr(f)(*args).effects
+  line = next(l for l in f.lower(*args).as_text().splitlines() if "@weave_fused_ran" in l)
+  return line, jax.make_jaxpr(f)(*args).effects
+
+
+def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):
+  """The synchronous fused call lowers without a side effect, so JAX keeps its fast dispatch
+  path for programs made of it (effects would route every call through the slow path)."""
+  monkeypatch.setattr(_lib, "register_targets", lambda: None)
+  for cmd_buffer in (None, False):
+    line, effects = _unsplit_lowered(ctas=8, cmd_buffer=cmd_buffer)
+    assert "has_side_effect = true" not in line
+    assert not effects
+
+
+def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeypatch):
+  """Unsplit calls go through the command-buffer target by default for the kernels of a
+  one-process workspace (replay verified on GPU); the copy engines, an IPC workspace and an
+  explicit cmd_buffer=False take the plain target; cmd_buffer=True with the copy engines is an
+  error before anything launches."""
+  monkeypatch.setattr(_lib, "register_targets", lambda: None)
+  graph, plain = "@weave_fused_ran_graph(", "@weave_fused_ran("
+  assert graph in _unsplit_lowered()[0]
+  assert graph in _unsplit_lowered(algorithm="one_shot", ctas=4)[0]
+  assert plain in _unsplit_lowered(cmd_buffer=False)[0]
+  assert plain in _unsplit_lowered(algorithm="copy_engine")[0]
+  assert graph in _unsplit_lowered(algorithm="two_shot", cmd_buffer=True)[0]
+  with pytest.raises(ValueError, match="cmd_buffer=True cannot run algorithm='copy_engine'"):
+    _unsplit_lowered(algorithm="copy_engine", cmd_buffer=True)
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(mode="ipc"))
+  assert plain in _unsplit_lowered()[0]
+  assert not ops.graph_target_default("two_shot", "multimem", _fake_ws())
 
 
 class _FakeKV:

@@ -420,6 +420,48 @@ def test_10k_calls_under_command_buffers():
   _require_replay(res)
 
 
+PENDING_CHILD = textwrap.dedent("""
+  import sys, numpy as np, jax, jax.numpy as jnp
+  sys.path.insert(0, {root!r})
+  from tests import test_fused_gpu as t
+  from weave_jax import fused
+  from weave_jax.fused import ops
+  fused.init_workspace(t.MESH, max_tokens=64, hidden=1024, dtype=jnp.bfloat16)
+  def program(cmd_buffer):
+    def local(p, r, w):  # start, then a synchronous call, then start's done
+      pend = ops.fused_start(p, r, w, eps=1e-6, slot=0, algorithm="two_shot", ctas=32)
+      pend, p = jax.lax.optimization_barrier((pend, p))
+      n2, _ = ops.fused_reduce_add_norm(p, r, w, eps=1e-6, algorithm="two_shot", ctas=32,
+                                        cmd_buffer=cmd_buffer)
+      n1, _ = ops.fused_done(pend, p, r, w, slot=0)
+      return n1[None], n2[None]
+    return jax.jit(t._smap(local, (t.P(t.AXIS), t.P(t.AXIS), t.P()), (t.P(t.AXIS), t.P(t.AXIS))))
+  p = jax.random.normal(jax.random.key(0), (t.TP * 64, 1024)).astype(jnp.bfloat16)
+  r = jax.random.normal(jax.random.key(1), (t.TP * 32, 1024)).astype(jnp.bfloat16)
+  w = jnp.ones((1024,), jnp.bfloat16)
+  n1, n2 = program(False)(p, r, w)
+  print("PLAIN", int(np.sum(np.asarray(n1) != np.asarray(n2))), flush=True)
+  try:
+    jax.block_until_ready(program(True)(p, r, w))
+    print("GRAPH RAN", t._handler_counts(), flush=True)
+  except Exception as e:
+    print("GRAPH ERROR", str(e)[:2000], flush=True)
+""")
+
+
+def test_recorded_call_refuses_a_pending_start():
+  """A synchronous call recorded into a CUDA graph while a fused_start is pending could not wait
+  for the side stream (the plain target waits): the handler must return an error, not race.
+  The plain program gives the same result twice (the synchronous call waited for the start)."""
+  r = _child(PENDING_CHILD, {"XLA_FLAGS": "--xla_gpu_graph_min_graph_size=1"})
+  out = r.stdout + r.stderr
+  print(r.stdout[-1500:])
+  assert "PLAIN 0" in r.stdout, out[-4000:]
+  if "GRAPH RAN" in r.stdout:
+    pytest.skip(f"XLA did not record the lone call into a command buffer: {r.stdout[-300:]}")
+  assert "GRAPH ERROR" in r.stdout and "fused_start) is pending" in r.stdout, out[-4000:]
+
+
 def test_command_buffer_chain_matches_plain_target():
   """16 chained calls (one-shot and two-shot, four grids) through the command-buffer target
   under XLA's default command-buffer flags, bitwise equal to the plain target's results, over

@@ -52,7 +52,7 @@ def make_backend(name: str, **options) -> CommBackend:
   """``fused_p2p`` or ``fused_multimem``; options: ``ctas`` and ``weave_ctas`` (2..128),
   ``algorithm`` and ``weave_algorithm`` ("auto", "one_shot", "two_shot", "two_shot_lsu",
   "copy_engine"), ``ce_ctas`` (2..1024), ``ce_chunks`` ("auto" or 1..32), ``side_priority``
-  ("high", "normal"), ``cmd_buffer`` (bool)."""
+  ("high", "normal"), ``cmd_buffer`` (bool, or None for the verified default)."""
   cls = {"fused_p2p": FusedP2P, "fused_multimem": FusedMultimem}[name]
   unknown = set(options) - set(_OPTIONS)
   if unknown:
@@ -70,11 +70,11 @@ def make_backend(name: str, **options) -> CommBackend:
       raise ValueError(f"backend {name!r}: the {cls.transport} transport runs only two_shot")
   ops.check_chunks(f"backend {name!r}", options.get("ce_chunks", cls.ce_chunks))
   cmd_buffer = options.get("cmd_buffer", cls.cmd_buffer)
-  if cmd_buffer not in (True, False):  # 0 / 1 from a benchmark variant name pass too
-    raise ValueError(f"backend {name!r}: cmd_buffer={cmd_buffer!r} must be a bool")
+  if cmd_buffer is not None and cmd_buffer not in (True, False):  # 0 / 1 from a variant name
+    raise ValueError(f"backend {name!r}: cmd_buffer={cmd_buffer!r} must be a bool or None")
   if cmd_buffer and options.get("algorithm", cls.algorithm) == "copy_engine":
     raise ValueError(f"backend {name!r}: cmd_buffer=True cannot run algorithm='copy_engine'")
-  if "cmd_buffer" in options:
+  if options.get("cmd_buffer") is not None:
     options["cmd_buffer"] = bool(cmd_buffer)
   priority = options.get("side_priority", cls.side_priority)
   if priority not in ops.SIDE_PRIORITIES:
@@ -109,12 +109,13 @@ class FusedP2P(CommBackend):
   #: priority of the side stream that woven (start) calls run on: "normal" or "high"
   #: (``weave_jax.fused.ops.fused_start``; "high" measured no faster in the woven model).
   side_priority: str = "normal"
-  #: unsplit calls through the command-buffer-compatible target, so XLA may record them into
-  #: CUDA graphs with the layer's other kernels (``weave_jax.fused.ops.fused_reduce_add_norm``).
-  #: Off by default: on JAX 0.11.2 XLA did not capture the call (so nothing was measured), and
-  #: a captured call must not run while a woven call is pending (the library's own forward
-  #: never mixes woven and unsplit calls in one program).
-  cmd_buffer: bool = False
+  #: unsplit calls through the command-buffer-compatible target, so XLA records them into CUDA
+  #: graphs with the layer's other kernels (``weave_jax.fused.ops.fused_reduce_add_norm``).
+  #: None (default): where graph replay was verified (``ops.graph_target_default``: the
+  #: kernels, not the copy engines, of a one-process workspace).  A recorded call must not run
+  #: while a woven call is pending (the handler refuses it; the library's own forward never
+  #: mixes woven and unsplit calls in one program).
+  cmd_buffer: bool | None = None
   #: start() only enqueues on the library's side stream and returns a token, so the weave
   #: schedule may pin it before the other half's compute (see weave_jax.weave).
   async_start: ClassVar[bool] = True
