@@ -13,9 +13,11 @@ random shapes in bf16 and fp16 against an fp32 psum reference with bitwise-equal
 chained calls, bad inputs, the ``on_stream`` variant, start/done, phase stamps and the timeout
 error): 138 passed, 1 skipped.  One process per GPU (``jax.distributed``, IPC workspace):
 verified on 2xH200 on 2026-11-30 (``tests/test_ipc_gpu.py``: handles exchanged, write/read-back
-probe, one-shot / two-shot / 16-byte-copy kernels against psum + fp32 norm).  Unverified: the
-multimem transport and command-buffer replay (see ``ffi/NOTES.md``).  Phase stamps for
-profiling: ``weave_jax.fused.phases``.
+probe, one-shot / two-shot / 16-byte-copy kernels against psum + fp32 norm).  CUDA-graph replay
+of the unsplit call (XLA command buffers; its default target where verified): 2xH200 on
+2026-12-01, 10,000 replayed calls bitwise equal to the plain target's.  Unverified: the multimem
+transport (see ``ffi/NOTES.md``).  Phase stamps for profiling: ``weave_jax.fused.phases``;
+handler invocation counts (graph replay): ``workspace.handler_calls``.
 """
 from weave_jax.fused._lib import FusedUnavailableError, available
 from weave_jax.fused.gate import multicast_policy

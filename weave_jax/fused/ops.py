@@ -195,9 +195,11 @@ def graph_target_default(algorithm: str, transport: str, ws) -> bool:
   """Whether a synchronous call goes through the command-buffer target by default: where graph
   replay of the kernels was verified -- the one-shot and two-shot kernels of the peer transport
   in a one-process workspace.  The copy engines cannot be replayed (host rendezvous per call);
-  replay with an IPC workspace or the multimem transport was never run.  In the decode-sized
-  model steps it measured 1.12-1.22x the psum baseline against 1.05-1.10x for the plain target
-  (Llama-3.3-70B shapes, 1-256 tokens, 2 x H200, one run with 17-25% spreads, BENCHMARKS.md)."""
+  replay with an IPC workspace or the multimem transport was never run.  Measured on 2 x H200
+  (BENCHMARKS.md, eighth session): calls of <= 4 MiB 3-13% faster in the microbenchmark; in the
+  model (three families, 4 layers, 1-4096 tokens) ahead of the plain target in 13 of 15 cells,
+  1.05-1.14x the psum baseline at 1-256 tokens against 1.02-1.14x (each cell's difference
+  inside its 3-16% run-to-run spread)."""
   return algorithm != "copy_engine" and transport == "peer" and ws.mode == "local"
 
 
