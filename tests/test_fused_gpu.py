@@ -314,9 +314,13 @@ def _child_result(r):
   return {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
 
-def _require_replay(res):
-  """Skips unless the handler ran under capture and fewer times than the calls executed (XLA
-  recorded the call into a CUDA graph and replayed it); otherwise graph replay went untested."""
+def _check_replay(child_code, label):
+  """Runs a child that prints "RESULT mismatches= invocations= captured= executed=": no
+  mismatch, and a replayed graph -- the handler ran under capture, and fewer times than the
+  calls executed.  Skips when XLA recorded nothing (graph replay then went untested)."""
+  res = _child_result(_child(child_code, {}))
+  print(label, res)
+  assert res["mismatches"] == 0
   if res["captured"] == 0:
     pytest.skip(f"XLA ran the call outside any command buffer: replay untested ({res})")
   assert res["invocations"] < res["executed"], f"recorded but re-recorded at every call: {res}"
@@ -414,10 +418,7 @@ def test_10k_calls_under_command_buffers():
   to the plain target's, and the recorded graph replayed (the kernels' device-side epochs carry
   every replay).  (A fori_loop of these calls is not converted to a command buffer by XLA on JAX
   0.11.2, even with WHILE enabled: its handler ran outside capture at every iteration.)"""
-  res = _child_result(_child(CMDBUF_10K_CHILD, {}))
-  print("command-buffer 10k:", res)
-  assert res["mismatches"] == 0
-  _require_replay(res)
+  _check_replay(CMDBUF_10K_CHILD, "command-buffer 10k:")
 
 
 PENDING_CHILD = textwrap.dedent("""
@@ -473,10 +474,7 @@ def test_command_buffer_chain_matches_plain_target():
   under XLA's default command-buffer flags, bitwise equal to the plain target's results, over
   runs with fresh inputs and repeated inputs; the graph must be replayed, not re-recorded at
   every call."""
-  res = _child_result(_child(CHAIN_CHILD, {}))
-  print("command-buffer chain:", res)
-  assert res["mismatches"] == 0
-  _require_replay(res)
+  _check_replay(CHAIN_CHILD, "command-buffer chain:")
 
 
 TIMEOUT_CHILD = textwrap.dedent("""
