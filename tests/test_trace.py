@@ -52,6 +52,19 @@ def test_overlap_stats_multi_stream():
   assert wt.overlap_stats([(0, 1)], []).hidden_frac is None
 
 
+def test_exposed_time_in_short_compute_gaps():
+  """Exposure inside idle stretches of <= SHORT_GAP_US between compute ops is reported apart
+  (launch gaps a model without communication has too); longer gaps and the tail are not."""
+  assert wt.SHORT_GAP_US == 10.0
+  assert wt.short_gaps([(0, 10), (15, 20), (40, 50), (8, 12)], 10) == [(12, 15)]
+  assert wt.intersect([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+  # compute [0,10] [14,20] [40,50]: gaps of 4 (short) and 20 (long) µs; collective [5,60]
+  s = wt.overlap_stats([(0, 10), (14, 20), (40, 50)], [(5, 60)])
+  assert (s.exposed_us, s.exposed_in_gaps_us) == (34, 4)
+  assert s.to_dict()["exposed_in_gaps_ms"] == pytest.approx(0.004)
+  assert wt.mean_stats([s, wt.Stats()]) == wt.Stats(13, 27.5, 17, 2)
+
+
 def test_classification_table():
   collectives = [
       "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)",  # real GPU
@@ -74,8 +87,9 @@ def test_layer_stats_count_hiding_by_other_layers():
          op("d0", 60, 90, False, "layer_1"), op("d0", 100, 120, True, "layer_1", "s1")]
   r = wt.analyze_ops(ops, [])  # no step annotations -> one step over all ops
   assert [s.step for s in r.steps] == [0]
-  assert r.steps[0].mean == wt.Stats(80, 70, 40)  # exposed: [50,60] + [90,100] + [100,120]
-  assert r.layers["layer_0"] == wt.Stats(50, 50, 20)  # hidden by layer_1's [60,90]
+  # exposed: [50,60] + [90,100] + [100,120]; [50,60] is a 10 µs gap between compute ops
+  assert r.steps[0].mean == wt.Stats(80, 70, 40, 10)
+  assert r.layers["layer_0"] == wt.Stats(50, 50, 20, 10)  # hidden by layer_1's [60,90]
   assert r.layers["layer_1"] == wt.Stats(30, 20, 20)
   assert r.streams == {"d0": ["s0", "s1"]}
 

@@ -8,6 +8,10 @@ XLA"). This module measures it, per step, per layer and per device:
     collective  = |union of collective device-op intervals|
     exposed     = |collective union minus compute union|   (same device, any stream)
     hidden      = 1 - exposed / collective
+    in gaps     = the part of exposed that falls in idle stretches of <= SHORT_GAP_US between
+                  two compute ops: launch gaps, which a model without communication has too --
+                  or short waits for the collective itself, which the trace cannot tell apart.
+                  So real exposure lies between (exposed - in gaps) and exposed.
 
 Trace structure (Chrome/Perfetto JSON that jax writes as ``<run>/<host>.trace.json.gz``):
 
@@ -109,6 +113,18 @@ def measure(intervals: Iterable[Interval]) -> float:
   return sum(e - s for s, e in union(intervals))
 
 
+def intersect(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
+  """Parts of ``union(a)`` covered by ``union(b)``."""
+  a = union(a)
+  return subtract(a, subtract(a, b))
+
+
+def short_gaps(intervals: Iterable[Interval], max_us: float) -> list[Interval]:
+  """Idle stretches of at most ``max_us`` between consecutive intervals of ``union(intervals)``."""
+  u = union(intervals)
+  return [(end, start) for (_, end), (start, _) in zip(u, u[1:]) if start - end <= max_us]
+
+
 def subtract(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
   """Parts of ``union(a)`` not covered by ``union(b)``, as disjoint sorted intervals."""
   cut = union(b)
@@ -135,6 +151,7 @@ class Stats:
   compute_us: float = 0.0
   collective_us: float = 0.0
   exposed_us: float = 0.0
+  exposed_in_gaps_us: float = 0.0  # of exposed_us: inside compute gaps <= SHORT_GAP_US
 
   @property
   def hidden_frac(self) -> float | None:
@@ -143,7 +160,14 @@ class Stats:
 
   def to_dict(self) -> dict[str, float | None]:
     return {"compute_ms": self.compute_us / 1e3, "collective_ms": self.collective_us / 1e3,
-            "exposed_ms": self.exposed_us / 1e3, "hidden_frac": self.hidden_frac}
+            "exposed_ms": self.exposed_us / 1e3,
+            "exposed_in_gaps_ms": self.exposed_in_gaps_us / 1e3, "hidden_frac": self.hidden_frac}
+
+
+STAT_FIELDS = tuple(f.name for f in dataclasses.fields(Stats))
+# Compute-idle stretches up to this long count as launch gaps.  A judgment, not a measurement:
+# back-to-back dependent kernels leave gaps of a few µs; a wait for a collective can be as short.
+SHORT_GAP_US = 10.0
 
 
 def overlap_stats(compute: Sequence[Interval], collective: Sequence[Interval],
@@ -157,14 +181,15 @@ def overlap_stats(compute: Sequence[Interval], collective: Sequence[Interval],
       all compute on the device, so layer i's collective hidden under layer i+1's GEMM counts.
   """
   hide = compute if all_compute is None else all_compute
-  return Stats(measure(compute), measure(collective), measure(subtract(collective, hide)))
+  exposed = subtract(collective, hide)
+  return Stats(measure(compute), measure(collective), measure(exposed),
+               measure(intersect(exposed, short_gaps(hide, SHORT_GAP_US))))
 
 
 def mean_stats(stats: Sequence[Stats]) -> Stats:
   """Field-wise mean (empty -> zeros)."""
   n = max(len(stats), 1)
-  return Stats(sum(s.compute_us for s in stats) / n, sum(s.collective_us for s in stats) / n,
-               sum(s.exposed_us for s in stats) / n)
+  return Stats(*(sum(getattr(s, f) for s in stats) / n for f in STAT_FIELDS))
 
 
 # ----------------------------------------------------------------------------- trace loading
@@ -426,8 +451,7 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
             [(o.start, o.end) for o in lops if o.collective], comp))
     steps.append(StepReport(step, t0, t1 - t0, per_dev, mean_stats(list(per_dev.values()))))
   n = max(len(windows) * len(devices), 1)  # a layer absent from a (step, device) counts as 0
-  layers = {k: Stats(*(sum(getattr(s, f) for s in rows) / n for f in
-                       ("compute_us", "collective_us", "exposed_us")))
+  layers = {k: Stats(*(sum(getattr(s, f) for s in rows) / n for f in STAT_FIELDS))
             for k, rows in sorted(layer_rows.items(), key=lambda kv: _layer_key(kv[0]))}
   top = top_ops(ops, windows, devices[0]) if devices else []
   return Report(path, devices, streams, steps, layers, layer_source, top)
@@ -519,12 +543,13 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 def format_table(report: Report) -> str:
   """Human-readable tables: per step (device mean), per layer (mean over steps), streams."""
-  head = "{:>12} {:>11} {:>9} {:>11} {:>7}".format
-  cols = ("compute ms", "coll ms", "exposed ms", "hidden")
+  head = "{:>12} {:>11} {:>9} {:>11} {:>11} {:>7}".format
+  cols = ("compute ms", "coll ms", "exposed ms", "in gaps ms", "hidden")
 
   def row(label: str, s: Stats) -> str:
     return (f"{label:>12} {_fmt(s.compute_us / 1e3):>11} {_fmt(s.collective_us / 1e3):>9} "
-            f"{_fmt(s.exposed_us / 1e3):>11} {_fmt(s.hidden_frac, pct=True):>7}")
+            f"{_fmt(s.exposed_us / 1e3):>11} {_fmt(s.exposed_in_gaps_us / 1e3):>11} "
+            f"{_fmt(s.hidden_frac, pct=True):>7}")
 
   out = [f"trace: {report.path}", f"devices: {len(report.devices)} "
          f"({', '.join(report.devices)}); layer scopes from: {report.layer_source}", "",
