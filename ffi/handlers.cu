@@ -369,15 +369,16 @@ ffi::Error RanImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial,
   if (capturing) ++w->captured_calls;
   // Serialize with a start on the side stream that no later wait covered: both kernels use
   // in_slot and the signal pads.  A call recorded into a CUDA graph cannot wait for it (the
-  // wait would not be replayed with the graph), so that case is an error, not a race.  Fused
-  // calls on two XLA streams (compute_on) must be ordered by data dependencies.
-  if (w->side_pending) {
-    if (capturing)
-      return op_error(op, "called under CUDA graph capture (cmd_buffer=True) while a woven call "
-                          "(fused_start) is pending: put its fused_done first, or use "
-                          "cmd_buffer=False");
+  // wait would not be replayed with the graph): recording is fine once a done has made XLA's
+  // stream wait for the latest start, and an error (not a race) before.  Fused calls on two XLA
+  // streams (compute_on) must be ordered by data dependencies.
+  if (w->side_pending && !capturing) {
     cudaStreamWaitEvent(stream, w->ev_last, 0);
     w->side_pending = false;
+  } else if (w->side_pending && w->done_upto < w->starts) {
+    return op_error(op, "called under CUDA graph capture (cmd_buffer=True) while a woven call "
+                        "(fused_start) is pending: put its fused_done first, or use "
+                        "cmd_buffer=False");
   }
   return enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo, ctas,
                  ce_chunks, stream);
@@ -438,9 +439,9 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
   if (cudaError_t e = cudaStreamWaitEvent(stream, w.ev_done[slot], 0); e != cudaSuccess)
     return cuda_error(op, "wait", e);
-  // Waiting for the latest start covers every earlier one (each start waits for the previous
-  // one on the side streams), so nothing is pending for a later synchronous call.
-  if (w.slot_start[slot] == w.starts) w.side_pending = false;
+  // Waiting for a start covers every earlier one (each start waits for the previous one on the
+  // side streams); a synchronous call recorded into a graph relies on it (RanImpl).
+  if (w.slot_start[slot] > w.done_upto) w.done_upto = w.slot_start[slot];
   // The outputs alias start's outputs (input_output_aliases); copy only if XLA did not alias
   // them, after the wait, so the copy reads finished results.
   const std::pair<ffi::AnyBuffer*, ffi::Result<ffi::AnyBuffer>*> pairs[] = {

@@ -66,6 +66,7 @@ struct DeviceWorkspace {
   bool side_pending = false;                // a start launched since XLA's stream last waited
   uint64_t starts = 0;                      // starts launched since init
   uint64_t slot_start[kMaxSlots] = {};      // which start (1, 2, ...) each slot's event marks
+  uint64_t done_upto = 0;                   // latest start a done made XLA's stream wait for
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
