@@ -336,6 +336,16 @@ def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeyp
   monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(mode="ipc"))
   assert plain in _unsplit_lowered()[0]
   assert not ops.graph_target_default("two_shot", "multimem", _fake_ws())
+  # XLA told to run a command buffer's independent commands concurrently: two fused calls could
+  # overlap on one workspace, so the default falls back and an explicit request is refused
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws())
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                     "--xla-gpu-command-buffer-scheduling-mode=concurrent")
+  assert plain in _unsplit_lowered()[0]
+  with pytest.raises(ValueError, match="CONCURRENT in XLA_FLAGS"):
+    _unsplit_lowered(cmd_buffer=True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_command_buffer_scheduling_mode=LHS")
+  assert graph in _unsplit_lowered()[0]
 
 
 class _FakeKV:

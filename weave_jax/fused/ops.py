@@ -32,6 +32,7 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
 from __future__ import annotations
 
 import inspect
+import os
 
 import jax
 import jax.numpy as jnp
@@ -191,16 +192,29 @@ def _validate(op: str, partial, residual, weight, ctas: int, transport: str):
                      f"{ws.transport!r}")
 
 
+def concurrent_command_buffers() -> bool:
+  """Whether XLA_FLAGS asks XLA to run a command buffer's independent commands concurrently
+  (``--xla_gpu_command_buffer_scheduling_mode=CONCURRENT``).  Two fused calls share the
+  workspace's staging rows and barrier words, so they must not run at once; XLA's default mode
+  ("LHS") kept them in program order (the 10,000-call graph test interleaves four independent
+  chains).  Per-jit ``compiler_options`` are not visible here."""
+  flags = os.environ.get("XLA_FLAGS", "").replace("-", "_").upper()
+  return "XLA_GPU_COMMAND_BUFFER_SCHEDULING_MODE=CONCURRENT" in flags
+
+
 def graph_target_default(algorithm: str, transport: str, ws) -> bool:
   """Whether a synchronous call goes through the command-buffer target by default: where graph
   replay of the kernels was verified -- the one-shot and two-shot kernels of the peer transport
-  in a one-process workspace.  The copy engines cannot be replayed (host rendezvous per call);
-  replay with an IPC workspace or the multimem transport was never run.  Measured on 2 x H200
-  (BENCHMARKS.md, eighth session): calls of <= 4 MiB 3-13% faster in the microbenchmark; in the
+  in a one-process workspace, unless XLA_FLAGS asks for concurrent command buffers
+  (``concurrent_command_buffers``).  The copy engines cannot be replayed (host rendezvous per
+  call); replay with an IPC workspace or the multimem transport was never run.  Measured on
+  2 x H200 (BENCHMARKS.md, eighth session): calls of <= 4 MiB 3-13% faster in the
+  microbenchmark; in the
   model (three families, 4 layers, 1-4096 tokens) ahead of the plain target in 13 of 15 cells,
   1.05-1.14x the psum baseline at 1-256 tokens against 1.02-1.14x (each cell's difference
   inside its 3-16% run-to-run spread)."""
-  return algorithm != "copy_engine" and transport == "peer" and ws.mode == "local"
+  return (algorithm != "copy_engine" and transport == "peer" and ws.mode == "local"
+          and not concurrent_command_buffers())
 
 
 def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_CTAS,
@@ -238,6 +252,10 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   if cmd_buffer and algorithm == "copy_engine":  # ("auto" never picks it for this call)
     raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
                      "on the host every call, which a replayed CUDA graph skips)")
+  if cmd_buffer and concurrent_command_buffers():
+    raise ValueError(f"{op}: cmd_buffer=True with --xla_gpu_command_buffer_scheduling_mode="
+                     "CONCURRENT in XLA_FLAGS: XLA could run two fused calls at once, and they "
+                     "share the workspace; use the default mode or cmd_buffer=False")
   algorithm, grid, chunks = _resolve(op, partial, algorithm, ctas, ce_ctas, transport,
                                      ce_chunks=ce_chunks)
   if cmd_buffer is None:
