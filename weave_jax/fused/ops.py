@@ -209,10 +209,9 @@ def graph_target_default(algorithm: str, transport: str, ws) -> bool:
   (``concurrent_command_buffers``).  The copy engines cannot be replayed (host rendezvous per
   call); replay with an IPC workspace or the multimem transport was never run.  Measured on
   2 x H200 (BENCHMARKS.md, eighth session): calls of <= 4 MiB 3-13% faster in the
-  microbenchmark; in the
-  model (three families, 4 layers, 1-4096 tokens) ahead of the plain target in 13 of 15 cells,
-  1.05-1.14x the psum baseline at 1-256 tokens against 1.02-1.14x (each cell's difference
-  inside its 3-16% run-to-run spread)."""
+  microbenchmark; in the model (three families, 4 layers, 1-4096 tokens) ahead of the plain
+  target in 13 of 15 cells, 1.05-1.14x the psum baseline at 1-256 tokens against 1.02-1.14x
+  (each cell's difference inside its 3-16% run-to-run spread)."""
   return (algorithm != "copy_engine" and transport == "peer" and ws.mode == "local"
           and not concurrent_command_buffers())
 
