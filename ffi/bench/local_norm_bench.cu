@@ -13,7 +13,11 @@
 //              separate the prefetch's effect from the second row's
 // Output: per grid, median µs of 30 launches (CUDA events), GB/s of HBM traffic (3 reads and
 // 3 writes of the slice) and per block, and the largest difference between the two layouts'
-// normed rows (they sum the same values; only the sum of squares' order differs).
+// normed rows (they sum the same values; only the sum of squares' order differs).  Then two
+// diagnostics of the library layout: the same kernel with fewer stores per row, and with the
+// next 2-4 rows prefetched into shared memory (cp.async).  Findings: ffi/NOTES.md, "What bounds
+// a row per SM".
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +36,97 @@
       std::exit(1);                                                                \
     }                                                                              \
   } while (0)
+
+// Diagnostic Io variants of the copy-engine kernel, to see whether the stores bound a row:
+// kStores = 2 drops the out_slot store (peers would pull from `normed`), kStores = 1 also the new
+// residual's.  Same loads, same arithmetic.
+template <int kStores>
+struct FewerStoresIo : weave::CopyEngineIo {
+  using weave::CopyEngineIo::CopyEngineIo;
+  __device__ uint4* new_residual(int64_t i) const {
+    return kStores >= 2 ? weave::CopyEngineIo::new_residual(i) : nullptr;
+  }
+  __device__ void emit(int64_t i, uint32_t c, uint4 v) const {
+    *reinterpret_cast<uint4*>(static_cast<char*>(p.normed) + global_offset(base + i, c)) = v;
+  }
+};
+
+template <int kStores>
+__global__ void __launch_bounds__(weave::kThreads, 1)
+    fewer_stores_kernel(const __grid_constant__ weave::KernelParams p) {
+  __shared__ float smem[weave::kThreads / 32];
+  const FewerStoresIo<kStores> io(p);
+  weave::norm_rows<__nv_bfloat16, 2>(p, io, p.row_end - p.row_begin, smem);
+}
+
+// Experiment: the same rows with a deeper prefetch, through per-thread cp.async copies into
+// shared memory (kDepth rows ahead; each thread reads back only its own vectors, so no barrier
+// guards the staging).  world = 2, bf16, H = 2 * 8 * kThreads (8192), one row per iteration.
+template <int kDepth>
+__global__ void __launch_bounds__(weave::kThreads, 1)
+    deep_prefetch_kernel(const __grid_constant__ weave::KernelParams p) {
+  constexpr int V = 2;  // 16-byte vectors per thread per source row
+  extern __shared__ uint4 stage[];  // [kDepth][3 sources][V][kThreads]
+  __shared__ float smem[weave::kThreads / 32];
+  const weave::CopyEngineIo io(p);
+  const int t = threadIdx.x, nb = gridDim.x, b = blockIdx.x;
+  const int64_t nrows = p.row_end - p.row_begin;
+  const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  auto slot = [&](int d, int s, int v) -> uint4* {
+    return stage + ((d * 3 + s) * V + v) * weave::kThreads + t;
+  };
+  auto issue = [&](int64_t k) {  // row k's loads into stage k % kDepth, one commit group
+    if (k < nk) {
+      const int64_t r = b + k * nb;
+      const uint4* src[3] = {io.source(0, r), io.source(1, r), io.residual(r)};
+#pragma unroll
+      for (int s = 0; s < 3; ++s)
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+          __pipeline_memcpy_async(slot(k % kDepth, s, v), src[s] + t + v * weave::kThreads, 16);
+    }
+    __pipeline_commit();
+  };
+  for (int d = 0; d < kDepth - 1; ++d) issue(d);
+  for (int64_t k = 0; k < nk; ++k) {
+    issue(k + kDepth - 1);
+    __pipeline_wait_prior(kDepth - 1);  // row k's group has landed (this thread's copies)
+    const int64_t r = b + k * nb;
+    const int d = k % kDepth;
+    uint4 x[V];
+    float sumsq = 0.f;
+    uint4* new_res = io.new_residual(r);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      float acc[8], f[8];
+      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 0, v), acc);
+      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 1, v), f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += f[e];
+      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 2, v), f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += f[e];
+      x[v] = weave::Vec<__nv_bfloat16>::from_float(acc);
+      new_res[t + v * weave::kThreads] = x[v];
+      weave::Vec<__nv_bfloat16>::to_float(x[v], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+    }
+    const float total = weave::group_sum(sumsq, smem, weave::kThreads);
+    const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const uint32_t c = t + v * weave::kThreads;
+      float xf[8], wf[8];
+      weave::Vec<__nv_bfloat16>::to_float(x[v], xf);
+      weave::Vec<__nv_bfloat16>::to_float(weight[c], wf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
+      io.emit(r, c, weave::Vec<__nv_bfloat16>::from_float(xf));
+    }
+  }
+}
 
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
@@ -112,6 +207,7 @@ int main() {
     return t[t.size() / 2];
   };
   const double bytes = 6.0 * slice;
+  auto bytes_per_call = [&] { return bytes; };
   std::printf("H=%lld, slice %lld rows (%.0f MiB per source), HBM traffic %.0f MiB per call\n",
               (long long)H, (long long)S, slice / 1048576.0, bytes / 1048576.0);
   std::printf("%5s | %-10s %8s %8s %9s | %-10s %8s %8s %9s | %7s | %9s | %s\n", "grid",
@@ -143,5 +239,45 @@ int main() {
                 grid, "v2/tpr512", t2, bytes / t2 / 1e3, bytes / t2 / 1e3 / grid, "v4/tpr256",
                 t4, bytes / t4 / 1e3, bytes / t4 / 1e3 / grid, t2 / t4, t41, d);
   }
+  std::printf("\nstores per row (v2/tpr512): us at 3 stores (library) / 2 (no out_slot) / "
+              "1 (normed only)\n");
+  for (int grid : {8, 16, 32, 64, 132}) {
+    weave::KernelParams q = p;
+    q.threads_per_row = 512;
+    const float t3 = time_us([&] {
+      weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
+    });
+    const float t2 = time_us([&] { fewer_stores_kernel<2><<<grid, weave::kThreads>>>(q); });
+    const float t1 = time_us([&] { fewer_stores_kernel<1><<<grid, weave::kThreads>>>(q); });
+    std::printf("%5d | %8.1f %8.1f %8.1f | time ratio 2/3 stores %.2f, 1/3 stores %.2f "
+                "(bytes ratio %.2f, %.2f)\n", grid, t3, t2, t1, t2 / t3, t1 / t3, 5 / 6.0,
+                4 / 6.0);
+  }
+  std::printf("\ndeeper prefetch (cp.async into shared memory), us; max|diff| vs the library\n");
+  auto deep = [&](auto kernel, int depth) {
+    const int bytes = depth * 3 * 2 * weave::kThreads * 16;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    for (int grid : {8, 16, 32, 64, 132}) {
+      weave::KernelParams q = p, d = p;
+      q.threads_per_row = 512;
+      d.threads_per_row = 512;
+      d.normed = ref;
+      CHECK(cudaMemset(ref, 0xff, T * row));
+      const float tl = time_us([&] {
+        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
+      });
+      const float td = time_us([&] { kernel<<<grid, weave::kThreads, bytes>>>(d); });
+      CHECK(cudaMemset(diff, 0, sizeof(float)));
+      max_abs_diff<<<256, 256>>>(normed, ref, S * H, diff);
+      float m;
+      CHECK(cudaMemcpy(&m, diff, sizeof(float), cudaMemcpyDeviceToHost));
+      std::printf("depth %d grid %4d | library %8.1f | deep %8.1f | speedup %.2f | %.1f GB/s/blk "
+                  "| max|diff| %g\n", depth, grid, tl, td, tl / td, bytes_per_call() / td / 1e3 / grid,
+                  m);
+    }
+  };
+  deep(deep_prefetch_kernel<2>, 2);
+  deep(deep_prefetch_kernel<3>, 3);
+  deep(deep_prefetch_kernel<4>, 4);
   return 0;
 }
