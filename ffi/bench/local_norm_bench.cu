@@ -128,6 +128,106 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
   }
 }
 
+// Experiment: every byte through the Tensor Memory Accelerator.  Thread 0 bulk-loads each row's
+// two sources and residual into one of kIn input stages (mbarrier per stage) and bulk-stores the
+// finished row (normed -> normed and out_slot, new residual) from one of kOut output stages; the
+// 512 threads only compute, from and into shared memory.  world = 2, bf16, H = 8192.
+template <int kIn, int kOut>
+__global__ void __launch_bounds__(weave::kThreads, 1)
+    all_tma_kernel(const __grid_constant__ weave::KernelParams p) {
+  constexpr int V = 2, RV = V * weave::kThreads;  // 16-byte vectors per row
+  constexpr uint32_t kRowBytes = RV * 16;
+  extern __shared__ __align__(128) uint4 dyn[];
+  uint4* in_stage = dyn;                       // [kIn][3][RV]
+  uint4* out_stage = dyn + kIn * 3 * RV;       // [kOut][2][RV]: normed, new residual
+  uint64_t* mbar = reinterpret_cast<uint64_t*>(out_stage + kOut * 2 * RV);  // [kIn]
+  __shared__ float smem[weave::kThreads / 32];
+  const weave::CopyEngineIo io(p);
+  const int t = threadIdx.x, nb = gridDim.x, b = blockIdx.x;
+  const int64_t nrows = p.row_end - p.row_begin;
+  const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  if (t == 0) {
+    for (int s = 0; s < kIn; ++s)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(weave::smem_u32(mbar + s)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int64_t k) {  // thread 0: row k's three loads into stage k % kIn
+    if (k >= nk) return;
+    const int64_t r = b + k * nb;
+    uint4* st = in_stage + (k % kIn) * 3 * RV;
+    uint64_t* m = mbar + k % kIn;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 ::"r"(weave::smem_u32(m)), "r"(3 * kRowBytes) : "memory");
+    const uint4* src[3] = {io.source(0, r), io.source(1, r), io.residual(r)};
+    for (int s = 0; s < 3; ++s)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                   "%2, [%3];" ::"r"(weave::smem_u32(st + s * RV)), "l"(src[s]), "r"(kRowBytes),
+                   "r"(weave::smem_u32(m)) : "memory");
+  };
+  if (t == 0)
+    for (int k = 0; k < kIn; ++k) issue(k);
+  for (int64_t k = 0; k < nk; ++k) {
+    const int64_t r = b + k * nb;
+    if (t == 0)  // the stores that last read this output stage have finished reading it
+      asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kOut - 1) : "memory");
+    __syncthreads();
+    weave::tma_wait(mbar + k % kIn, (k / kIn) & 1);
+    const uint4* st = in_stage + (k % kIn) * 3 * RV;
+    uint4* ot = out_stage + (k % kOut) * 2 * RV;
+    uint4 x[V];
+    float sumsq = 0.f;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int c = t + v * weave::kThreads;
+      float acc[8], f[8];
+      weave::Vec<__nv_bfloat16>::to_float(st[c], acc);
+      weave::Vec<__nv_bfloat16>::to_float(st[RV + c], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += f[e];
+      weave::Vec<__nv_bfloat16>::to_float(st[2 * RV + c], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += f[e];
+      x[v] = weave::Vec<__nv_bfloat16>::from_float(acc);
+      ot[RV + c] = x[v];
+      weave::Vec<__nv_bfloat16>::to_float(x[v], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+    }
+    const float total = weave::group_sum(sumsq, smem, weave::kThreads);
+    const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int c = t + v * weave::kThreads;
+      float xf[8], wf[8];
+      weave::Vec<__nv_bfloat16>::to_float(x[v], xf);
+      weave::Vec<__nv_bfloat16>::to_float(weight[c], wf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
+      ot[c] = weave::Vec<__nv_bfloat16>::from_float(xf);
+    }
+    // generic-proxy smem writes (outputs) and reads (inputs) before the async proxy's accesses
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (t == 0) {
+      const size_t off = io.global_offset(io.base + (r), 0);
+      char* normed = static_cast<char*>(p.normed) + off;
+      char* out_slot = static_cast<char*>(p.out_slots[p.rank]) + off;
+      uint4* new_res = io.new_residual(r);
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                   ::"l"(normed), "r"(weave::smem_u32(ot)), "r"(kRowBytes) : "memory");
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                   ::"l"(out_slot), "r"(weave::smem_u32(ot)), "r"(kRowBytes) : "memory");
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                   ::"l"(new_res), "r"(weave::smem_u32(ot + RV)), "r"(kRowBytes) : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      issue(k + kIn);  // this input stage has been read by every thread (barrier above)
+    }
+  }
+  if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x) {
@@ -279,5 +379,39 @@ int main() {
   deep(deep_prefetch_kernel<2>, 2);
   deep(deep_prefetch_kernel<3>, 3);
   deep(deep_prefetch_kernel<4>, 4);
+
+  std::printf("\nall through TMA (kIn input stages, kOut output stages), us; max|diff| vs the "
+              "library (normed and out_slot)\n");
+  auto tma = [&](auto kernel, int n_in, int n_out) {
+    const int smem = (n_in * 3 + n_out * 2) * 16384 + n_in * 8;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    for (int grid : {8, 16, 32, 64, 132}) {
+      weave::KernelParams q = p, d = p;
+      q.threads_per_row = 512;
+      d.threads_per_row = 512;
+      d.normed = ref;
+      __nv_bfloat16* out2;
+      CHECK(cudaMalloc(&out2, T * row));
+      d.out_slots[0] = out2;
+      CHECK(cudaMemset(ref, 0xff, T * row));
+      CHECK(cudaMemset(out2, 0xff, T * row));
+      const float tl = time_us([&] {
+        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
+      });
+      const float td = time_us([&] { kernel<<<grid, weave::kThreads, smem>>>(d); });
+      CHECK(cudaMemset(diff, 0, sizeof(float)));
+      max_abs_diff<<<256, 256>>>(normed, ref, S * H, diff);
+      max_abs_diff<<<256, 256>>>(out_slot, out2, S * H, diff);
+      float m;
+      CHECK(cudaMemcpy(&m, diff, sizeof(float), cudaMemcpyDeviceToHost));
+      CHECK(cudaFree(out2));
+      std::printf("in %d out %d grid %4d | library %8.1f | tma %8.1f | speedup %.2f | %.1f GB/s/blk"
+                  " | max|diff| %g\n", n_in, n_out, grid, tl, td, tl / td,
+                  bytes_per_call() / td / 1e3 / grid, m);
+    }
+  };
+  tma(all_tma_kernel<2, 2>, 2, 2);
+  tma(all_tma_kernel<3, 2>, 3, 2);
+  tma(all_tma_kernel<2, 3>, 2, 3);
   return 0;
 }
