@@ -413,5 +413,6 @@ int main() {
   tma(all_tma_kernel<2, 2>, 2, 2);
   tma(all_tma_kernel<3, 2>, 3, 2);
   tma(all_tma_kernel<2, 3>, 2, 3);
+  tma(all_tma_kernel<4, 1>, 4, 1);
   return 0;
 }
