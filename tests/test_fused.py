@@ -320,10 +320,10 @@ def test_unsplit_call_declares_no_side_effect(fake_ws, monkeypatch):
 
 
 def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeypatch):
-  """Unsplit calls go through the command-buffer target by default for the kernels of a
-  one-process workspace (replay verified on GPU); the copy engines, an IPC workspace and an
-  explicit cmd_buffer=False take the plain target; cmd_buffer=True with the copy engines is an
-  error before anything launches."""
+  """Unsplit calls go through the command-buffer target by default for the kernels of the peer
+  transport, one-process and IPC workspaces alike (replay verified on GPU); the copy engines,
+  the multimem transport and an explicit cmd_buffer=False take the plain target;
+  cmd_buffer=True with the copy engines is an error before anything launches."""
   monkeypatch.setattr(_lib, "register_targets", lambda: None)
   graph, plain = "@weave_fused_ran_graph(", "@weave_fused_ran("
   assert graph in _unsplit_lowered()[0]
@@ -334,7 +334,7 @@ def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeyp
   with pytest.raises(ValueError, match="cmd_buffer=True cannot run algorithm='copy_engine'"):
     _unsplit_lowered(algorithm="copy_engine", cmd_buffer=True)
   monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(mode="ipc"))
-  assert plain in _unsplit_lowered()[0]
+  assert graph in _unsplit_lowered()[0]
   assert not ops.graph_target_default("two_shot", "multimem", _fake_ws())
   # XLA told to run a command buffer's independent commands concurrently: two fused calls could
   # overlap on one workspace, so the default falls back and an explicit request is refused

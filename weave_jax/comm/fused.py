@@ -112,7 +112,7 @@ class FusedP2P(CommBackend):
   #: unsplit calls through the command-buffer-compatible target, so XLA records them into CUDA
   #: graphs with the layer's other kernels (``weave_jax.fused.ops.fused_reduce_add_norm``).
   #: None (default): where graph replay was verified (``ops.graph_target_default``: the
-  #: kernels, not the copy engines, of a one-process workspace).  A recorded call must not run
+  #: kernels of the peer transport, not the copy engines).  A recorded call must not run
   #: while a woven call is pending (the handler refuses it; the library's own forward never
   #: mixes woven and unsplit calls in one program).
   cmd_buffer: bool | None = None
