@@ -72,6 +72,49 @@ def device_busy_us(logdir, n_calls_by_step):
   return out
 
 
+def chain(mesh, step, residual_sharded: bool, n: int):
+  """jit of `n` calls of `step(partial, residual, weight)` chained by data inside shard_map over
+  `mesh` (each call consumes the previous call's outputs), residual sharded by token or
+  replicated."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+
+  from weave_jax.comm.base import AXIS
+
+  def local(partial, residual, weight):
+    for _ in range(n):
+      partial, residual = step(partial, residual, weight)
+    return partial[None], residual
+  rspec = P(AXIS) if residual_sharded else P()
+  # check_vma=False: with vma checking, psum of an already-reduced (invariant) value need not
+  # communicate; the benchmark must run a real all-reduce on every call.
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
+                               out_specs=(P(AXIS), rspec), check_vma=False))
+
+
+def placed_inputs(mesh, tokens: int, hidden: int, seed: int):
+  """Random bf16 (partial, {residual_sharded: residual}, weight) for `chain`, placed as its
+  programs take them, so no execution reshards its inputs first."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from weave_jax.comm.base import AXIS
+
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  k = jax.random.split(jax.random.key(seed), 3)
+  partial = jax.random.normal(k[0], (mesh.size * tokens, hidden)).astype(jnp.bfloat16)
+  res_full = jax.random.normal(k[1], (tokens, hidden)).astype(jnp.bfloat16)
+  weight = (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(jnp.bfloat16)
+  return (put(partial, P(AXIS)), {True: put(res_full, P(AXIS)), False: put(res_full, P())},
+          put(weight, P()))
+
+
+def ints_or_auto(text: str) -> list:
+  """"auto,1,4" -> ["auto", 1, 4] ("" -> [])."""
+  return [c if c == "auto" else int(c) for c in text.split(",") if c]
+
+
 def replayed(before, after, calls):
   """Whether the synchronous fused handler's counts (invocations, under capture) before and after
   `calls` executed calls show a replayed CUDA graph: fewer invocations than calls.  None when
@@ -115,7 +158,6 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import PartitionSpec as P
 
   from weave_jax import fused
   from weave_jax.comm.base import AXIS
@@ -129,17 +171,6 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
   fused.init_workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16)
   rank0 = gpus[0].id
-
-  def make(step, residual_sharded, n):
-    def local(partial, residual, weight):
-      for _ in range(n):  # chained: each call consumes the previous call's outputs
-        partial, residual = step(partial, residual, weight)
-      return partial[None], residual
-    rspec = P(AXIS) if residual_sharded else P()
-    # check_vma=False: with vma checking, psum of an already-reduced (invariant) value need not
-    # communicate; the benchmark must run a real all-reduce on every call.
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
-                                 out_specs=(P(AXIS), rspec), check_vma=False))
 
   methods = {"xla_psum_norm": (lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS), False),
              "xla_rs_norm_ag": (lambda p, r, w: ReduceScatterAllGather().reduce_add_norm(
@@ -171,19 +202,13 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
   rows = []
   for tokens in sizes:
     n = n_calls(tokens)
-    k = jax.random.split(jax.random.key(tokens), 3)
-    # placed as the jitted functions take them, so no call reshards its inputs first
-    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-    partial = put(jax.random.normal(k[0], (tp * tokens, hidden)).astype(jnp.bfloat16), P(AXIS))
-    res_full = jax.random.normal(k[1], (tokens, hidden)).astype(jnp.bfloat16)
-    residual = {True: put(res_full, P(AXIS)), False: put(res_full, P())}
-    weight = put((1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(jnp.bfloat16), P())
+    partial, residual, weight = placed_inputs(mesh, tokens, hidden, seed=tokens)
     timed = []  # (row index, compiled fn, args) for --device-time
     for name, (step, sharded) in methods.items():
       if name.startswith("fused_1shot") and tokens > ops.one_shot_rows(ws_lib.current()):
         continue
       try:
-        f = make(step, sharded, n)
+        f = chain(mesh, step, sharded, n)
         args = (partial, residual[sharded], weight)
         jax.block_until_ready(f(*args))  # compile + warm-up
         jax.block_until_ready(f(*args))
@@ -355,11 +380,10 @@ def main():
     except Exception:
       print("torch symmetric-memory baseline failed:\n" + traceback.format_exc(), flush=True)
   ints = lambda text: [int(c) for c in text.split(",") if c]
-  plain = [c if c == "auto" else int(c) for c in args.plain_ctas.split(",") if c]
-  rows += jax_methods(args.hidden, sizes, ints(args.ctas), plain, args.reps,
+  rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints_or_auto(args.plain_ctas),
+                      args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
-                      ints(args.lsu_ctas), args.phases, args.tp,
-                      [c if c == "auto" else int(c) for c in args.ce_chunks.split(",") if c])
+                      ints(args.lsu_ctas), args.phases, args.tp, ints_or_auto(args.ce_chunks))
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   name = f"allreduce_norm_{device}" + (f"_tp{args.tp}" if args.tp != 2 else "") + ".json"

@@ -26,6 +26,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "run"))
+
+from bench_allreduce_norm import chain, placed_inputs  # noqa: E402  (jax imported lazily)
 
 EPS = 1e-6
 
@@ -69,7 +72,6 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import PartitionSpec as P
 
   from weave_jax import fused
   from weave_jax.comm.base import AXIS
@@ -81,7 +83,7 @@ def main():
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
   fused.init_workspace(mesh, max_tokens=max(args.tokens, 64), hidden=args.hidden,
                        dtype=jnp.bfloat16)
-  n, t, h = args.calls, args.tokens, args.hidden
+  n = args.calls
 
   def trivial(p, r, w):  # one small XLA kernel per call: the barrier stops XLA fusing them
     return jax.lax.optimization_barrier(p * w + 1), r
@@ -94,22 +96,8 @@ def main():
       "xla_trivial_kernel": trivial,
   }
   sharded = {"xla_psum_norm": False}
-  k = jax.random.split(jax.random.key(0), 3)
-  put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-  partial = put(jax.random.normal(k[0], (2 * t, h)).astype(jnp.bfloat16), P(AXIS))
-  res_full = jax.random.normal(k[1], (t, h)).astype(jnp.bfloat16)
-  residual = {True: put(res_full, P(AXIS)), False: put(res_full, P())}
-  weight = put((1 + 0.1 * jax.random.normal(k[2], (h,))).astype(jnp.bfloat16), P())
+  partial, residual, weight = placed_inputs(mesh, args.tokens, args.hidden, seed=0)
   rank0 = gpus[0].id
-
-  def chain(name, n):
-    def local(p, r, w, step=steps[name]):
-      for _ in range(n):
-        p, r = step(p, r, w)
-      return p[None], r
-    rspec = P(AXIS) if sharded.get(name, True) else P()
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), rspec, P()),
-                                 out_specs=(P(AXIS), rspec), check_vma=False))
 
   def wall_ms(f, a):
     """Median ms of one execution after two warm-ups."""
@@ -122,13 +110,13 @@ def main():
       times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
-  for name in steps:
+  for name, step in steps.items():
     a = (partial, residual[sharded.get(name, True)], weight)
-    f = chain(name, n)
+    f = chain(mesh, step, sharded.get(name, True), n)
     before = ws_lib.handler_calls()[rank0]
     ms_n = wall_ms(f, a)
     after = ws_lib.handler_calls()[rank0]
-    ms_1 = wall_ms(chain(name, 1), a)
+    ms_1 = wall_ms(chain(mesh, step, sharded.get(name, True), 1), a)
     # per call from the slope between 1 and n calls: the execution's fixed cost cancels
     print(f"{name}: {ms_n * 1e3 / n:.1f} us/call wall in a chain of {n}; 1 call {ms_1 * 1e3:.1f} "
           f"us; slope {(ms_n - ms_1) * 1e3 / (n - 1):.1f} us/call; handler invocations "

@@ -335,7 +335,7 @@ def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeyp
     _unsplit_lowered(algorithm="copy_engine", cmd_buffer=True)
   monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws(mode="ipc"))
   assert graph in _unsplit_lowered()[0]
-  assert not ops.graph_target_default("two_shot", "multimem", _fake_ws())
+  assert not ops.graph_target_default("two_shot", "multimem")
   # XLA told to run a command buffer's independent commands concurrently: two fused calls could
   # overlap on one workspace, so the default falls back and an explicit request is refused
   monkeypatch.setattr(ws_lib, "_WORKSPACE", _fake_ws())

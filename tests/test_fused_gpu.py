@@ -273,6 +273,15 @@ def _handler_counts():
   return ws_lib.handler_calls()[MESH.devices.flat[0].id]
 
 
+def _counted_run(f, *args, counts=_handler_counts):
+  """(f(*args), ready; handler invocations during it; of them under capture), from `counts`
+  (default: rank 0's device in this process)."""
+  before = counts()
+  out = jax.block_until_ready(f(*args))
+  after = counts()
+  return out, after[0] - before[0], after[1] - before[1]
+
+
 def _loop_check(n_iter, cmd_buffer, dtype, calls=LOOP_CALLS):
   """(elements that differ from the standalone results, (handler invocations, of them under
   capture, calls executed)) of n_iter loop iterations, counted on rank 0's device."""
@@ -289,10 +298,8 @@ def _loop_check(n_iter, cmd_buffer, dtype, calls=LOOP_CALLS):
     inputs += [p, r]
     expected.append(g(p, r))
   compiled = f.lower(w, *inputs, *expected).compile()
-  before = _handler_counts()
-  counts = np.asarray(compiled(w, *inputs, *expected))
-  after = _handler_counts()
-  return int(counts.sum()), (after[0] - before[0], after[1] - before[1], n_iter * len(calls))
+  counts, invocations, captured = _counted_run(compiled, w, *inputs, *expected)
+  return int(np.asarray(counts).sum()), (invocations, captured, n_iter * len(calls))
 
 
 def test_10k_calls_alternating_sizes(ws):
@@ -349,11 +356,9 @@ CHAIN_CHILD = textwrap.dedent("""
       k = jax.random.split(jax.random.key(i + 1), 2)
       p = jax.random.normal(k[0], (t.TP * 32, 8192)).astype(jnp.bfloat16)
       r = jax.random.normal(k[1], (t.TP * -(-32 // t.TP), 8192)).astype(jnp.bfloat16)
-    before = t._handler_counts()
-    got = jax.block_until_ready(graph(p, r, w))
-    after = t._handler_counts()
-    invocations += after[0] - before[0]
-    captured += after[1] - before[1]
+    got, n_inv, n_cap = t._counted_run(graph, p, r, w)
+    invocations += n_inv
+    captured += n_cap
     executed += len(algos)
     want = plain(p, r, w)
     diffs += sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(got, want))
@@ -399,11 +404,9 @@ CMDBUF_10K_CHILD = textwrap.dedent("""
   want = [[np.asarray(x) for x in plain(w, *inputs)] for inputs in sets]
   diffs = invocations = captured = executed = 0
   for i in range(executions):  # the two input sets alternate
-    before = t._handler_counts()
-    got = jax.block_until_ready(graph(w, *sets[i % 2]))
-    after = t._handler_counts()
-    invocations += after[0] - before[0]
-    captured += after[1] - before[1]
+    got, n_inv, n_cap = t._counted_run(graph, w, *sets[i % 2])
+    invocations += n_inv
+    captured += n_cap
     executed += repeats * len(t.LOOP_CALLS)
     diffs += sum(int(np.sum(np.asarray(a) != b)) for a, b in zip(got, want[i % 2]))
   print(f"RESULT mismatches={{diffs}} invocations={{invocations}} captured={{captured}} "

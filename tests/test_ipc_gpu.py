@@ -75,11 +75,10 @@ RANK_CHILD = textwrap.dedent("""
   diffs = invocations = captured = executed = 0
   for i in range(6):
     key = jax.random.key(i % 2)
-    before = counts()
-    got = local_data(jax.block_until_ready(graph(key)))
-    after = counts()
-    invocations += after[0] - before[0]
-    captured += after[1] - before[1]
+    out, n_inv, n_cap = t._counted_run(graph, key, counts=counts)
+    got = local_data(out)
+    invocations += n_inv
+    captured += n_cap
     executed += len(algos)
     diffs += sum(int(np.sum(a != b)) for a, b in zip(got, local_data(plain(key))))
   print(f"GRAPH mismatches={{diffs}} invocations={{invocations}} captured={{captured}} "

@@ -186,9 +186,9 @@ def overlap_stats(compute: Sequence[Interval], collective: Sequence[Interval],
                measure(intersect(exposed, short_gaps(hide, SHORT_GAP_US))))
 
 
-def mean_stats(stats: Sequence[Stats]) -> Stats:
-  """Field-wise mean (empty -> zeros)."""
-  n = max(len(stats), 1)
+def mean_stats(stats: Sequence[Stats], n: int | None = None) -> Stats:
+  """Field-wise sum over ``stats`` divided by ``n`` (default: their number; empty -> zeros)."""
+  n = max(len(stats), 1) if n is None else n
   return Stats(*(sum(getattr(s, f) for s in stats) / n for f in STAT_FIELDS))
 
 
@@ -451,7 +451,7 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
             [(o.start, o.end) for o in lops if o.collective], comp))
     steps.append(StepReport(step, t0, t1 - t0, per_dev, mean_stats(list(per_dev.values()))))
   n = max(len(windows) * len(devices), 1)  # a layer absent from a (step, device) counts as 0
-  layers = {k: Stats(*(sum(getattr(s, f) for s in rows) / n for f in STAT_FIELDS))
+  layers = {k: mean_stats(rows, n)
             for k, rows in sorted(layer_rows.items(), key=lambda kv: _layer_key(kv[0]))}
   top = top_ops(ops, windows, devices[0]) if devices else []
   return Report(path, devices, streams, steps, layers, layer_source, top)

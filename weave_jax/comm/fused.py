@@ -194,4 +194,3 @@ jax.tree_util.register_pytree_node(
 class FusedMultimem(FusedP2P):
   name: str = "fused_multimem"
   transport: ClassVar[str] = "multimem"
-

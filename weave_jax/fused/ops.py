@@ -202,17 +202,16 @@ def concurrent_command_buffers() -> bool:
   return "XLA_GPU_COMMAND_BUFFER_SCHEDULING_MODE=CONCURRENT" in flags
 
 
-def graph_target_default(algorithm: str, transport: str, ws) -> bool:
+def graph_target_default(algorithm: str, transport: str) -> bool:
   """Whether a synchronous call goes through the command-buffer target by default: where graph
   replay of the kernels was verified -- the one-shot and two-shot kernels of the peer transport,
   in one process driving every GPU or one process per GPU (IPC; tests/test_ipc_gpu.py), unless
   XLA_FLAGS asks for concurrent command buffers (``concurrent_command_buffers``).  The copy
   engines cannot be replayed (host rendezvous per call); replay with the multimem transport was
-  never run.  Measured (one process) on
-  2 x H200 (BENCHMARKS.md, eighth session): calls of <= 4 MiB 3-13% faster in the
-  microbenchmark; in the model (three families, 4 layers, 1-4096 tokens) ahead of the plain
-  target in 13 of 15 cells, 1.05-1.14x the psum baseline at 1-256 tokens against 1.02-1.14x
-  (each cell's difference inside its 3-16% run-to-run spread)."""
+  never run.  Measured (one process) on 2 x H200 (BENCHMARKS.md, eighth session): calls of
+  <= 4 MiB 3-13% faster in the microbenchmark; in the model (three families, 4 layers, 1-4096
+  tokens) ahead of the plain target in 13 of 15 cells, 1.05-1.14x the psum baseline at 1-256
+  tokens against 1.02-1.14x (each cell's difference inside its 3-16% run-to-run spread)."""
   return algorithm != "copy_engine" and transport == "peer" and not concurrent_command_buffers()
 
 
@@ -258,7 +257,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   algorithm, grid, chunks = _resolve(op, partial, algorithm, ctas, ce_ctas, transport,
                                      ce_chunks=ce_chunks)
   if cmd_buffer is None:
-    cmd_buffer = graph_target_default(algorithm, transport, ws_lib.current())
+    cmd_buffer = graph_target_default(algorithm, transport)
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
