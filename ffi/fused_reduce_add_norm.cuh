@@ -973,6 +973,164 @@ __global__ void __launch_bounds__(kThreads, 1)
   norm_rows<T, kVec>(p, io, p.row_end - p.row_begin, smem);
 }
 
+// The copy-engine kernel with every byte moved by the TMA (sm_90+), warp-specialized.  Why: on
+// one H200 (ffi/NOTES.md, "What bounds a row per SM") the load/store kernel above moves ~57 GB/s
+// of traffic per block at small grids; bulk copies through shared memory move more, but only if
+// no thread of the computing warps waits for a copy to be issued or to finish reading.
+//   - One producer warp (one thread of it) issues every bulk copy: row k's two sources and
+//     residual into stage k % kCeStages (mbarrier full[s], transaction bytes), and once the
+//     consumers are done with the row, its stores from the same stage (normed row to `normed`
+//     and my out_slot, new residual).  A stage is refilled (row k + kCeStages) only after its
+//     stores have finished reading it (cp.async.bulk.wait_group.read).
+//   - The kThreads consumer threads compute in place: the new residual over source 0's vectors,
+//     the normed row over source 1's, then fence to the async proxy, a named barrier among
+//     themselves, and one arrival on done[s].  They never wait on a copy's issue.
+//   - A padding row of my slice (past my_rows) loads only its residual and stores it back as the
+//     new residual; the consumers skip it (uniformly) but still arrive.
+// The thread <-> vector mapping and every sum's order are norm_rows' for 4096 < H <= 8192 (one
+// 512-thread group per row, two vectors per thread, the same warp-then-block reduction), so its
+// rows are bitwise equal to every other algorithm's.  World 2 only (two sources + residual).
+constexpr int kCeStages = 4;
+constexpr int kCeTmaThreads = kThreads + 32;  // 16 consumer warps + 1 producer warp
+constexpr int kCeTmaSmemMax = 226 * 1024;     // 227 KiB per block on sm_90, less static smem
+
+__host__ __device__ __forceinline__ int64_t ce_tma_smem_bytes(int world, int64_t hidden) {
+  return 128 + (world + 1) * kCeStages * hidden * 2;  // 128: the mbarriers
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCeTmaThreads, 1)
+    ce_tma_reduce_add_norm_kernel(const __grid_constant__ KernelParams p) {
+#ifdef WEAVE_NO_TMA
+  __trap();
+#else
+  constexpr int V = 2, kSrcs = 3;  // sources 0 and 1 (rank order), then the residual
+  extern __shared__ __align__(128) unsigned char ce_smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(ce_smem);  // [kCeStages] the row's loads landed
+  uint64_t* done = full + kCeStages;                      // [kCeStages] the consumers are done
+  const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8), row_bytes = vpr * 16;
+  uint4* stages = reinterpret_cast<uint4*>(ce_smem + 128);  // [kCeStages][kSrcs][vpr]
+  __shared__ float red[kThreads / 32];
+  const CopyEngineIo io(p);
+  const int t = threadIdx.x, nb = gridDim.x, b = blockIdx.x;
+  const int64_t nrows = p.row_end - p.row_begin;
+  const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
+  if (t == 0) {
+    for (int s = 0; s < kCeStages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + s)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(done + s)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();  // the last block-wide barrier: the producer warp leaves the consumers' loop
+
+  if (t >= kThreads) {  // producer warp
+    if (t != kThreads) return;
+    auto load = [&](int64_t k) {
+      if (k >= nk) return;
+      const int64_t r = b + k * nb;
+      uint64_t* m = full + k % kCeStages;
+      uint4* st = stages + (k % kCeStages) * kSrcs * vpr;
+      const bool row = io.valid(r);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                   ::"r"(smem_u32(m)), "r"(row ? kSrcs * row_bytes : row_bytes) : "memory");
+      const uint4* src[kSrcs] = {io.residual(r), io.source(0, r), io.source(1, r)};
+      uint4* dst[kSrcs] = {st + 2 * vpr, st, st + vpr};
+      for (int q = 0; q < (row ? kSrcs : 1); ++q)  // a padding row: its residual into slot 0
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], "
+                     "[%1], %2, [%3];" ::"r"(smem_u32(row ? dst[q] : st)), "l"(src[q]),
+                     "r"(row_bytes), "r"(smem_u32(m)) : "memory");
+    };
+    auto store = [&](void* dst, const uint4* from) {  // one bulk group per row: no commit here
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                   ::"l"(dst), "r"(smem_u32(from)), "r"(row_bytes) : "memory");
+    };
+    for (int64_t k = 0; k < kCeStages; ++k) load(k);
+    for (int64_t k = 0; k < nk; ++k) {
+      const int64_t r = b + k * nb;
+      tma_wait(done + k % kCeStages, (k / kCeStages) & 1);
+      const uint4* st = stages + (k % kCeStages) * kSrcs * vpr;
+      if (io.valid(r)) {
+        const size_t off = io.global_offset(io.base + r, 0);
+        store(static_cast<char*>(p.normed) + off, st + vpr);
+        store(static_cast<char*>(p.out_slots[p.rank]) + off, st + vpr);
+      }
+      store(io.new_residual(r), st);
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      if (k >= 1) {  // row k-1's stores have read its stage: refill it
+        asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        load(k - 1 + kCeStages);
+      }
+    }
+    // the pull copies after this kernel read out_slot: the bulk stores must be complete and
+    // visible to the copy engines when the kernel ends
+    tma_drain_stores();
+    return;
+  }
+
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  uint4 w[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (t + v * kThreads < vpr) w[v] = weight[t + v * kThreads];
+  const int warp = t / 32, lane = t % 32;
+  for (int64_t k = 0; k < nk; ++k) {
+    tma_wait(full + k % kCeStages, (k / kCeStages) & 1);
+    if (io.valid(b + k * nb)) {  // uniform across the block
+      uint4* st = stages + (k % kCeStages) * kSrcs * vpr;
+      uint4 x[V];
+      float sumsq = 0.f;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const uint32_t c = t + v * kThreads;
+        if (c < vpr) {
+          float acc[8], f[8];
+          Vec<T>::to_float(st[c], acc);  // sources in rank order, then the residual
+#pragma unroll
+          for (int q = 1; q < kSrcs; ++q) {
+            Vec<T>::to_float(st[q * vpr + c], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += f[e];
+          }
+          x[v] = Vec<T>::from_float(acc);  // the new residual, rounded to T
+          st[c] = x[v];
+          Vec<T>::to_float(x[v], f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+        }
+      }
+      // group_sum's order over the 512 consumers; no barrier before writing `red`: every
+      // consumer read the last row's `red` before the end-of-row barrier below
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, o);
+      if (lane == 0) red[warp] = sumsq;
+      asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+      float total = 0.f;
+      for (int i = 0; i < kThreads / 32; ++i) total += red[i];
+      const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const uint32_t c = t + v * kThreads;
+        if (c < vpr) {
+          float xf[8], wf[8];
+          Vec<T>::to_float(x[v], xf);
+          Vec<T>::to_float(w[v], wf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
+          st[vpr + c] = Vec<T>::from_float(xf);
+        }
+      }
+      // this row's generic smem writes before the async proxy's reads (the producer's stores)
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+    if (t == 0)
+      asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];"
+                   ::"r"(smem_u32(done + k % kCeStages)) : "memory");
+  }
+#endif
+}
+
 // One-shot algorithm (algo 2): staging layout of os_slot (uint4 units), parity x:
 //   [x][q][r]      source q's partial row r        q in [0, world)
 //   [x][world][r]  the residual of global row r (pushed by its owner)

@@ -182,12 +182,26 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
   return ffi::Error::Success();
 }
 
+// The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
+// world 2 and 4096 < H <= 8192 (where its thread <-> vector mapping is norm_rows', so results
+// stay bitwise equal), unless the diagnostics switch asks for the load/store kernel
+// (weave_ws_set_ce_kernel).
+bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w) {
+  return w.sm_major >= 9 && !w.ce_lsu && p.world == 2 && p.hidden > 8 * weave::kThreads &&
+         p.hidden <= 2 * 8 * weave::kThreads &&
+         weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
+}
+
 template <typename T, int kVec>
 cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-      weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+      if (ce_tma_fits(p, w))
+        weave::ce_tma_reduce_add_norm_kernel<T>
+            <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
+      else
+        weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
@@ -343,6 +357,17 @@ cudaError_t weave::preload_kernels(int sm_major) {
     cudaFuncAttributes attr;
     cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                       weave::kTmaSmemBytes)
+                               : cudaFuncGetAttributes(&attr, k);
+    if (e != cudaSuccess) return e;
+  }
+  const void* ce_tma[] = {
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>),
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half>),
+  };
+  for (const void* k : ce_tma) {
+    cudaFuncAttributes attr;
+    cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      weave::kCeTmaSmemMax)
                                : cudaFuncGetAttributes(&attr, k);
     if (e != cudaSuccess) return e;
   }

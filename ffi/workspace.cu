@@ -437,6 +437,15 @@ int weave_ws_call_counts(int ordinal, uint64_t* out) {
   return 0;
 }
 
+// Diagnostics: the copy-engine algorithm's local kernel on `ordinal` -- 1: the load/store
+// kernel, 0: the TMA kernel where it applies (the default).  Read at each call's launch.
+int weave_ws_set_ce_kernel(int ordinal, int lsu) {
+  DeviceWorkspace& w = weave::workspace(ordinal);
+  if (!w.ready) return -1;
+  w.ce_lsu = lsu != 0;
+  return 0;
+}
+
 int weave_ws_set_timeout_ms(int ordinal, double ms) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (w.ordinal < 0) return -1;

@@ -70,6 +70,7 @@ struct DeviceWorkspace {
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
+  bool ce_lsu = false;                      // diagnostics: load/store local kernel, not TMA
   cudaStream_t ce_push = nullptr;           // push copies (non-blocking, normal priority)
   cudaStream_t ce_pull = nullptr;           // pull copies
   cudaEvent_t ev_ce_begin = nullptr;        // the call's stream reached the call

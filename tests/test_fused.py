@@ -131,6 +131,14 @@ def test_uninitialised_workspace_raises(monkeypatch):
     ops.fused_reduce_add_norm(*_args(), eps=1e-6)
 
 
+def test_copy_engine_kernel_switch_rejects_bad_input(monkeypatch):
+  with pytest.raises(ValueError, match="kind='ldg' must be 'tma' or 'lsu'"):
+    ws_lib.set_copy_engine_kernel("ldg")
+  monkeypatch.setattr(ws_lib, "_WORKSPACE", None)
+  with pytest.raises(RuntimeError, match="set_copy_engine_kernel: workspace not initialised"):
+    ws_lib.set_copy_engine_kernel("lsu")
+
+
 def test_missing_library_error_is_clear(monkeypatch, tmp_path):
   monkeypatch.setattr(_lib, "candidate_paths", lambda: [tmp_path / "libweave_fused.so"])
   with pytest.raises(_lib.FusedUnavailableError, match="nvcc"):

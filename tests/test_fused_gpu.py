@@ -195,16 +195,19 @@ def test_start_done_matches_sync(ws, algorithm, priority):
   np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
 
 
-@pytest.mark.parametrize("chunks", [1, 5])
-def test_copy_engine_bitwise_equals_two_shot(ws, chunks):
-  """Both reduce my slice with the same code in the same source order: identical bits, however
-  the copy-engine call is cut into chunks."""
-  tokens, hidden = 3000, 8192
+@pytest.mark.parametrize("tokens,hidden,chunks,grid", [
+    (3000, 8192, 1, None), (3000, 8192, 5, None), (777, 6144, 3, 7), (1, 4104, 1, 16),
+    (4097, 2048, 2, 16)])
+def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid):
+  """Both reduce my slice in the same source order with the same per-row sums: identical bits,
+  however the copy-engine call is cut into chunks.  At TP=2 on sm_90 with 4096 < H <= 8192 the
+  copy-engine call runs its TMA local kernel (odd token counts: the last rank's padding row, a
+  grid that does not divide the rows); H = 2048 runs the load/store kernel."""
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)
     b = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="copy_engine",
-                                  ce_chunks=chunks)
+                                  ce_chunks=chunks, **({"ce_ctas": grid} if grid else {}))
     return a[0][None], b[0][None], a[1], b[1]
 
   f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))

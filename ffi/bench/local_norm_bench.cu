@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -250,7 +251,111 @@ __global__ void max_abs_diff(const __nv_bfloat16* a, const __nv_bfloat16* b, siz
   atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
 }
 
+__global__ void count_diff_words(const uint4* a, const uint4* b, size_t n, unsigned long long* out) {
+  unsigned long long c = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 x = a[i], y = b[i];
+    c += (x.x != y.x) | (x.y != y.y) | (x.z != y.z) | (x.w != y.w);
+  }
+  atomicAdd(out, c);
+}
+
+// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
+// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
+// hidden sizes, both dtypes, world 2 and 4, the last rank (tail and padding rows), grids, and a
+// call cut in chunks (row_begin > 0).  Returns the number of failing cases.
+template <typename T>
+int verify_library_tma(const char* dtype) {
+  int failures = 0;
+  for (int world : {2})  // where the library runs the TMA kernel (handlers.cu, ce_tma_fits)
+    for (int64_t H : {4104, 6144, 8000, 8192}) {
+      for (int64_t tokens : {int64_t(1), int64_t(777), int64_t(4096)}) {
+        const int64_t S = (tokens + world - 1) / world;
+        const size_t rowb = H * 2, big = size_t(world) * S * rowb;
+        char *partial, *in_slot, *residual, *weight, *out[2][3];
+        CHECK(cudaMalloc(&partial, big));
+        CHECK(cudaMalloc(&in_slot, big));
+        CHECK(cudaMalloc(&residual, S * rowb));
+        CHECK(cudaMalloc(&weight, rowb));
+        for (auto& o : out)
+          for (auto& b : o) CHECK(cudaMalloc(&b, big));
+        fill_random<<<256, 256>>>(reinterpret_cast<__nv_bfloat16*>(partial), big / 2, 11);
+        fill_random<<<256, 256>>>(reinterpret_cast<__nv_bfloat16*>(in_slot), big / 2, 12);
+        fill_random<<<256, 256>>>(reinterpret_cast<__nv_bfloat16*>(residual), S * H, 13);
+        fill_random<<<64, 256>>>(reinterpret_cast<__nv_bfloat16*>(weight), H, 14);
+        for (int grid : {7, 16, 132}) {
+          for (auto& o : out)
+            for (auto& b : o) CHECK(cudaMemset(b, 0xff, big));
+          weave::KernelParams q{};
+          q.partial = partial;
+          q.residual = residual;
+          q.weight = weight;
+          q.in_slots[world - 1] = in_slot;
+          q.tokens = tokens;
+          q.hidden = H;
+          q.shard = S;
+          q.rank = world - 1;
+          q.world = world;
+          q.eps = 1e-6f;
+          int tpr = 32;
+          while (tpr * (H / 8 <= weave::kThreads * 2 ? 2 : 4) < H / 8) tpr *= 2;
+          q.threads_per_row = tpr;
+          for (int v = 0; v < 2; ++v) {
+            weave::KernelParams r = q;
+            r.normed = out[v][0];
+            r.out_slots[world - 1] = out[v][1];
+            r.new_residual = out[v][2];
+            if (v == 0) {  // reference: the load/store kernel, one launch
+              r.row_begin = 0;
+              r.row_end = S;
+              weave::ce_reduce_add_norm_kernel<T, 2><<<grid, weave::kThreads>>>(r);
+            } else {  // the TMA kernel, in two chunks
+              const int64_t cut = S / 3;
+              for (auto [lo, hi] : {std::pair<int64_t, int64_t>{0, cut}, {cut, S}}) {
+                if (lo == hi) continue;
+                r.row_begin = lo;
+                r.row_end = hi;
+                weave::ce_tma_reduce_add_norm_kernel<T>
+                    <<<grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(world, H)>>>(r);
+              }
+            }
+          }
+          CHECK(cudaGetLastError());
+          unsigned long long* cnt;
+          CHECK(cudaMalloc(&cnt, sizeof(*cnt)));
+          CHECK(cudaMemset(cnt, 0, sizeof(*cnt)));
+          for (int b = 0; b < 3; ++b)
+            count_diff_words<<<256, 256>>>(reinterpret_cast<const uint4*>(out[0][b]),
+                                           reinterpret_cast<const uint4*>(out[1][b]), big / 16, cnt);
+          unsigned long long n;
+          CHECK(cudaMemcpy(&n, cnt, sizeof(n), cudaMemcpyDeviceToHost));
+          CHECK(cudaFree(cnt));
+          if (n != 0) {
+            ++failures;
+            std::printf("VERIFY FAIL %s world %d H %lld T %lld grid %d: %llu words differ\n", dtype,
+                        world, (long long)H, (long long)tokens, grid, n);
+          }
+        }
+        CHECK(cudaFree(partial));
+        CHECK(cudaFree(in_slot));
+        CHECK(cudaFree(residual));
+        CHECK(cudaFree(weight));
+        for (auto& o : out)
+          for (auto& b : o) CHECK(cudaFree(b));
+      }
+    }
+  return failures;
+}
+
 int main() {
+  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
+  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__half>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
+  const int failures = verify_library_tma<__nv_bfloat16>("bf16") + verify_library_tma<__half>("fp16");
+  std::printf("library TMA copy-engine kernel vs load/store kernel: %s (%d failing cases)\n",
+              failures ? "FAIL" : "all bitwise equal", failures);
   const int64_t H = 8192, S = 4096, T = 2 * S;  // slice of 64 MiB per source
   const size_t row = H * 2, slice = S * row;
   __nv_bfloat16 *partial, *in_slot, *residual, *weight, *new_res, *out_slot, *normed, *ref;
@@ -414,5 +519,18 @@ int main() {
   tma(all_tma_kernel<3, 2>, 3, 2);
   tma(all_tma_kernel<2, 3>, 2, 3);
   tma(all_tma_kernel<4, 1>, 4, 1);
-  return 0;
+  std::printf("\nthe library's TMA kernel (ce_tma_reduce_add_norm_kernel), us\n");
+  for (int grid : {8, 16, 32, 64, 132}) {
+    weave::KernelParams q = p;
+    q.threads_per_row = 512;
+    const float tl = time_us([&] {
+      weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
+    });
+    const float tt = time_us([&] {
+      weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>
+          <<<grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(2, H)>>>(q);
+    });
+    std::printf("grid %4d | load/store %8.1f | tma %8.1f | speedup %.2f\n", grid, tl, tt, tl / tt);
+  }
+  return failures ? 1 : 0;
 }

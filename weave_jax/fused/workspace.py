@@ -238,6 +238,20 @@ def handler_calls() -> dict[int, tuple[int, int]]:
   return out
 
 
+def set_copy_engine_kernel(kind: str) -> None:
+  """Diagnostics, for comparisons: the copy-engine algorithm's local kernel on every local
+  device from the next call on -- "tma" (default: bulk copies through shared memory on sm_90+
+  where a row fits, else the load/store kernel) or "lsu" (always the load/store kernel)."""
+  if kind not in ("tma", "lsu"):
+    raise ValueError(f"set_copy_engine_kernel: kind={kind!r} must be 'tma' or 'lsu'")
+  ws = _WORKSPACE
+  if ws is None:
+    raise RuntimeError("set_copy_engine_kernel: workspace not initialised")
+  for o in ws.ordinals:
+    if _lib.load().weave_ws_set_ce_kernel(o, int(kind == "lsu")) != 0:
+      raise RuntimeError(f"set_copy_engine_kernel: no workspace on CUDA device {o}")
+
+
 def timeout_error() -> FusedTimeoutError | None:
   """Reads every local device's host-mapped error record; returns an error naming the rank
   and barrier of the first recorded timeout, or None."""
