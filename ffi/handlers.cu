@@ -185,9 +185,9 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
 // world 2 and 4096 < H <= 8192 (where its thread <-> vector mapping is norm_rows', so results
 // stay bitwise equal), unless the diagnostics switch asks for the load/store kernel
-// (weave_ws_set_ce_kernel).
+// (weave_ws_set_ce_variant).
 bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w) {
-  return w.sm_major >= 9 && !w.ce_lsu && p.world == 2 && p.hidden > 8 * weave::kThreads &&
+  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && p.hidden > 8 * weave::kThreads &&
          p.hidden <= 2 * 8 * weave::kThreads &&
          weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
 }
@@ -251,6 +251,11 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   auto row_ptr = [&](const void* base, int64_t row) {
     return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
   };
+  // Direct (world 2, TMA kernel, the default): my kernel stores my normalized rows straight
+  // into my peer's `normed` (its pointer published here, read after rendezvous 0), so there
+  // are no pull copies and no out_slot traffic.
+  w.ce_direct = w.ce_variant == 0 && ce_tma_fits(p, w);
+  w.ce_normed = p.normed;
   cudaEventRecord(w.ev_ce_begin, s);
   cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);
   for (int c = 0; c < C; ++c) {  // my partial rows of chunk c of q's slice -> q's in_slot
@@ -267,18 +272,30 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
     cudaEventRecord(w.ev_pushed[c], w.ce_push);
   }
   if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
+  // direct runs at world 2 only: `peer` is my one peer there
+  const weave::DeviceWorkspace& peer = weave::workspace(w.peer_ordinal[p.world == 2 ? 1 - p.rank : p.rank]);
+  if (p.world == 2 && w.ce_direct != peer.ce_direct)  // (my peer fails the same way)
+    return op_error(op, "copy-engine ranks disagree on the variant (direct on rank " +
+                            std::to_string(w.ce_direct ? p.rank : 1 - p.rank) +
+                            " only): set it on every device");
   for (int c = 0; c < C; ++c) {  // chunk c of my slice, once every peer pushed it
     for (int q = 0; q < p.world; ++q)
       if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed[c], 0);
     weave::KernelParams kp = p;
     kp.row_begin = chunk_begin(c);
     kp.row_end = chunk_begin(c + 1);
+    if (w.ce_direct) kp.out_slots[p.rank] = peer.ce_normed;  // the kernel's out_slot store
     if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
         e != cudaSuccess)
       return cuda_error(op, "kernel launch", e);
     cudaEventRecord(w.ev_reduced[c], s);
   }
   if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
+  if (w.ce_direct) {  // my peer's kernel (every chunk) stored its rows into my `normed`
+    cudaStreamWaitEvent(s, peer.ev_reduced[C - 1], 0);
+    cudaStreamWaitEvent(s, w.ev_pushed[C - 1], 0);  // my pushes read `partial`
+    return ffi::Error::Success();
+  }
   for (int c = 0; c < C; ++c) {  // q's normalized rows of chunk c (its out_slot) -> my normed
     const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
     for (int q = 0; q < p.world; ++q)

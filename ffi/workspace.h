@@ -70,12 +70,16 @@ struct DeviceWorkspace {
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
-  bool ce_lsu = false;                      // diagnostics: load/store local kernel, not TMA
+  int ce_variant = 0;                       // diagnostics: 0 TMA kernel + direct stores where
+                                            // it fits, 1 TMA kernel + pulls, 2 load/store + pulls
+  void* ce_normed = nullptr;                // this call's `normed` (peers store into it: direct)
+  bool ce_direct = false;                   // this call runs direct (checked equal on every rank)
   cudaStream_t ce_push = nullptr;           // push copies (non-blocking, normal priority)
   cudaStream_t ce_pull = nullptr;           // pull copies
   cudaEvent_t ev_ce_begin = nullptr;        // the call's stream reached the call
   cudaEvent_t ev_pushed[kMaxCeChunks] = {}; // my pushes of chunk c of the current call are done
-  cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my out_slot rows of chunk c are ready
+  cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my normalized rows of chunk c are ready (my
+                                            // out_slot; direct: stored in my peer's `normed`)
   cudaEvent_t ev_pulled = nullptr;          // my pulls of the current call are done
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
   // Synchronous-call handler invocations since init, and how many of them ran under CUDA stream

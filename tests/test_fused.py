@@ -131,12 +131,12 @@ def test_uninitialised_workspace_raises(monkeypatch):
     ops.fused_reduce_add_norm(*_args(), eps=1e-6)
 
 
-def test_copy_engine_kernel_switch_rejects_bad_input(monkeypatch):
-  with pytest.raises(ValueError, match="kind='ldg' must be 'tma' or 'lsu'"):
-    ws_lib.set_copy_engine_kernel("ldg")
+def test_copy_engine_variant_switch_rejects_bad_input(monkeypatch):
+  with pytest.raises(ValueError, match="variant='tma' must be one of"):
+    ws_lib.set_copy_engine_variant("tma")
   monkeypatch.setattr(ws_lib, "_WORKSPACE", None)
-  with pytest.raises(RuntimeError, match="set_copy_engine_kernel: workspace not initialised"):
-    ws_lib.set_copy_engine_kernel("lsu")
+  with pytest.raises(RuntimeError, match="set_copy_engine_variant: workspace not initialised"):
+    ws_lib.set_copy_engine_variant("pull")
 
 
 def test_missing_library_error_is_clear(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ if len(_gpus()) < max(TP, 2):
   pytest.skip(f"needs >= {max(TP, 2)} CUDA GPUs (WEAVE_TEST_TP={TP})", allow_module_level=True)
 
 from weave_jax import fused, hlo_order  # noqa: E402
-from weave_jax.fused import ops, workspace as ws_lib  # noqa: E402
+from weave_jax.fused import _lib, ops, workspace as ws_lib  # noqa: E402
 
 MESH = jax.sharding.Mesh(np.array(_gpus()[:TP]), (AXIS,))
 
@@ -195,14 +196,25 @@ def test_start_done_matches_sync(ws, algorithm, priority):
   np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
 
 
-@pytest.mark.parametrize("tokens,hidden,chunks,grid", [
-    (3000, 8192, 1, None), (3000, 8192, 5, None), (777, 6144, 3, 7), (1, 4104, 1, 16),
-    (4097, 2048, 2, 16)])
-def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid):
+@pytest.fixture
+def ce_variant(ws):
+  """Sets a copy-engine variant for one test; the default ("direct") is restored after it."""
+  yield ws_lib.set_copy_engine_variant
+  ws_lib.set_copy_engine_variant("direct")
+
+
+@pytest.mark.parametrize("tokens,hidden,chunks,grid,variant", [
+    (3000, 8192, 1, None, "direct"), (3000, 8192, 5, None, "direct"), (777, 6144, 3, 7, "direct"),
+    (1, 4104, 1, 16, "direct"), (4097, 2048, 2, 16, "direct"), (3000, 8192, 5, None, "pull"),
+    (777, 6144, 3, 7, "pull"), (3000, 8192, 5, None, "lsu")])
+def test_copy_engine_bitwise_equals_two_shot(ce_variant, tokens, hidden, chunks, grid, variant):
   """Both reduce my slice in the same source order with the same per-row sums: identical bits,
-  however the copy-engine call is cut into chunks.  At TP=2 on sm_90 with 4096 < H <= 8192 the
-  copy-engine call runs its TMA local kernel (odd token counts: the last rank's padding row, a
-  grid that does not divide the rows); H = 2048 runs the load/store kernel."""
+  however the copy-engine call is cut into chunks, in every variant.  At TP=2 on sm_90 with
+  4096 < H <= 8192 the call runs the TMA local kernel and ("direct") stores into the peer's
+  output (odd token counts: the last rank's padding row, a grid that does not divide the
+  rows); H = 2048 runs the load/store kernel with pulls."""
+  ce_variant(variant)
+  ws = ws_lib.current()
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)
@@ -211,13 +223,38 @@ def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid):
     return a[0][None], b[0][None], a[1], b[1]
 
   f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))
-  k = jax.random.split(jax.random.key(7), 3)
+  # inputs differ per case: a buffer left by an earlier case cannot hold this case's answer
+  seed = zlib.crc32(repr((tokens, hidden, chunks, grid, variant)).encode())
+  k = jax.random.split(jax.random.key(seed), 3)
   partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
   residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
   weight = (1 + 0.1 * jax.random.normal(k[2], (hidden,))).astype(ws.dtype)
   a0, b0, a1, b1 = [np.asarray(x).view(np.uint16) for x in f(partial, residual, weight)]
   np.testing.assert_array_equal(a0, b0)
   np.testing.assert_array_equal(a1, b1)
+
+
+def test_copy_engine_ranks_disagreeing_on_the_variant_fail(ce_variant):
+  """A call whose ranks run different copy-engine variants (set on one device only, below the
+  Python API) fails with an error naming the rank, instead of hanging or mixing protocols; the
+  next call with the variants agreeing is correct again."""
+  ws = ws_lib.current()
+  tokens, hidden = 512, 8192
+  f = jax.jit(_smap(lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
+                                                               algorithm="copy_engine"),
+                    (P(AXIS), P(AXIS), P()), (P(AXIS), P(AXIS))))
+  k = jax.random.split(jax.random.key(3), 3)
+  partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
+  residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
+  weight = jnp.ones((hidden,), ws.dtype)
+  expect = jax.device_get(f(partial, residual, weight))
+  assert _lib.load().weave_ws_set_ce_variant(ws.ordinals[0], 1) == 0  # "pull" on rank 0 only
+  with pytest.raises(Exception, match="copy-engine ranks disagree on the variant"):
+    jax.block_until_ready(f(partial, residual, weight))
+  ce_variant("direct")
+  again = jax.device_get(f(partial, residual, weight))
+  for a, b in zip(expect, again):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
 def test_backend_seam(ws):

@@ -238,18 +238,28 @@ def handler_calls() -> dict[int, tuple[int, int]]:
   return out
 
 
-def set_copy_engine_kernel(kind: str) -> None:
-  """Diagnostics, for comparisons: the copy-engine algorithm's local kernel on every local
-  device from the next call on -- "tma" (default: bulk copies through shared memory on sm_90+
-  where a row fits, else the load/store kernel) or "lsu" (always the load/store kernel)."""
-  if kind not in ("tma", "lsu"):
-    raise ValueError(f"set_copy_engine_kernel: kind={kind!r} must be 'tma' or 'lsu'")
+CE_VARIANTS = ("direct", "pull", "lsu")  # index = weave_ws_set_ce_variant's code
+
+
+def set_copy_engine_variant(variant: str) -> None:
+  """Diagnostics, for same-run comparisons: the copy-engine algorithm's variant on every local
+  device from the next call on.
+    "direct" (default)  on sm_90+ at TP=2 where a row fits (4096 < H <= 8192): the TMA local
+                        kernel stores each normalized row into the peer's output itself (no
+                        pull copies); elsewhere as "pull"
+    "pull"              the TMA local kernel where it fits, the peers' rows pulled by the copy
+                        engines
+    "lsu"               the load/store local kernel, pulled by the copy engines
+  Every device gets the same variant; set it between calls, not while one is in flight (the
+  ranks of a call that disagree fail it with an error)."""
+  if variant not in CE_VARIANTS:
+    raise ValueError(f"set_copy_engine_variant: variant={variant!r} must be one of {CE_VARIANTS}")
   ws = _WORKSPACE
   if ws is None:
-    raise RuntimeError("set_copy_engine_kernel: workspace not initialised")
+    raise RuntimeError("set_copy_engine_variant: workspace not initialised")
   for o in ws.ordinals:
-    if _lib.load().weave_ws_set_ce_kernel(o, int(kind == "lsu")) != 0:
-      raise RuntimeError(f"set_copy_engine_kernel: no workspace on CUDA device {o}")
+    if _lib.load().weave_ws_set_ce_variant(o, CE_VARIANTS.index(variant)) != 0:
+      raise RuntimeError(f"set_copy_engine_variant: no workspace on CUDA device {o}")
 
 
 def timeout_error() -> FusedTimeoutError | None:
