@@ -183,12 +183,11 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 }
 
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
-// world 2 and 4096 < H <= 8192 (where its thread <-> vector mapping is norm_rows', so results
-// stay bitwise equal), unless the diagnostics switch asks for the load/store kernel
-// (weave_ws_set_ce_variant).
+// world 2 and 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
+// mapping, so results stay bitwise equal), unless the diagnostics switch asks for the
+// load/store kernel (weave_ws_set_ce_variant).
 bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w) {
-  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && p.hidden > 8 * weave::kThreads &&
-         p.hidden <= 2 * 8 * weave::kThreads &&
+  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && weave::ce_tma_rows(p.hidden) > 0 &&
          weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
 }
 
@@ -197,8 +196,11 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-      if (ce_tma_fits(p, w))
-        weave::ce_tma_reduce_add_norm_kernel<T>
+      if (ce_tma_fits(p, w) && weave::ce_tma_rows(p.hidden) == 1)
+        weave::ce_tma_reduce_add_norm_kernel<T, 1>
+            <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
+      else if (ce_tma_fits(p, w))
+        weave::ce_tma_reduce_add_norm_kernel<T, 2>
             <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
       else
         weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
@@ -378,8 +380,10 @@ cudaError_t weave::preload_kernels(int sm_major) {
     if (e != cudaSuccess) return e;
   }
   const void* ce_tma[] = {
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>),
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half>),
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>),
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 2>),
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 1>),
+      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 2>),
   };
   for (const void* k : ce_tma) {
     cudaFuncAttributes attr;

@@ -265,11 +265,21 @@ __global__ void count_diff_words(const uint4* a, const uint4* b, size_t n, unsig
 // output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
 // hidden sizes, both dtypes, world 2 and 4, the last rank (tail and padding rows), grids, and a
 // call cut in chunks (row_begin > 0).  Returns the number of failing cases.
+// The library's TMA copy-engine kernel for p.hidden (handlers.cu's choice of kG).
+template <typename T>
+void launch_tma(int grid, const weave::KernelParams& p) {
+  const int64_t smem = weave::ce_tma_smem_bytes(2, p.hidden);
+  if (weave::ce_tma_rows(p.hidden) == 1)
+    weave::ce_tma_reduce_add_norm_kernel<T, 1><<<grid, weave::kCeTmaThreads, smem>>>(p);
+  else
+    weave::ce_tma_reduce_add_norm_kernel<T, 2><<<grid, weave::kCeTmaThreads, smem>>>(p);
+}
+
 template <typename T>
 int verify_library_tma(const char* dtype) {
   int failures = 0;
   for (int world : {2})  // where the library runs the TMA kernel (handlers.cu, ce_tma_fits)
-    for (int64_t H : {4104, 6144, 8000, 8192}) {
+    for (int64_t H : {2056, 3000, 4096, 4104, 6144, 8000, 8192}) {  // weave::ce_tma_rows > 0
       for (int64_t tokens : {int64_t(1), int64_t(777), int64_t(4096)}) {
         const int64_t S = (tokens + world - 1) / world;
         const size_t rowb = H * 2, big = size_t(world) * S * rowb;
@@ -316,8 +326,7 @@ int verify_library_tma(const char* dtype) {
                 if (lo == hi) continue;
                 r.row_begin = lo;
                 r.row_end = hi;
-                weave::ce_tma_reduce_add_norm_kernel<T>
-                    <<<grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(world, H)>>>(r);
+                launch_tma<T>(grid, r);
               }
             }
           }
@@ -349,10 +358,11 @@ int verify_library_tma(const char* dtype) {
 }
 
 int main() {
-  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
-  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__half>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
+  for (const void* k : {(const void*)weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>,
+                        (const void*)weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 2>,
+                        (const void*)weave::ce_tma_reduce_add_norm_kernel<__half, 1>,
+                        (const void*)weave::ce_tma_reduce_add_norm_kernel<__half, 2>})
+    CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
   const int failures = verify_library_tma<__nv_bfloat16>("bf16") + verify_library_tma<__half>("fp16");
   std::printf("library TMA copy-engine kernel vs load/store kernel: %s (%d failing cases)\n",
               failures ? "FAIL" : "all bitwise equal", failures);
@@ -527,10 +537,28 @@ int main() {
       weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
     });
     const float tt = time_us([&] {
-      weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16>
-          <<<grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(2, H)>>>(q);
+      launch_tma<__nv_bfloat16>(grid, q);
     });
     std::printf("grid %4d | load/store %8.1f | tma %8.1f | speedup %.2f\n", grid, tl, tt, tl / tt);
+  }
+  // smaller rows (several per iteration): the same 64 MiB per source, H * rows constant
+  for (int64_t h : {4096, 6144}) {
+    weave::KernelParams q = p;
+    q.hidden = h;
+    q.shard = S * H / h;
+    q.tokens = 2 * q.shard;
+    q.row_end = q.shard;
+    int tpr = 32;
+    while (tpr * 2 < h / 8) tpr *= 2;
+    q.threads_per_row = tpr;
+    for (int grid : {8, 16, 32, 132}) {
+      const float tl = time_us([&] {
+        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
+      });
+      const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
+      std::printf("H %5lld (%d rows per iteration) grid %4d | load/store %8.1f | tma %8.1f | "
+                  "speedup %.2f\n", (long long)h, weave::kThreads / tpr, grid, tl, tt, tl / tt);
+    }
   }
   return failures ? 1 : 0;
 }

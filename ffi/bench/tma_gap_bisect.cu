@@ -230,7 +230,7 @@ int main() {
   };
   const int lib_smem = int(weave::ce_tma_smem_bytes(2, H));
   const int var_smem = 128 + (kIn * kSrcs + kOut * 2) * int(row);
-  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<T>,
+  CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<T, 1>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
   auto run = [&](const char* name, auto kernel, int stores) {
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -241,7 +241,7 @@ int main() {
         for (int o = 0; o < 3; ++o) CHECK(cudaMemset(out[v][o], 0xff, Tk * row));
       const weave::KernelParams q0 = params(0), q1 = params(1);
       const float tl = time_us([&] {
-        weave::ce_tma_reduce_add_norm_kernel<T><<<grid, weave::kCeTmaThreads, lib_smem>>>(q0);
+        weave::ce_tma_reduce_add_norm_kernel<T, 1><<<grid, weave::kCeTmaThreads, lib_smem>>>(q0);
       });
       const float tv = time_us([&] { kernel<<<grid, kThreads, var_smem>>>(q1); });
       unsigned long long* cnt;
