@@ -1108,16 +1108,16 @@ __global__ void __launch_bounds__(kCeTmaThreads, 1)
 
   const int g = t / kTpr, lane = t % kTpr, warp = t / 32;
   const uint4* weight = static_cast<const uint4*>(p.weight);
-  uint4 w[V];
+  float wf[V][8];  // the weight, converted once: the consumers' instructions bound a row
 #pragma unroll
   for (int v = 0; v < V; ++v)
-    if (lane + v * kTpr < vpr) w[v] = weight[lane + v * kTpr];
+    if (lane + v * kTpr < vpr) Vec<T>::to_float(weight[lane + v * kTpr], wf[v]);
   for (int64_t j = 0; j < nj; ++j) {
     tma_wait(full + j % kCeStages, (j / kCeStages) & 1);
     const int64_t k = j * kG + g;
     const bool row = k < nk && io.valid(b + k * nb);  // uniform across my group
     uint4* st = slots(j, g);
-    uint4 x[V];
+    float xf[V][8];  // the new residual as rounded to T, in fp32
     float sumsq = 0.f;
     if (row) {
 #pragma unroll
@@ -1132,11 +1132,11 @@ __global__ void __launch_bounds__(kCeTmaThreads, 1)
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[e] += f[e];
           }
-          x[v] = Vec<T>::from_float(acc);  // the new residual, rounded to T
-          st[c] = x[v];
-          Vec<T>::to_float(x[v], f);
+          const uint4 x = Vec<T>::from_float(acc);  // the new residual, rounded to T
+          st[c] = x;
+          Vec<T>::to_float(x, xf[v]);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+          for (int e = 0; e < 8; ++e) sumsq += xf[v][e] * xf[v][e];
         }
       }
     }
@@ -1155,12 +1155,10 @@ __global__ void __launch_bounds__(kCeTmaThreads, 1)
       for (int v = 0; v < V; ++v) {
         const uint32_t c = lane + v * kTpr;
         if (c < vpr) {
-          float xf[8], wf[8];
-          Vec<T>::to_float(x[v], xf);
-          Vec<T>::to_float(w[v], wf);
+          float y[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
-          st[vpr + c] = Vec<T>::from_float(xf);
+          for (int e = 0; e < 8; ++e) y[e] = wf[v][e] * (xf[v][e] * rstd);
+          st[vpr + c] = Vec<T>::from_float(y);
         }
       }
       // this row's generic smem writes before the async proxy's reads (the producer's stores)
