@@ -364,32 +364,22 @@ cudaError_t weave::preload_kernels(int sm_major) {
     cudaFuncAttributes attr;
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
   }
-  const void* tma[] = {
-      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2, true>),
-      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4, true>),
-      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2, true>),
-      reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4, true>),
+  // The TMA kernels: only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which
+  // is also more than some older GPUs allow: there they are only loaded).
+  const std::pair<const void*, int> tma[] = {
+      {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2, true>), weave::kTmaSmemBytes},
+      {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4, true>), weave::kTmaSmemBytes},
+      {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2, true>), weave::kTmaSmemBytes},
+      {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4, true>), weave::kTmaSmemBytes},
+      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>), weave::kCeTmaSmemMax},
+      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 2>), weave::kCeTmaSmemMax},
+      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 1>), weave::kCeTmaSmemMax},
+      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 2>), weave::kCeTmaSmemMax},
   };
-  // Only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which is also more than
-  // some older GPUs allow: there they are only loaded).
-  for (const void* k : tma) {
+  for (const auto& [k, smem] : tma) {
     cudaFuncAttributes attr;
-    cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      weave::kTmaSmemBytes)
-                               : cudaFuncGetAttributes(&attr, k);
-    if (e != cudaSuccess) return e;
-  }
-  const void* ce_tma[] = {
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>),
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 2>),
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 1>),
-      reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 2>),
-  };
-  for (const void* k : ce_tma) {
-    cudaFuncAttributes attr;
-    cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      weave::kCeTmaSmemMax)
-                               : cudaFuncGetAttributes(&attr, k);
+    cudaError_t e = sm_major >= 9 ? cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
+                                  : cudaFuncGetAttributes(&attr, k);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
