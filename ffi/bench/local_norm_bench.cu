@@ -229,6 +229,125 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
   if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// Experiment (ninth session): the library's warp-specialized TMA kernel with the outputs
+// stored from registers (16-byte st.global) instead of bulk stores, so a stage is free as soon
+// as its inputs are read and the producer only loads.  kG = 1 (4096 < H <= 8192), bf16.
+__global__ void __launch_bounds__(weave::kCeTmaThreads, 1)
+    tma_load_lsu_store_kernel(const __grid_constant__ weave::KernelParams p) {
+  using T = __nv_bfloat16;
+  using weave::kThreads;
+  using weave::smem_u32;
+  constexpr int V = 2, kSrcs = 3, S = weave::kCeStages;
+  extern __shared__ __align__(128) unsigned char sm[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(sm);
+  uint64_t* done = full + S;
+  const uint32_t vpr = static_cast<uint32_t>(p.hidden / 8), row_bytes = vpr * 16;
+  uint4* stages = reinterpret_cast<uint4*>(sm + 128);
+  __shared__ float red[2][kThreads / 32];  // two buffers: no end-of-row barrier needed
+  const weave::CopyEngineIo io(p);
+  const int t = threadIdx.x, nb = gridDim.x, b = blockIdx.x;
+  const int64_t nrows = p.row_end - p.row_begin;
+  const int64_t nk = b < nrows ? (nrows - b + nb - 1) / nb : 0;
+  if (t == 0) {
+    for (int s = 0; s < S; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + s)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(done + s)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (t >= kThreads) {
+    if (t != kThreads) return;
+    auto load = [&](int64_t k) {
+      if (k >= nk) return;
+      const int64_t r = b + k * nb;
+      uint64_t* m = full + k % S;
+      uint4* st = stages + (k % S) * kSrcs * vpr;
+      const bool row = io.valid(r);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                   ::"r"(smem_u32(m)), "r"(row ? kSrcs * row_bytes : row_bytes) : "memory");
+      const uint4* src[kSrcs] = {io.residual(r), io.source(0, r), io.source(1, r)};
+      uint4* dst[kSrcs] = {st + 2 * vpr, st, st + vpr};
+      for (int q = 0; q < (row ? kSrcs : 1); ++q)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], "
+                     "[%1], %2, [%3];" ::"r"(smem_u32(row ? dst[q] : st)), "l"(src[q]),
+                     "r"(row_bytes), "r"(smem_u32(m)) : "memory");
+    };
+    for (int64_t k = 0; k < S; ++k) load(k);
+    for (int64_t k = 0; k < nk; ++k) {
+      weave::tma_wait(done + k % S, (k / S) & 1);  // the consumers have read row k's stage
+      load(k + S);
+    }
+    return;
+  }
+  const int warp = t / 32;
+  const uint4* weight = static_cast<const uint4*>(p.weight);
+  float wf[V][8];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (t + v * kThreads < vpr) weave::Vec<T>::to_float(weight[t + v * kThreads], wf[v]);
+  for (int64_t k = 0; k < nk; ++k) {
+    weave::tma_wait(full + k % S, (k / S) & 1);
+    const int64_t r = b + k * nb;
+    const uint4* st = stages + (k % S) * kSrcs * vpr;
+    const bool row = io.valid(r);
+    float xf[V][8];
+    float sumsq = 0.f;
+    uint4* new_res = io.new_residual(r);
+    if (row) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const uint32_t c = t + v * kThreads;
+        if (c < vpr) {
+          float acc[8], f[8];
+          weave::Vec<T>::to_float(st[c], acc);
+#pragma unroll
+          for (int q = 1; q < kSrcs; ++q) {
+            weave::Vec<T>::to_float(st[q * vpr + c], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += f[e];
+          }
+          const uint4 x = weave::Vec<T>::from_float(acc);
+          new_res[c] = x;
+          weave::Vec<T>::to_float(x, xf[v]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sumsq += xf[v][e] * xf[v][e];
+        }
+      }
+    } else {
+      for (uint32_t c = t; c < vpr; c += kThreads) new_res[c] = st[c];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, o);
+    if (t % 32 == 0) red[k & 1][warp] = sumsq;
+    asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");  // also: the stage is read
+    if (t == 0)
+      asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];"
+                   ::"r"(smem_u32(done + k % S)) : "memory");
+    if (row) {
+      float total = 0.f;
+#pragma unroll
+      for (int i = 0; i < kThreads / 32; ++i) total += red[k & 1][i];
+      const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
+      const size_t off = io.global_offset(io.base + r, 0);
+      uint4* normed = reinterpret_cast<uint4*>(static_cast<char*>(p.normed) + off);
+      uint4* out = reinterpret_cast<uint4*>(static_cast<char*>(p.out_slots[p.rank]) + off);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const uint32_t c = t + v * kThreads;
+        if (c < vpr) {
+          float y[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) y[e] = wf[v][e] * (xf[v][e] * rstd);
+          const uint4 o = weave::Vec<T>::from_float(y);
+          normed[c] = o;
+          out[c] = o;
+        }
+      }
+    }
+  }
+}
+
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x) {
@@ -540,6 +659,42 @@ int main() {
       launch_tma<__nv_bfloat16>(grid, q);
     });
     std::printf("grid %4d | load/store %8.1f | tma %8.1f | speedup %.2f\n", grid, tl, tt, tl / tt);
+  }
+  std::printf("\nexperiment: TMA loads, stores from registers (tma_load_lsu_store_kernel), us; "
+              "words differing from the library TMA kernel\n");
+  CHECK(cudaFuncSetAttribute(tma_load_lsu_store_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             weave::kCeTmaSmemMax));
+  for (int grid : {8, 16, 32, 132}) {
+    weave::KernelParams q = p, d = p;
+    q.threads_per_row = d.threads_per_row = 512;
+    __nv_bfloat16 *n2, *o2, *r2;
+    CHECK(cudaMalloc(&n2, T * row));
+    CHECK(cudaMalloc(&o2, T * row));
+    CHECK(cudaMalloc(&r2, slice));
+    d.normed = n2;
+    d.out_slots[0] = o2;
+    d.new_residual = r2;
+    const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
+    const float tx = time_us([&] {
+      tma_load_lsu_store_kernel<<<grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(2, H)>>>(d);
+    });
+    unsigned long long* cnt;
+    CHECK(cudaMalloc(&cnt, sizeof(*cnt)));
+    CHECK(cudaMemset(cnt, 0, sizeof(*cnt)));
+    count_diff_words<<<256, 256>>>(reinterpret_cast<const uint4*>(normed),
+                                   reinterpret_cast<const uint4*>(n2), slice / 16, cnt);
+    count_diff_words<<<256, 256>>>(reinterpret_cast<const uint4*>(out_slot),
+                                   reinterpret_cast<const uint4*>(o2), slice / 16, cnt);
+    count_diff_words<<<256, 256>>>(reinterpret_cast<const uint4*>(new_res),
+                                   reinterpret_cast<const uint4*>(r2), slice / 16, cnt);
+    unsigned long long n;
+    CHECK(cudaMemcpy(&n, cnt, sizeof(n), cudaMemcpyDeviceToHost));
+    CHECK(cudaFree(cnt));
+    CHECK(cudaFree(n2));
+    CHECK(cudaFree(o2));
+    CHECK(cudaFree(r2));
+    std::printf("grid %4d | tma stores %8.1f | lsu stores %8.1f | speedup %.2f | %llu words differ\n",
+                grid, tt, tx, tt / tx, n);
   }
   // smaller rows (several per iteration): the same 64 MiB per source, H * rows constant
   for (int64_t h : {4096, 6144}) {
