@@ -26,17 +26,9 @@
 #include <cstdlib>
 #include <vector>
 
+#include "bench_util.cuh"
 #include "fused_reduce_add_norm.cuh"
 
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,               \
-                   cudaGetErrorString(e_));                                        \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 // Diagnostic Io variants of the copy-engine kernel, to see whether the stores bound a row:
 // kStores = 2 drops the out_slot store (peers would pull from `normed`), kStores = 1 also the new
@@ -229,42 +221,6 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
   if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-__global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    x[i] = __float2bfloat16((h & 0xffff) / 32768.0f - 1.0f);
-  }
-}
-
-__global__ void max_abs_diff(const __nv_bfloat16* a, const __nv_bfloat16* b, size_t n,
-                             float* out) {
-  float m = 0.f;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const float d = fabsf(__bfloat162float(a[i]) - __bfloat162float(b[i]));
-    m = d != d ? 1e30f : fmaxf(m, d);  // NaN (an unwritten, poisoned element) counts as huge
-  }
-  atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
-}
-
-__global__ void count_diff_words(const uint4* a, const uint4* b, size_t n, unsigned long long* out) {
-  unsigned long long c = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 x = a[i], y = b[i];
-    c += (x.x != y.x) | (x.y != y.y) | (x.z != y.z) | (x.w != y.w);
-  }
-  atomicAdd(out, c);
-}
-
-// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
-// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
-// hidden sizes, both dtypes, world 2 and 4, the last rank (tail and padding rows), grids, and a
-// call cut in chunks (row_begin > 0).  Returns the number of failing cases.
 // The library's TMA copy-engine kernel for p.hidden (handlers.cu's choice of kG).
 template <typename T>
 void launch_tma(int grid, const weave::KernelParams& p) {
@@ -402,25 +358,7 @@ int main() {
   p.world = 2;
   p.eps = 1e-6f;
 
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  auto time_us = [&](auto launch) {
-    for (int i = 0; i < 3; ++i) launch();
-    std::vector<float> t;
-    for (int i = 0; i < 30; ++i) {
-      CHECK(cudaEventRecord(e0));
-      launch();
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
-      t.push_back(ms * 1e3f);
-    }
-    CHECK(cudaGetLastError());
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-  };
+  auto time_us = [](auto launch) { return median_us(launch); };
   const double bytes = 6.0 * slice;
   auto bytes_per_call = [&] { return bytes; };
   std::printf("H=%lld, slice %lld rows (%.0f MiB per source), HBM traffic %.0f MiB per call\n",

@@ -1,0 +1,82 @@
+// Helpers shared by the single-GPU benches in ffi/bench/: error checks, random fill, word-
+// for-word comparison, and a median-of-launches timer.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                   \
+  do {                                                                             \
+    cudaError_t e_ = (x);                                                          \
+    if (e_ != cudaSuccess) {                                                       \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,               \
+                   cudaGetErrorString(e_));                                        \
+      std::exit(1);                                                                \
+    }                                                                              \
+  } while (0)
+
+__global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    x[i] = __float2bfloat16((h & 0xffff) / 32768.0f - 1.0f);
+  }
+}
+
+__global__ void max_abs_diff(const __nv_bfloat16* a, const __nv_bfloat16* b, size_t n,
+                             float* out) {
+  float m = 0.f;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const float d = fabsf(__bfloat162float(a[i]) - __bfloat162float(b[i]));
+    m = d != d ? 1e30f : fmaxf(m, d);  // NaN (an unwritten, poisoned element) counts as huge
+  }
+  atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
+}
+
+__global__ void count_diff_words(const uint4* a, const uint4* b, size_t n, unsigned long long* out) {
+  unsigned long long c = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 x = a[i], y = b[i];
+    c += (x.x != y.x) | (x.y != y.y) | (x.z != y.z) | (x.w != y.w);
+  }
+  atomicAdd(out, c);
+}
+
+// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
+// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
+// hidden sizes, both dtypes, world 2 and 4, the last rank (tail and padding rows), grids, and a
+// call cut in chunks (row_begin > 0).  Returns the number of failing cases.
+
+// Median µs of `reps` launches on `stream` (after 3 warm-up launches), timed with events.
+template <class Launch>
+float median_us(Launch launch, cudaStream_t stream = 0, int reps = 30) {
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CHECK(cudaEventRecord(e0, stream));
+    launch();
+    CHECK(cudaEventRecord(e1, stream));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3f);
+  }
+  CHECK(cudaGetLastError());
+  CHECK(cudaEventDestroy(e0));
+  CHECK(cudaEventDestroy(e1));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
