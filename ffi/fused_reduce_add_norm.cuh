@@ -116,7 +116,7 @@
 //      ev_pulled; s waits for ev_pulled and for my last ev_pushed (so the call ends on s)
 // So push c+1, kernel c and pull c-1 can run at once.  With C = 1 this is the unchunked
 // sequence: push, kernel, pull.
-// DIRECT variant (the default at world 2 where the TMA local kernel runs): before rendezvous 2
+// DIRECT variant (the default at world 2, either local kernel): before rendezvous 2
 // each rank publishes its call's `normed` pointer (and whether it runs direct; ranks that
 // disagree fail the call after rendezvous 2).  In step 3 the kernel's out_slot store goes to
 // the peer's `normed` instead (same row offset, NVLink bulk stores), and step 5 is only: s

@@ -183,11 +183,16 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 }
 
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
-// world 2 and 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
-// mapping, so results stay bitwise equal), unless the diagnostics switch asks for the
-// load/store kernel (weave_ws_set_ce_variant).
-bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w) {
-  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && weave::ce_tma_rows(p.hidden) > 0 &&
+// world 2, 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
+// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, unless the
+// diagnostics switch asks for the load/store kernel (weave_ws_set_ce_variant).  Why the grid
+// limit (one H200, ffi/NOTES.md): alone, the TMA kernel is 1.55-1.64x faster at 8-32 blocks
+// but HBM-bound like the load/store kernel from 64; beside a GEMM at 132 blocks it slowed the
+// GEMM more (+6.4-12.1% vs +4.9-8.5%, two runs).
+constexpr int kCeTmaMaxGrid = 32;
+bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t ctas) {
+  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && ctas <= kCeTmaMaxGrid &&
+         weave::ce_tma_rows(p.hidden) > 0 &&
          weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
 }
 
@@ -196,10 +201,10 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-      if (ce_tma_fits(p, w) && weave::ce_tma_rows(p.hidden) == 1)
+      if (ce_tma_fits(p, w, ctas) && weave::ce_tma_rows(p.hidden) == 1)
         weave::ce_tma_reduce_add_norm_kernel<T, 1>
             <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
-      else if (ce_tma_fits(p, w))
+      else if (ce_tma_fits(p, w, ctas))
         weave::ce_tma_reduce_add_norm_kernel<T, 2>
             <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
       else
@@ -253,10 +258,10 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   auto row_ptr = [&](const void* base, int64_t row) {
     return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
   };
-  // Direct (world 2, TMA kernel, the default): my kernel stores my normalized rows straight
-  // into my peer's `normed` (its pointer published here, read after rendezvous 0), so there
-  // are no pull copies and no out_slot traffic.
-  w.ce_direct = w.ce_variant == 0 && ce_tma_fits(p, w);
+  // Direct (world 2, the default): my kernel stores my normalized rows straight into my
+  // peer's `normed` (its pointer published here, read after rendezvous 0), so there are no
+  // pull copies and no out_slot traffic.
+  w.ce_direct = w.ce_variant == 0 && p.world == 2;
   w.ce_normed = p.normed;
   cudaEventRecord(w.ev_ce_begin, s);
   cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);

@@ -437,10 +437,10 @@ int weave_ws_call_counts(int ordinal, uint64_t* out) {
   return 0;
 }
 
-// Diagnostics: the copy-engine algorithm's variant on `ordinal` -- 0 (the default): the TMA
-// local kernel where it applies, with direct stores into the peer's output at world 2; 1: the
-// TMA kernel with the pull copies; 2: the load/store kernel with the pull copies.  Read at each
-// call; every rank must use the same (a call whose ranks disagree fails).
+// Diagnostics: the copy-engine algorithm's variant on `ordinal` -- 0 (the default): direct
+// stores into the peer's output at world 2; 1: the pull copies; both with the TMA local kernel
+// where it applies (handlers.cu, ce_tma_fits); 2: the load/store kernel with the pull copies.
+// Read at each call; every rank must use the same (a call whose ranks disagree fails).
 int weave_ws_set_ce_variant(int ordinal, int variant) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (!w.ready || variant < 0 || variant > 2) return -1;

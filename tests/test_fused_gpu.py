@@ -204,16 +204,17 @@ def ce_variant(ws):
 
 
 @pytest.mark.parametrize("tokens,hidden,chunks,grid,variant", [
-    (3000, 8192, 1, None, "direct"), (3000, 8192, 5, None, "direct"), (777, 6144, 3, 7, "direct"),
-    (1, 4104, 1, 16, "direct"), (2001, 4096, 2, 16, "direct"), (4097, 2048, 2, 16, "direct"), (3000, 8192, 5, None, "pull"),
-    (777, 6144, 3, 7, "pull"), (3000, 8192, 5, None, "lsu")])
+    (3000, 8192, 1, None, "direct"), (3000, 8192, 5, 16, "direct"), (777, 6144, 3, 7, "direct"),
+    (1, 4104, 1, 16, "direct"), (2001, 4096, 2, 32, "direct"), (4097, 2048, 2, 16, "direct"),
+    (3000, 8192, 2, None, "pull"), (3000, 8192, 5, 16, "pull"), (777, 6144, 3, 7, "pull"),
+    (3000, 8192, 5, 16, "lsu")])
 def test_copy_engine_bitwise_equals_two_shot(ce_variant, tokens, hidden, chunks, grid, variant):
   """Both reduce my slice in the same source order with the same per-row sums: identical bits,
-  however the copy-engine call is cut into chunks, in every variant.  At TP=2 on sm_90 with
-  2048 < H <= 8192 the call runs the TMA local kernel (one row per iteration above 4096, two
-  at or below) and ("direct") stores into the peer's output (odd token counts: the last rank's
-  padding row, a grid that does not divide the rows); H = 2048 runs the load/store kernel with
-  pulls."""
+  however the copy-engine call is cut into chunks, in every variant ("direct" stores into the
+  peer's output; "pull", "lsu" pull it).  At TP=2 on sm_90 with 2048 < H <= 8192 and grids up
+  to 32 the call runs the TMA local kernel (one row per iteration above 4096, two at or below;
+  odd token counts: the last rank's padding row, a grid that does not divide the rows); the
+  default grid (132), H = 2048 and "lsu" run the load/store kernel."""
   ce_variant(variant)
   ws = ws_lib.current()
 

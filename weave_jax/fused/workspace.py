@@ -244,12 +244,12 @@ CE_VARIANTS = ("direct", "pull", "lsu")  # index = weave_ws_set_ce_variant's cod
 def set_copy_engine_variant(variant: str) -> None:
   """Diagnostics, for same-run comparisons: the copy-engine algorithm's variant on every local
   device from the next call on.
-    "direct" (default)  on sm_90+ at TP=2 where a row fits (4096 < H <= 8192): the TMA local
-                        kernel stores each normalized row into the peer's output itself (no
-                        pull copies); elsewhere as "pull"
-    "pull"              the TMA local kernel where it fits, the peers' rows pulled by the copy
-                        engines
-    "lsu"               the load/store local kernel, pulled by the copy engines
+    "direct" (default)  at TP=2 the local kernel stores each normalized row into the peer's
+                        output itself (no pull copies); at TP > 2 as "pull"
+    "pull"              the peers' rows pulled into the output by the copy engines
+    "lsu"               "pull" with the load/store local kernel always
+  With "direct" and "pull" the local kernel is the TMA kernel on sm_90+ at TP=2 for 2048 < H
+  <= 8192 and grids up to 32 (where it is 1.5-1.6x faster), else the load/store kernel.
   Every device gets the same variant; set it between calls, not while one is in flight (the
   ranks of a call that disagree fail it with an error)."""
   if variant not in CE_VARIANTS:
