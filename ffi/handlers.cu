@@ -44,6 +44,14 @@ constexpr int kAlgoTwoShot = 0;
 constexpr int kAlgoCopyEngine = 1;
 constexpr int kAlgoOneShot = 2;
 constexpr int kAlgoTwoShotLsu = 3;  // two-shot with 16-byte copies only (sm_80's; comparisons)
+// The copy-engine algorithm's variants (protocol in the kernel file): kAlgoCopyEngine stores
+// the normalized rows straight into the peer's output at world 2 (DIRECT) and pulls them with
+// the copy engines above; Pull always pulls; Lsu pulls and always uses the load/store kernel.
+constexpr int kAlgoCopyEnginePull = 4;
+constexpr int kAlgoCopyEngineLsu = 5;
+constexpr bool is_copy_engine(int32_t algo) {
+  return algo == kAlgoCopyEngine || algo == kAlgoCopyEnginePull || algo == kAlgoCopyEngineLsu;
+}
 
 ffi::Error op_error(const char* op, const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
@@ -88,9 +96,11 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
   if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
-  if (algo < kAlgoTwoShot || algo > kAlgoTwoShotLsu)
-    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), 2 (one-shot) or 3 (two-shot, LSU copies)");
-  const int max_ctas = algo == kAlgoCopyEngine ? weave::kMaxCeCtas : weave::kMaxCtas;
+  if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineLsu)
+    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), "
+                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, pulls) or 5 "
+                        "(copy engine, pulls, load/store kernel)");
+  const int max_ctas = is_copy_engine(algo) ? weave::kMaxCeCtas : weave::kMaxCtas;
   if (ctas < weave::kMinCtas || ctas > max_ctas)
     return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
@@ -184,14 +194,15 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
 // world 2, 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
-// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, unless the
-// diagnostics switch asks for the load/store kernel (weave_ws_set_ce_variant).  Why the grid
+// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, unless the call asks
+// for the load/store kernel (kAlgoCopyEngineLsu).  Why the grid
 // limit (one H200, ffi/NOTES.md): alone, the TMA kernel is 1.55-1.64x faster at 8-32 blocks
 // but HBM-bound like the load/store kernel from 64; beside a GEMM at 132 blocks it slowed the
 // GEMM more (+6.4-12.1% vs +4.9-8.5%, two runs).
 constexpr int kCeTmaMaxGrid = 32;
-bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t ctas) {
-  return w.sm_major >= 9 && w.ce_variant != 2 && p.world == 2 && ctas <= kCeTmaMaxGrid &&
+bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t algo,
+                 int32_t ctas) {
+  return w.sm_major >= 9 && algo != kAlgoCopyEngineLsu && p.world == 2 && ctas <= kCeTmaMaxGrid &&
          weave::ce_tma_rows(p.hidden) > 0 &&
          weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
 }
@@ -201,10 +212,12 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-      if (ce_tma_fits(p, w, ctas) && weave::ce_tma_rows(p.hidden) == 1)
+    case kAlgoCopyEnginePull:
+    case kAlgoCopyEngineLsu:
+      if (ce_tma_fits(p, w, algo, ctas) && weave::ce_tma_rows(p.hidden) == 1)
         weave::ce_tma_reduce_add_norm_kernel<T, 1>
             <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
-      else if (ce_tma_fits(p, w, ctas))
+      else if (ce_tma_fits(p, w, algo, ctas))
         weave::ce_tma_reduce_add_norm_kernel<T, 2>
             <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
       else
@@ -241,7 +254,7 @@ cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w
 // stream, the local reduce kernel on s, pull copies on the pull stream, ordered by events; the
 // ranks' handler threads meet twice on the host per call.
 ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
-                           bool bf16, int32_t ctas, int32_t chunks, cudaStream_t s) {
+                           bool bf16, int32_t algo, int32_t ctas, int32_t chunks, cudaStream_t s) {
   if (w.ipc || w.rendezvous == nullptr)
     return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
   if (is_capturing(s))
@@ -258,10 +271,10 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   auto row_ptr = [&](const void* base, int64_t row) {
     return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
   };
-  // Direct (world 2, the default): my kernel stores my normalized rows straight into my
+  // Direct (kAlgoCopyEngine at world 2): my kernel stores my normalized rows straight into my
   // peer's `normed` (its pointer published here, read after rendezvous 0), so there are no
   // pull copies and no out_slot traffic.
-  w.ce_direct = w.ce_variant == 0 && p.world == 2;
+  const bool direct = algo == kAlgoCopyEngine && p.world == 2;
   w.ce_normed = p.normed;
   cudaEventRecord(w.ev_ce_begin, s);
   cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);
@@ -279,26 +292,23 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
     cudaEventRecord(w.ev_pushed[c], w.ce_push);
   }
   if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
-  // direct runs at world 2 only: `peer` is my one peer there
+  // direct runs at world 2 only: `peer` is my one peer there (every rank runs the same algo:
+  // one program)
   const weave::DeviceWorkspace& peer = weave::workspace(w.peer_ordinal[p.world == 2 ? 1 - p.rank : p.rank]);
-  if (p.world == 2 && w.ce_direct != peer.ce_direct)  // (my peer fails the same way)
-    return op_error(op, "copy-engine ranks disagree on the variant (direct on rank " +
-                            std::to_string(w.ce_direct ? p.rank : 1 - p.rank) +
-                            " only): set it on every device");
   for (int c = 0; c < C; ++c) {  // chunk c of my slice, once every peer pushed it
     for (int q = 0; q < p.world; ++q)
       if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed[c], 0);
     weave::KernelParams kp = p;
     kp.row_begin = chunk_begin(c);
     kp.row_end = chunk_begin(c + 1);
-    if (w.ce_direct) kp.out_slots[p.rank] = peer.ce_normed;  // the kernel's out_slot store
-    if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
+    if (direct) kp.out_slots[p.rank] = peer.ce_normed;  // the kernel's out_slot store
+    if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, algo, ctas, s);
         e != cudaSuccess)
       return cuda_error(op, "kernel launch", e);
     cudaEventRecord(w.ev_reduced[c], s);
   }
   if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
-  if (w.ce_direct) {  // my peer's kernel (every chunk) stored its rows into my `normed`
+  if (direct) {  // my peer's kernel (every chunk) stored its rows into my `normed`
     cudaStreamWaitEvent(s, peer.ev_reduced[C - 1], 0);
     cudaStreamWaitEvent(s, w.ev_pushed[C - 1], 0);  // my pushes read `partial`
     return ffi::Error::Success();
@@ -335,7 +345,7 @@ ffi::Error check_chunks(const char* op, int32_t ce_chunks) {
 ffi::Error enqueue(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
                    bool bf16, int32_t transport, int32_t algo, int32_t ctas, int32_t ce_chunks,
                    cudaStream_t s) {
-  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, w, bf16, ctas, ce_chunks, s);
+  if (is_copy_engine(algo)) return run_copy_engine(op, p, w, bf16, algo, ctas, ce_chunks, s);
   if (cudaError_t e = launch(p, w, bf16, transport, algo, ctas, s); e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();

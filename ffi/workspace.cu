@@ -437,17 +437,6 @@ int weave_ws_call_counts(int ordinal, uint64_t* out) {
   return 0;
 }
 
-// Diagnostics: the copy-engine algorithm's variant on `ordinal` -- 0 (the default): direct
-// stores into the peer's output at world 2; 1: the pull copies; both with the TMA local kernel
-// where it applies (handlers.cu, ce_tma_fits); 2: the load/store kernel with the pull copies.
-// Read at each call; every rank must use the same (a call whose ranks disagree fails).
-int weave_ws_set_ce_variant(int ordinal, int variant) {
-  DeviceWorkspace& w = weave::workspace(ordinal);
-  if (!w.ready || variant < 0 || variant > 2) return -1;
-  w.ce_variant = variant;
-  return 0;
-}
-
 int weave_ws_set_timeout_ms(int ordinal, double ms) {
   DeviceWorkspace& w = weave::workspace(ordinal);
   if (w.ordinal < 0) return -1;

@@ -70,10 +70,7 @@ struct DeviceWorkspace {
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
-  int ce_variant = 0;                       // diagnostics: 0 direct stores (world 2), 1 pulls,
-                                            // 2 pulls + the load/store kernel always
   void* ce_normed = nullptr;                // this call's `normed` (peers store into it: direct)
-  bool ce_direct = false;                   // this call runs direct (checked equal on every rank)
   cudaStream_t ce_push = nullptr;           // push copies (non-blocking, normal priority)
   cudaStream_t ce_pull = nullptr;           // pull copies
   cudaEvent_t ev_ce_begin = nullptr;        // the call's stream reached the call

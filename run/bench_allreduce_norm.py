@@ -155,7 +155,7 @@ def phase_times(f, args, algorithm, reps=3):
 
 def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot_ctas=(),
                 device_time=False, lsu_ctas=(), stamp_phases=False, tp=2, ce_chunks=(),
-                ce_variants=("direct",)):
+                ce_variants=("copy_engine",)):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -187,16 +187,14 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
     methods[f"fused_1shot_c{c}"] = (
         lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="one_shot",
                                                        ctas=c), True)
-  ce_variant_of = {}  # copy-engine method -> ws_lib.set_copy_engine_variant's variant
   for g in ce_grids:
     for k in ce_chunks or ["auto"]:  # "auto": ops.ce_chunks_for; k: that many pipeline chunks
-      for variant in ce_variants:
+      for algorithm in ce_variants:  # ops.COPY_ENGINE_ALGORITHMS
         name = (f"fused_ce_g{g}" + ("" if k == "auto" else f"_k{k}") +
-                ("" if variant == "direct" else f"_{variant}"))
+                algorithm.removeprefix("copy_engine"))
         methods[name] = (
-            lambda p, r, w, g=g, k=k: ops.fused_reduce_add_norm(
-                p, r, w, eps=EPS, algorithm="copy_engine", ce_ctas=g, ce_chunks=k), True)
-        ce_variant_of[name] = variant
+            lambda p, r, w, g=g, k=k, a=algorithm: ops.fused_reduce_add_norm(
+                p, r, w, eps=EPS, algorithm=a, ce_ctas=g, ce_chunks=k), True)
   methods["fused_auto"] = (lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS), True)
   for c in plain_ctas:  # the plain target: XLA launches every call from the host
     name = "fused_auto_plain" if c == "auto" else f"fused_p2p_c{c}_plain"
@@ -212,8 +210,7 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
     for name, (step, sharded) in methods.items():
       if name.startswith("fused_1shot") and tokens > ops.one_shot_rows(ws_lib.current()):
         continue
-      try:  # the switch is read at each call: it holds for this method's runs only
-        ws_lib.set_copy_engine_variant(ce_variant_of.get(name, "direct"))
+      try:
         f = chain(mesh, step, sharded, n)
         args = (partial, residual[sharded], weight)
         jax.block_until_ready(f(*args))  # compile + warm-up
@@ -247,8 +244,6 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
         with jax.profiler.trace(logdir):
           for step, (_, f, args) in enumerate(timed):
             with jax.profiler.StepTraceAnnotation("step", step_num=step):
-              ws_lib.set_copy_engine_variant(
-                  ce_variant_of.get(rows[timed[step][0]]["method"], "direct"))
               jax.block_until_ready(f(*args))
         busy = device_busy_us(logdir, {s: n for s in range(len(timed))})
       for step, (i, _, _) in enumerate(timed):
@@ -366,9 +361,10 @@ def main():
                   "reduce kernel, e.g. 64,132")
   ap.add_argument("--ce-chunks", default="", help="copy-engine algorithm: pipeline chunk "
                   "counts to time for each --ce-grids grid, e.g. auto,1,4,16 (default: auto)")
-  ap.add_argument("--ce-variants", default="direct", help="copy-engine variants to time for "
-                  "each grid and chunk count (workspace.set_copy_engine_variant): direct (the "
-                  "default), pull, lsu; e.g. direct,pull,lsu for same-run ratios")
+  ap.add_argument("--ce-variants", default="copy_engine", help="copy-engine algorithms to time "
+                  "for each grid and chunk count: copy_engine (the default: direct stores at "
+                  "TP=2), copy_engine_pull, copy_engine_lsu; e.g. all three for same-run ratios "
+                  "(methods fused_ce_gG_kK, ..._pull, ..._lsu)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
   ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
                   "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")

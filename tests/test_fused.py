@@ -57,6 +57,10 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"ce_chunks": "many"}, ValueError, r"ce_chunks='many' must be"),
     (_args(), {"algorithm": "copy_engine", "cmd_buffer": True}, ValueError,
      r"cmd_buffer=True cannot run algorithm='copy_engine'"),
+    (_args(), {"algorithm": "copy_engine_pull", "cmd_buffer": True}, ValueError,
+     r"cmd_buffer=True cannot run algorithm='copy_engine_pull'"),
+    (_args(), {"algorithm": "copy_engine_lsu", "ce_ctas": 2000}, ValueError,
+     r"ce_ctas=2000 outside 2\.\.1024"),
 ])
 def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
   with pytest.raises(exc, match=msg):
@@ -129,14 +133,6 @@ def test_uninitialised_workspace_raises(monkeypatch):
   monkeypatch.setattr(ws_lib, "_WORKSPACE", None)
   with pytest.raises(RuntimeError, match="fused_reduce_add_norm: workspace not initialised"):
     ops.fused_reduce_add_norm(*_args(), eps=1e-6)
-
-
-def test_copy_engine_variant_switch_rejects_bad_input(monkeypatch):
-  with pytest.raises(ValueError, match="variant='tma' must be one of"):
-    ws_lib.set_copy_engine_variant("tma")
-  monkeypatch.setattr(ws_lib, "_WORKSPACE", None)
-  with pytest.raises(RuntimeError, match="set_copy_engine_variant: workspace not initialised"):
-    ws_lib.set_copy_engine_variant("pull")
 
 
 def test_missing_library_error_is_clear(monkeypatch, tmp_path):
@@ -337,7 +333,8 @@ def test_graph_target_by_default_only_where_replay_was_verified(fake_ws, monkeyp
   assert graph in _unsplit_lowered()[0]
   assert graph in _unsplit_lowered(algorithm="one_shot", ctas=4)[0]
   assert plain in _unsplit_lowered(cmd_buffer=False)[0]
-  assert plain in _unsplit_lowered(algorithm="copy_engine")[0]
+  for algorithm in ops.COPY_ENGINE_ALGORITHMS:
+    assert plain in _unsplit_lowered(algorithm=algorithm)[0]
   assert graph in _unsplit_lowered(algorithm="two_shot", cmd_buffer=True)[0]
   with pytest.raises(ValueError, match="cmd_buffer=True cannot run algorithm='copy_engine'"):
     _unsplit_lowered(algorithm="copy_engine", cmd_buffer=True)

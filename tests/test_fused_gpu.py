@@ -41,7 +41,7 @@ if len(_gpus()) < max(TP, 2):
   pytest.skip(f"needs >= {max(TP, 2)} CUDA GPUs (WEAVE_TEST_TP={TP})", allow_module_level=True)
 
 from weave_jax import fused, hlo_order  # noqa: E402
-from weave_jax.fused import _lib, ops, workspace as ws_lib  # noqa: E402
+from weave_jax.fused import ops, workspace as ws_lib  # noqa: E402
 
 MESH = jax.sharding.Mesh(np.array(_gpus()[:TP]), (AXIS,))
 
@@ -196,32 +196,24 @@ def test_start_done_matches_sync(ws, algorithm, priority):
   np.testing.assert_array_equal(np.asarray(a1).view(np.uint16), np.asarray(b1).view(np.uint16))
 
 
-@pytest.fixture
-def ce_variant(ws):
-  """Sets a copy-engine variant for one test; the default ("direct") is restored after it."""
-  yield ws_lib.set_copy_engine_variant
-  ws_lib.set_copy_engine_variant("direct")
-
-
 @pytest.mark.parametrize("tokens,hidden,chunks,grid,variant", [
-    (3000, 8192, 1, None, "direct"), (3000, 8192, 5, 16, "direct"), (777, 6144, 3, 7, "direct"),
-    (1, 4104, 1, 16, "direct"), (2001, 4096, 2, 32, "direct"), (4097, 2048, 2, 16, "direct"),
-    (3000, 8192, 2, None, "pull"), (3000, 8192, 5, 16, "pull"), (777, 6144, 3, 7, "pull"),
-    (3000, 8192, 5, 16, "lsu")])
-def test_copy_engine_bitwise_equals_two_shot(ce_variant, tokens, hidden, chunks, grid, variant):
+    (3000, 8192, 1, None, ""), (3000, 8192, 5, 16, ""), (777, 6144, 3, 7, ""), (1, 4104, 1, 16, ""),
+    (2001, 4096, 2, 32, ""), (4097, 2048, 2, 16, ""), (3000, 8192, 2, None, "_pull"),
+    (3000, 8192, 5, 16, "_pull"), (777, 6144, 3, 7, "_pull"), (3000, 8192, 5, 16, "_lsu")])
+def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid, variant):
   """Both reduce my slice in the same source order with the same per-row sums: identical bits,
-  however the copy-engine call is cut into chunks, in every variant ("direct" stores into the
-  peer's output; "pull", "lsu" pull it).  At TP=2 on sm_90 with 2048 < H <= 8192 and grids up
-  to 32 the call runs the TMA local kernel (one row per iteration above 4096, two at or below;
-  odd token counts: the last rank's padding row, a grid that does not divide the rows); the
-  default grid (132), H = 2048 and "lsu" run the load/store kernel."""
-  ce_variant(variant)
-  ws = ws_lib.current()
+  however the copy-engine call is cut into chunks, in every variant ("copy_engine" stores into
+  the peer's output at TP=2; "copy_engine_pull" and "copy_engine_lsu" pull it).  At TP=2 on
+  sm_90 with 2048 < H <= 8192 and grids up to 32 the call runs the TMA local kernel (one row
+  per iteration above 4096, two at or below; odd token counts: the last rank's padding row, a
+  grid that does not divide the rows); the default grid (132), H = 2048 and "copy_engine_lsu"
+  run the load/store kernel."""
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)
-    b = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="copy_engine",
-                                  ce_chunks=chunks, **({"ce_ctas": grid} if grid else {}))
+    b = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS,
+                                  algorithm="copy_engine" + variant, ce_chunks=chunks,
+                                  **({"ce_ctas": grid} if grid else {}))
     return a[0][None], b[0][None], a[1], b[1]
 
   f = jax.jit(_smap(local, (P(AXIS), P(AXIS), P()), (P(AXIS),) * 4))
@@ -234,29 +226,6 @@ def test_copy_engine_bitwise_equals_two_shot(ce_variant, tokens, hidden, chunks,
   a0, b0, a1, b1 = [np.asarray(x).view(np.uint16) for x in f(partial, residual, weight)]
   np.testing.assert_array_equal(a0, b0)
   np.testing.assert_array_equal(a1, b1)
-
-
-def test_copy_engine_ranks_disagreeing_on_the_variant_fail(ce_variant):
-  """A call whose ranks run different copy-engine variants (set on one device only, below the
-  Python API) fails with an error naming the rank, instead of hanging or mixing protocols; the
-  next call with the variants agreeing is correct again."""
-  ws = ws_lib.current()
-  tokens, hidden = 512, 8192
-  f = jax.jit(_smap(lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
-                                                               algorithm="copy_engine"),
-                    (P(AXIS), P(AXIS), P()), (P(AXIS), P(AXIS))))
-  k = jax.random.split(jax.random.key(3), 3)
-  partial = jax.random.normal(k[0], (TP * tokens, hidden)).astype(ws.dtype)
-  residual = jax.random.normal(k[1], (tokens, hidden)).astype(ws.dtype)
-  weight = jnp.ones((hidden,), ws.dtype)
-  expect = jax.device_get(f(partial, residual, weight))
-  assert _lib.load().weave_ws_set_ce_variant(ws.ordinals[0], 1) == 0  # "pull" on rank 0 only
-  with pytest.raises(Exception, match="copy-engine ranks disagree on the variant"):
-    jax.block_until_ready(f(partial, residual, weight))
-  ce_variant("direct")
-  again = jax.device_get(f(partial, residual, weight))
-  for a, b in zip(expect, again):
-    np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
 
 
 def test_backend_seam(ws):

@@ -68,7 +68,6 @@ def _declare(lib: ctypes.CDLL) -> None:
       "weave_ws_set_stamps": (c_int, [c_int, c_int]),
       "weave_ws_read_stamps": (c_int, [c_int, ctypes.POINTER(ctypes.c_uint64), c_int]),
       "weave_ws_call_counts": (c_int, [c_int, ctypes.POINTER(ctypes.c_uint64)]),
-      "weave_ws_set_ce_variant": (c_int, [c_int, c_int]),
   }
   for name, (res, args) in sig.items():
     fn = getattr(lib, name)

@@ -19,8 +19,12 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  two copy phases are TMA bulk copies (the norm's stores stay 16-byte stores)
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  the two-shot data flow with the NVLink copies on the copy engines: push copies,
-                 a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies, pipelined
-                 over ``ce_chunks`` chunks of rows on three streams.  Ranks meet
+                 a local reduce + norm kernel of ``ce_ctas`` blocks, pipelined over
+                 ``ce_chunks`` chunks of rows.  At TP=2 the kernel stores each normalized row
+                 straight into the peer's output too; at TP > 2 the copy engines pull them.
+                 On sm_90+ at TP=2 with 2048 < H <= 8192 and ``ce_ctas`` <= 32 the kernel
+                 moves its rows with TMA bulk copies (1.5-1.6x the load/store kernel on one
+                 H200; larger grids are HBM-bound either way).  Ranks meet
                  on the host and order their streams with cross-device CUDA events, so nothing
                  spins on the GPU and no SM copies.  One process driving every GPU only, and
                  it relies on XLA running each device's program on its own host thread (true
@@ -28,6 +32,9 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  error naming the rank); not under CUDA graph capture.  "auto" picks it for
                  woven (``fused_start``) calls of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES,
                  where the SMs it leaves free matter most.
+    copy_engine_pull  copy_engine with the pull copies at any TP (comparisons)
+    copy_engine_lsu   copy_engine_pull with the load/store local kernel always (comparisons:
+                 the eighth session's copy-engine algorithm)
 """
 from __future__ import annotations
 
@@ -46,7 +53,10 @@ MAX_CE_CTAS = 1024        # kMaxCeCtas: the copy-engine kernel's blocks are not 
 MAX_CE_CHUNKS = 32        # kMaxCeChunks: the copy-engine pipeline's depth
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
-ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3}
+ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3,
+              "copy_engine_pull": 4, "copy_engine_lsu": 5}
+#: the copy-engine algorithm and its comparison variants (module docstring)
+COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_pull", "copy_engine_lsu")
 
 # "auto" sends messages up to this many bytes to one_shot, from run/bench_allreduce_norm.py on
 # 2 x H200 (BENCHMARKS.md): at 128-256 KiB the two are about even (9-14 µs of GPU time); from
@@ -144,9 +154,9 @@ def _resolve(op: str, partial, algorithm: str, ctas: int, ce_ctas: int, transpor
     raise ValueError(f"{op}: algorithm='one_shot' needs tokens <= {one_shot_rows(ws)} "
                      f"({ONE_SHOT_BYTES >> 20} MiB per source at hidden={ws.hidden}), got "
                      f"{partial.shape[0]}")
-  if algorithm == "copy_engine":
+  if algorithm in COPY_ENGINE_ALGORITHMS:
     if ws.mode != "local":
-      raise ValueError(f"{op}: algorithm='copy_engine' needs one process driving every GPU of "
+      raise ValueError(f"{op}: algorithm={algorithm!r} needs one process driving every GPU of "
                        f"the group (this workspace is {ws.mode!r})")
     check_grid(op, "ce_ctas", ce_ctas, MAX_CE_CTAS)
     grid = int(ce_ctas)
@@ -212,7 +222,8 @@ def graph_target_default(algorithm: str, transport: str) -> bool:
   <= 4 MiB 3-13% faster in the microbenchmark; in the model (three families, 4 layers, 1-4096
   tokens) ahead of the plain target in 13 of 15 cells, 1.05-1.14x the psum baseline at 1-256
   tokens against 1.02-1.14x (each cell's difference inside its 3-16% run-to-run spread)."""
-  return algorithm != "copy_engine" and transport == "peer" and not concurrent_command_buffers()
+  return (algorithm not in COPY_ENGINE_ALGORITHMS and transport == "peer" and
+          not concurrent_command_buffers())
 
 
 def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = DEFAULT_CTAS,
@@ -228,8 +239,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     eps: RMSNorm epsilon.
     ctas: thread blocks (2..128) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
-    algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu" or "copy_engine" (module
-      docstring).
+    algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine",
+      "copy_engine_pull" or "copy_engine_lsu" (module docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     ce_chunks: chunks (1..32) the copy-engine algorithm pipelines a call in, or "auto"
       (``ce_chunks_for``: 2 from CE_TWO_CHUNKS_MIN_SLICE_BYTES of a rank's slice, else 1).
@@ -247,8 +258,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
   """
   op = "fused_reduce_add_norm"
   _validate(op, partial, residual, weight, ctas, transport)
-  if cmd_buffer and algorithm == "copy_engine":  # ("auto" never picks it for this call)
-    raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
+  if cmd_buffer and algorithm in COPY_ENGINE_ALGORITHMS:  # ("auto" never picks it here)
+    raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm={algorithm!r} (its ranks meet "
                      "on the host every call, which a replayed CUDA graph skips)")
   if cmd_buffer and concurrent_command_buffers():
     raise ValueError(f"{op}: cmd_buffer=True with --xla_gpu_command_buffer_scheduling_mode="

@@ -238,30 +238,6 @@ def handler_calls() -> dict[int, tuple[int, int]]:
   return out
 
 
-CE_VARIANTS = ("direct", "pull", "lsu")  # index = weave_ws_set_ce_variant's code
-
-
-def set_copy_engine_variant(variant: str) -> None:
-  """Diagnostics, for same-run comparisons: the copy-engine algorithm's variant on every local
-  device from the next call on.
-    "direct" (default)  at TP=2 the local kernel stores each normalized row into the peer's
-                        output itself (no pull copies); at TP > 2 as "pull"
-    "pull"              the peers' rows pulled into the output by the copy engines
-    "lsu"               "pull" with the load/store local kernel always
-  With "direct" and "pull" the local kernel is the TMA kernel on sm_90+ at TP=2 for 2048 < H
-  <= 8192 and grids up to 32 (where it is 1.5-1.6x faster), else the load/store kernel.
-  Every device gets the same variant; set it between calls, not while one is in flight (the
-  ranks of a call that disagree fail it with an error)."""
-  if variant not in CE_VARIANTS:
-    raise ValueError(f"set_copy_engine_variant: variant={variant!r} must be one of {CE_VARIANTS}")
-  ws = _WORKSPACE
-  if ws is None:
-    raise RuntimeError("set_copy_engine_variant: workspace not initialised")
-  for o in ws.ordinals:
-    if _lib.load().weave_ws_set_ce_variant(o, CE_VARIANTS.index(variant)) != 0:
-      raise RuntimeError(f"set_copy_engine_variant: no workspace on CUDA device {o}")
-
-
 def timeout_error() -> FusedTimeoutError | None:
   """Reads every local device's host-mapped error record; returns an error naming the rank
   and barrier of the first recorded timeout, or None."""
