@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "fused_reduce_add_norm.cuh"
+
 #define CHECK(x)                                                                   \
   do {                                                                             \
     cudaError_t e_ = (x);                                                          \
@@ -79,4 +81,51 @@ float median_us(Launch launch, cudaStream_t stream = 0, int reps = 30) {
   CHECK(cudaEventDestroy(e1));
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// The copy-engine local kernel's parameters for rank 0 of 2 over a slice of `rows` rows of
+// `hidden` bf16 elements: the peer's rows already "pushed" into in_slot, random inputs (seeds
+// 1-4), fresh output buffers (normed and out_slot hold both ranks' rows).  Free with
+// free_ce_slice.
+inline weave::KernelParams ce_slice_params(int64_t hidden, int64_t rows) {
+  const size_t row = hidden * 2;
+  __nv_bfloat16 *partial, *in_slot, *residual, *weight, *new_res, *out_slot, *normed;
+  CHECK(cudaMalloc(&partial, 2 * rows * row));
+  CHECK(cudaMalloc(&in_slot, 2 * rows * row));
+  CHECK(cudaMalloc(&residual, rows * row));
+  CHECK(cudaMalloc(&weight, row));
+  CHECK(cudaMalloc(&new_res, rows * row));
+  CHECK(cudaMalloc(&out_slot, 2 * rows * row));
+  CHECK(cudaMalloc(&normed, 2 * rows * row));
+  fill_random<<<1024, 256>>>(partial, 2 * rows * hidden, 1);
+  fill_random<<<1024, 256>>>(in_slot, 2 * rows * hidden, 2);
+  fill_random<<<1024, 256>>>(residual, rows * hidden, 3);
+  fill_random<<<64, 256>>>(weight, hidden, 4);
+  CHECK(cudaDeviceSynchronize());
+  weave::KernelParams p{};
+  p.partial = partial;
+  p.residual = residual;
+  p.weight = weight;
+  p.normed = normed;
+  p.new_residual = new_res;
+  p.in_slots[0] = in_slot;
+  p.out_slots[0] = out_slot;
+  p.tokens = 2 * rows;
+  p.hidden = hidden;
+  p.shard = rows;
+  p.row_begin = 0;
+  p.row_end = rows;
+  p.rank = 0;
+  p.world = 2;
+  p.eps = 1e-6f;
+  int tpr = 32;  // handlers.cu's threads per row (two vectors per thread up to H = 8192)
+  while (tpr * (hidden / 8 <= weave::kThreads * 2 ? 2 : 4) < hidden / 8) tpr *= 2;
+  p.threads_per_row = tpr;
+  return p;
+}
+
+inline void free_ce_slice(const weave::KernelParams& p) {
+  const void* buffers[] = {p.partial, p.in_slots[0], p.residual, p.weight, p.new_residual,
+                           p.out_slots[0], p.normed};
+  for (const void* b : buffers) CHECK(cudaFree(const_cast<void*>(b)));
 }

@@ -324,39 +324,13 @@ int main() {
               failures ? "FAIL" : "all bitwise equal", failures);
   const int64_t H = 8192, S = 4096, T = 2 * S;  // slice of 64 MiB per source
   const size_t row = H * 2, slice = S * row;
-  __nv_bfloat16 *partial, *in_slot, *residual, *weight, *new_res, *out_slot, *normed, *ref;
-  CHECK(cudaMalloc(&partial, T * row));
-  CHECK(cudaMalloc(&in_slot, T * row));
-  CHECK(cudaMalloc(&residual, slice));
-  CHECK(cudaMalloc(&weight, row));
-  CHECK(cudaMalloc(&new_res, slice));
-  CHECK(cudaMalloc(&out_slot, T * row));
-  CHECK(cudaMalloc(&normed, T * row));
+  const weave::KernelParams p = ce_slice_params(H, S);
+  auto* normed = static_cast<__nv_bfloat16*>(p.normed);
+  auto* out_slot = static_cast<__nv_bfloat16*>(p.out_slots[0]);
+  __nv_bfloat16* ref;
   CHECK(cudaMalloc(&ref, T * row));
   float* diff;
   CHECK(cudaMalloc(&diff, sizeof(float)));
-  fill_random<<<1024, 256>>>(partial, T * H, 1);
-  fill_random<<<1024, 256>>>(in_slot, T * H, 2);
-  fill_random<<<1024, 256>>>(residual, S * H, 3);
-  fill_random<<<64, 256>>>(weight, H, 4);
-  CHECK(cudaGetLastError());
-
-  weave::KernelParams p{};
-  p.partial = partial;
-  p.residual = residual;
-  p.weight = weight;
-  p.normed = normed;
-  p.new_residual = new_res;
-  p.in_slots[0] = in_slot;
-  p.out_slots[0] = out_slot;
-  p.tokens = T;
-  p.hidden = H;
-  p.shard = S;
-  p.row_begin = 0;
-  p.row_end = S;
-  p.rank = 0;
-  p.world = 2;
-  p.eps = 1e-6f;
 
   auto time_us = [](auto launch) { return median_us(launch); };
   const double bytes = 6.0 * slice;

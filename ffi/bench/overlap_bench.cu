@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "bench_util.cuh"
-#include "fused_reduce_add_norm.cuh"
 
 #define CHECK_BLAS(x)                                                          \
   do {                                                                         \
@@ -46,41 +45,13 @@ int main() {
               "gemm", "kernel", "gemm ovl", "krnl ovl", "gemm +%", "makespan");
   for (int64_t tokens : {4096, 16384}) {
     const int64_t M = tokens / 2, rows = M / 2;  // one half; my slice of it
-    __nv_bfloat16 *a, *w, *c, *partial, *in_slot, *residual, *weight, *normed, *out_slot, *new_res;
+    __nv_bfloat16 *a, *w, *c;
     CHECK(cudaMalloc(&a, M * K * 2));
     CHECK(cudaMalloc(&w, K * H * 2));
     CHECK(cudaMalloc(&c, M * H * 2));
-    CHECK(cudaMalloc(&partial, M * H * 2));
-    CHECK(cudaMalloc(&in_slot, M * H * 2));
-    CHECK(cudaMalloc(&residual, rows * H * 2));
-    CHECK(cudaMalloc(&weight, H * 2));
-    CHECK(cudaMalloc(&normed, M * H * 2));
-    CHECK(cudaMalloc(&out_slot, M * H * 2));
-    CHECK(cudaMalloc(&new_res, rows * H * 2));
-    fill_random<<<1024, 256>>>(a, M * K, 1);
-    fill_random<<<1024, 256>>>(w, K * H, 2);
-    fill_random<<<1024, 256>>>(partial, M * H, 3);
-    fill_random<<<1024, 256>>>(in_slot, M * H, 4);
-    fill_random<<<1024, 256>>>(residual, rows * H, 5);
-    fill_random<<<64, 256>>>(weight, H, 6);
-    CHECK(cudaDeviceSynchronize());
-    weave::KernelParams p{};
-    p.partial = partial;
-    p.residual = residual;
-    p.weight = weight;
-    p.normed = normed;
-    p.new_residual = new_res;
-    p.in_slots[0] = in_slot;
-    p.out_slots[0] = out_slot;
-    p.tokens = M;
-    p.hidden = H;
-    p.shard = rows;
-    p.row_begin = 0;
-    p.row_end = rows;
-    p.rank = 0;
-    p.world = 2;
-    p.eps = 1e-6f;
-    p.threads_per_row = 512;
+    fill_random<<<1024, 256>>>(a, M * K, 5);
+    fill_random<<<1024, 256>>>(w, K * H, 6);
+    const weave::KernelParams p = ce_slice_params(H, rows);
     const float one = 1.f, zero = 0.f;
     auto gemm = [&] {  // C[M, H] = A[M, K] @ W[K, H], row-major (column-major H x M for cuBLAS)
       CHECK_BLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, H, M, K, &one, w, CUDA_R_16BF, H, a,
@@ -134,9 +105,8 @@ int main() {
       CHECK(cudaEventDestroy(eg));
       CHECK(cudaEventDestroy(ek));
     }
-    for (void* x : {(void*)a, (void*)w, (void*)c, (void*)partial, (void*)in_slot, (void*)residual,
-                    (void*)weight, (void*)normed, (void*)out_slot, (void*)new_res})
-      CHECK(cudaFree(x));
+    for (void* x : {(void*)a, (void*)w, (void*)c}) CHECK(cudaFree(x));
+    free_ce_slice(p);
   }
   CHECK_BLAS(cublasDestroy(blas));
   return 0;
