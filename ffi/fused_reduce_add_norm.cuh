@@ -116,9 +116,8 @@
 //      ev_pulled; s waits for ev_pulled and for my last ev_pushed (so the call ends on s)
 // So push c+1, kernel c and pull c-1 can run at once.  With C = 1 this is the unchunked
 // sequence: push, kernel, pull.
-// DIRECT variant (algorithm "copy_engine" at world 2, either local kernel; "copy_engine_pull"
-// and "copy_engine_lsu" pull as above): before rendezvous 2 each rank publishes its call's
-// `normed` pointer.  In step 3 the kernel's out_slot store goes to
+// DIRECT variant (algorithm "copy_engine_direct" at world 2, either local kernel; at world > 2
+// it pulls as above): before rendezvous 2 each rank publishes its call's `normed` pointer.  In step 3 the kernel's out_slot store goes to
 // the peer's `normed` instead (same row offset, NVLink bulk stores), and step 5 is only: s
 // waits for the peer's ev_reduced[C-1] (its every chunk) and for my last ev_pushed.  No pull
 // copies, no out_slot traffic.  My kernel writes the peer's `normed` only after the peer's

@@ -44,13 +44,14 @@ constexpr int kAlgoTwoShot = 0;
 constexpr int kAlgoCopyEngine = 1;
 constexpr int kAlgoOneShot = 2;
 constexpr int kAlgoTwoShotLsu = 3;  // two-shot with 16-byte copies only (sm_80's; comparisons)
-// The copy-engine algorithm's variants (protocol in the kernel file): kAlgoCopyEngine stores
-// the normalized rows straight into the peer's output at world 2 (DIRECT) and pulls them with
-// the copy engines above; Pull always pulls; Lsu pulls and always uses the load/store kernel.
-constexpr int kAlgoCopyEnginePull = 4;
+// The copy-engine algorithm's variants (protocol in the kernel file): kAlgoCopyEngine pulls
+// the peers' normalized rows with the copy engines; Direct has each kernel store its rows
+// straight into the peer's output at world 2 (DIRECT; pulls above); Lsu pulls and always uses
+// the load/store kernel.
+constexpr int kAlgoCopyEngineDirect = 4;
 constexpr int kAlgoCopyEngineLsu = 5;
 constexpr bool is_copy_engine(int32_t algo) {
-  return algo == kAlgoCopyEngine || algo == kAlgoCopyEnginePull || algo == kAlgoCopyEngineLsu;
+  return algo == kAlgoCopyEngine || algo == kAlgoCopyEngineDirect || algo == kAlgoCopyEngineLsu;
 }
 
 ffi::Error op_error(const char* op, const std::string& msg) {
@@ -98,8 +99,8 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
   if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineLsu)
     return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), "
-                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, pulls) or 5 "
-                        "(copy engine, pulls, load/store kernel)");
+                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, direct) or 5 "
+                        "(copy engine, load/store kernel)");
   const int max_ctas = is_copy_engine(algo) ? weave::kMaxCeCtas : weave::kMaxCtas;
   if (ctas < weave::kMinCtas || ctas > max_ctas)
     return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
@@ -212,7 +213,7 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-    case kAlgoCopyEnginePull:
+    case kAlgoCopyEngineDirect:
     case kAlgoCopyEngineLsu:
       if (ce_tma_fits(p, w, algo, ctas) && weave::ce_tma_rows(p.hidden) == 1)
         weave::ce_tma_reduce_add_norm_kernel<T, 1>
@@ -271,10 +272,10 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   auto row_ptr = [&](const void* base, int64_t row) {
     return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
   };
-  // Direct (kAlgoCopyEngine at world 2): my kernel stores my normalized rows straight into my
+  // Direct (kAlgoCopyEngineDirect at world 2): my kernel stores my normalized rows straight into my
   // peer's `normed` (its pointer published here, read after rendezvous 0), so there are no
   // pull copies and no out_slot traffic.
-  const bool direct = algo == kAlgoCopyEngine && p.world == 2;
+  const bool direct = algo == kAlgoCopyEngineDirect && p.world == 2;
   w.ce_normed = p.normed;
   cudaEventRecord(w.ev_ce_begin, s);
   cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);

@@ -362,9 +362,10 @@ def main():
   ap.add_argument("--ce-chunks", default="", help="copy-engine algorithm: pipeline chunk "
                   "counts to time for each --ce-grids grid, e.g. auto,1,4,16 (default: auto)")
   ap.add_argument("--ce-variants", default="copy_engine", help="copy-engine algorithms to time "
-                  "for each grid and chunk count: copy_engine (the default: direct stores at "
-                  "TP=2), copy_engine_pull, copy_engine_lsu; e.g. all three for same-run ratios "
-                  "(methods fused_ce_gG_kK, ..._pull, ..._lsu)")
+                  "for each grid and chunk count: copy_engine (pull copies), copy_engine_direct "
+                  "(stores into the peer's output at TP=2), copy_engine_lsu (load/store "
+                  "kernel); e.g. all three for same-run ratios (methods fused_ce_gG_kK, "
+                  "..._direct, ..._lsu)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
   ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
                   "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")

@@ -57,8 +57,8 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
     (_args(), {"ce_chunks": "many"}, ValueError, r"ce_chunks='many' must be"),
     (_args(), {"algorithm": "copy_engine", "cmd_buffer": True}, ValueError,
      r"cmd_buffer=True cannot run algorithm='copy_engine'"),
-    (_args(), {"algorithm": "copy_engine_pull", "cmd_buffer": True}, ValueError,
-     r"cmd_buffer=True cannot run algorithm='copy_engine_pull'"),
+    (_args(), {"algorithm": "copy_engine_direct", "cmd_buffer": True}, ValueError,
+     r"cmd_buffer=True cannot run algorithm='copy_engine_direct'"),
     (_args(), {"algorithm": "copy_engine_lsu", "ce_ctas": 2000}, ValueError,
      r"ce_ctas=2000 outside 2\.\.1024"),
 ])

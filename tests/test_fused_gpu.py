@@ -62,8 +62,8 @@ def _call_kw(algorithm, ctas):
   """ops keyword arguments: `ctas` is the grid of whichever kernel the algorithm runs;
   "copy_engine:K" is the copy-engine algorithm pipelined in K chunks ("auto" without K)."""
   if algorithm.startswith("copy_engine"):
-    chunks = algorithm.partition(":")[2]
-    return dict(algorithm="copy_engine", ce_ctas=ctas, ce_chunks=int(chunks) if chunks else "auto")
+    name, _, chunks = algorithm.partition(":")
+    return dict(algorithm=name, ce_ctas=ctas, ce_chunks=int(chunks) if chunks else "auto")
   return dict(algorithm=algorithm, ctas=ctas)
 
 
@@ -123,9 +123,10 @@ def _random_shapes(n, seed, algorithm):
     hidden = 8 * int(rng.integers(1024 // 8, MAX_HIDDEN // 8 + 1))
     while tokens * hidden > 2**27:  # keep each case <= 256 MiB per rank: time, not correctness
       tokens //= 2
-    grids = [2, 16, 64, 132, 264] if algorithm == "copy_engine" else [2, 4, 8, 16, 32, 64, 128]
+    ce = algorithm.startswith("copy_engine")
+    grids = [2, 16, 64, 132, 264] if ce else [2, 4, 8, 16, 32, 64, 128]
     name = algorithm
-    if algorithm == "copy_engine":  # pipelined in 1..32 chunks (more than rows: clamped)
+    if ce:  # pipelined in 1..32 chunks (more than rows: clamped)
       name += f":{int(rng.choice([1, 2, 3, 7, 32]))}"
     shapes.append((max(tokens, 1), hidden, int(rng.choice(grids)), name))
   return shapes
@@ -148,7 +149,10 @@ CASES += _random_shapes(max(1, N_SHAPES // 5), 7, "two_shot_lsu")
 CASES += [(1, 1024, 2, "copy_engine"), (3, 8, 1024, "copy_engine:32"),
           (1025, 8192, 7, "copy_engine:3"), (32768, 4096, 132, "copy_engine"),
           (32768, 4096, 16, "copy_engine:32"), (4097, 2048, 64, "copy_engine:5")]
+CASES += [(1025, 8192, 7, "copy_engine_direct:3"), (32768, 4096, 16, "copy_engine_direct:32"),
+          (5, 6144, 2, "copy_engine_direct")]
 CASES += _random_shapes(max(2, N_SHAPES // 5), 8, "copy_engine")
+CASES += _random_shapes(max(2, N_SHAPES // 10), 9, "copy_engine_direct")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -166,7 +170,9 @@ def test_matches_psum_reference(ws, case):
 @pytest.mark.parametrize("algorithm,priority", [("two_shot", "normal"), ("one_shot", "normal"),
                                                 ("two_shot", "high"), ("copy_engine", "normal"),
                                                 ("copy_engine", "high"),
-                                                ("copy_engine:4", "normal")])
+                                                ("copy_engine:4", "normal"),
+                                                ("copy_engine_direct", "normal"),
+                                                ("copy_engine_direct:3", "high")])
 def test_start_done_matches_sync(ws, algorithm, priority):
   """start/done (side stream, results written into start's own outputs, aliased by done) give
   the same bits as the synchronous call, with a GEMM of the other operands between them."""
@@ -197,17 +203,18 @@ def test_start_done_matches_sync(ws, algorithm, priority):
 
 
 @pytest.mark.parametrize("tokens,hidden,chunks,grid,variant", [
-    (3000, 8192, 1, None, ""), (3000, 8192, 5, 16, ""), (777, 6144, 3, 7, ""), (1, 4104, 1, 16, ""),
-    (2001, 4096, 2, 32, ""), (4097, 2048, 2, 16, ""), (3000, 8192, 2, None, "_pull"),
-    (3000, 8192, 5, 16, "_pull"), (777, 6144, 3, 7, "_pull"), (3000, 8192, 5, 16, "_lsu")])
+    (3000, 8192, 1, None, "_direct"), (3000, 8192, 5, 16, "_direct"), (777, 6144, 3, 7, "_direct"),
+    (1, 4104, 1, 16, "_direct"), (2001, 4096, 2, 32, "_direct"), (4097, 2048, 2, 16, "_direct"),
+    (3000, 8192, 2, None, ""), (3000, 8192, 5, 16, ""), (777, 6144, 3, 7, ""),
+    (3000, 8192, 5, 16, "_lsu")])
 def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid, variant):
   """Both reduce my slice in the same source order with the same per-row sums: identical bits,
-  however the copy-engine call is cut into chunks, in every variant ("copy_engine" stores into
-  the peer's output at TP=2; "copy_engine_pull" and "copy_engine_lsu" pull it).  At TP=2 on
-  sm_90 with 2048 < H <= 8192 and grids up to 32 the call runs the TMA local kernel (one row
-  per iteration above 4096, two at or below; odd token counts: the last rank's padding row, a
-  grid that does not divide the rows); the default grid (132), H = 2048 and "copy_engine_lsu"
-  run the load/store kernel."""
+  however the copy-engine call is cut into chunks, in every variant ("copy_engine_direct"
+  stores into the peer's output at TP=2; "copy_engine" and "copy_engine_lsu" pull it).  At
+  TP=2 on sm_90 with 2048 < H <= 8192 and grids up to 32 the call runs the TMA local kernel
+  (one row per iteration above 4096, two at or below; odd token counts: the last rank's
+  padding row, a grid that does not divide the rows); the default grid (132), H = 2048 and
+  "copy_engine_lsu" run the load/store kernel."""
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)
@@ -609,7 +616,8 @@ def test_uninitialised_workspace_raises(ws):
 # The calls of CE_CHILD's mixed loop: copy-engine calls between the kernels' algorithms, so a
 # copy waiting behind a peer's spinning kernel (the old protocol's deadlock) would show.
 CE_LOOP_CALLS = ((1000, "copy_engine:4", 64), (20, "one_shot", 4), (257, "two_shot", 4),
-                 (3, "copy_engine", 2), (2048, "two_shot", 32), (4096, "copy_engine:32", 16))
+                 (3, "copy_engine", 2), (2048, "two_shot", 32), (4096, "copy_engine:32", 16),
+                 (1001, "copy_engine_direct:2", 16), (77, "copy_engine_direct", 132))
 
 CE_CHILD = textwrap.dedent("""
   import os, sys, numpy as np, jax, jax.numpy as jnp

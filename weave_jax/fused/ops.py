@@ -19,10 +19,8 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  two copy phases are TMA bulk copies (the norm's stores stay 16-byte stores)
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  the two-shot data flow with the NVLink copies on the copy engines: push copies,
-                 a local reduce + norm kernel of ``ce_ctas`` blocks, pipelined over
-                 ``ce_chunks`` chunks of rows.  At TP=2 the kernel stores each normalized row
-                 straight into the peer's output too; at TP > 2 the copy engines pull them.
-                 On sm_90+ at TP=2 with 2048 < H <= 8192 and ``ce_ctas`` <= 32 the kernel
+                 a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies, pipelined
+                 over ``ce_chunks`` chunks of rows.  On sm_90+ at TP=2 with 2048 < H <= 8192 and ``ce_ctas`` <= 32 the kernel
                  moves its rows with TMA bulk copies (1.5-1.6x the load/store kernel on one
                  H200; larger grids are HBM-bound either way).  Ranks meet
                  on the host and order their streams with cross-device CUDA events, so nothing
@@ -32,9 +30,10 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  error naming the rank); not under CUDA graph capture.  "auto" picks it for
                  woven (``fused_start``) calls of at least AUTO_WOVEN_COPY_ENGINE_MIN_BYTES,
                  where the SMs it leaves free matter most.
-    copy_engine_pull  copy_engine with the pull copies at any TP (comparisons)
-    copy_engine_lsu   copy_engine_pull with the load/store local kernel always (comparisons:
-                 the eighth session's copy-engine algorithm)
+    copy_engine_direct  copy_engine where, at TP=2, the kernel stores each normalized row
+                 straight into the peer's output: no pull copies (at TP > 2 as copy_engine)
+    copy_engine_lsu   copy_engine with the load/store local kernel always (comparisons: the
+                 eighth session's copy-engine algorithm)
 """
 from __future__ import annotations
 
@@ -54,9 +53,9 @@ MAX_CE_CHUNKS = 32        # kMaxCeChunks: the copy-engine pipeline's depth
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
 ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3,
-              "copy_engine_pull": 4, "copy_engine_lsu": 5}
+              "copy_engine_direct": 4, "copy_engine_lsu": 5}
 #: the copy-engine algorithm and its comparison variants (module docstring)
-COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_pull", "copy_engine_lsu")
+COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_direct", "copy_engine_lsu")
 
 # "auto" sends messages up to this many bytes to one_shot, from run/bench_allreduce_norm.py on
 # 2 x H200 (BENCHMARKS.md): at 128-256 KiB the two are about even (9-14 µs of GPU time); from
@@ -240,7 +239,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     ctas: thread blocks (2..128) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
     algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine",
-      "copy_engine_pull" or "copy_engine_lsu" (module docstring).
+      "copy_engine_direct" or "copy_engine_lsu" (module docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     ce_chunks: chunks (1..32) the copy-engine algorithm pipelines a call in, or "auto"
       (``ce_chunks_for``: 2 from CE_TWO_CHUNKS_MIN_SLICE_BYTES of a rank's slice, else 1).
