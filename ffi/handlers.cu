@@ -196,10 +196,10 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
 // world 2, 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
 // mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, unless the call asks
-// for the load/store kernel (kAlgoCopyEngineLsu).  Why the grid
-// limit (one H200, ffi/NOTES.md): alone, the TMA kernel is 1.55-1.64x faster at 8-32 blocks
-// but HBM-bound like the load/store kernel from 64; beside a GEMM at 132 blocks it slowed the
-// GEMM more (+6.4-12.1% vs +4.9-8.5%, two runs).
+// for the load/store kernel (kAlgoCopyEngineLsu).  Why the grid limit (one H200,
+// ffi/NOTES.md): alone, the TMA kernel is 1.55-1.64x faster at 8-32 blocks but HBM-bound like
+// the load/store kernel from 64; beside a GEMM at 132 blocks it slowed the GEMM as much or
+// more (+4.5-12.1% vs +4.6-8.5%, three runs).
 constexpr int kCeTmaMaxGrid = 32;
 bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t algo,
                  int32_t ctas) {
