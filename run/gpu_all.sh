@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything on a GPU node in one call: build the FFI library, run the GPU tests, the fused-kernel
 # microbenchmark and the prefill benchmarks.  Logs, JSON and charts go to $OUT (default
-# ./gpu_out).  Stages can be chosen:  bash run/gpu_all.sh [build] [test] [fused] [prefill] [tune]
+# ./gpu_out).  Stages can be chosen:  bash run/gpu_all.sh [build] [test] [fused] [ce] [prefill] [tune]
+# (ce: the copy-engine variants -- pull, direct, load/store kernel -- at 16 and 132 blocks,
+# 32-256 MiB; not in the default set)
 # All stages together take longer than one 10-minute device call: the fused-kernel test file
 # alone needs > 5 min at its default size (set WEAVE_TEST_SHAPES=40 to shrink it).
 # Multicast stays off: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM removed.
@@ -30,6 +32,11 @@ for stage in $stages; do
     fused)
       timeout ${FUSED_TIMEOUT:-240} $PY run/bench_allreduce_norm.py --json "$OUT/allreduce_norm.json" \
         2>&1 | quiet | tee "$OUT/allreduce_norm.log" || rc=1 ;;
+    ce)
+      timeout ${CE_TIMEOUT:-300} $PY run/bench_allreduce_norm.py --skip-torch --min-tokens 2048 \
+        --max-tokens 16384 --ctas 16 --plain-ctas= --oneshot-ctas= --ce-grids 16,132 \
+        --ce-chunks 1,2,4 --ce-variants copy_engine,copy_engine_direct,copy_engine_lsu --reps 5 \
+        --json "$OUT/ce_variants.json" 2>&1 | quiet | tee "$OUT/ce_variants.log" || rc=1 ;;
     prefill)
       for p in $PRESETS; do
         timeout ${PREFILL_TIMEOUT:-300} $PY run/bench_prefill.py --preset "$p" ${PREFILL_ARGS:-} \
@@ -40,7 +47,7 @@ for stage in $stages; do
       timeout ${TUNE_TIMEOUT:-240} $PY run/tune_split.py ${TUNE_ARGS:-} 2>&1 | quiet \
         | tee "$OUT/tune.log" || rc=1
       cp weave_jax/tuning/splits.json "$OUT/" 2>/dev/null ;;
-    *) echo "unknown stage $stage (build test fused prefill tune)"; rc=2 ;;
+    *) echo "unknown stage $stage (build test fused ce prefill tune)"; rc=2 ;;
   esac
 done
 exit $rc
