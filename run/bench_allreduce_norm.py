@@ -377,6 +377,10 @@ def main():
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--json", help="also write the results JSON here")
   args = ap.parse_args()
+  from weave_jax.fused.ops import COPY_ENGINE_ALGORITHMS  # (imports jax; touches no GPU)
+  ce_variants = [v for v in args.ce_variants.split(",") if v]
+  if bad := [v for v in ce_variants if v not in COPY_ENGINE_ALGORITHMS]:
+    ap.error(f"--ce-variants: {bad} not among {list(COPY_ENGINE_ALGORITHMS)}")
   sizes, t = [], args.min_tokens
   while t <= args.max_tokens:
     sizes.append(t)
@@ -392,7 +396,7 @@ def main():
                       args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
                       ints(args.lsu_ctas), args.phases, args.tp, ints_or_auto(args.ce_chunks),
-                      [v for v in args.ce_variants.split(",") if v])
+                      ce_variants)
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   name = f"allreduce_norm_{device}" + (f"_tp{args.tp}" if args.tp != 2 else "") + ".json"
