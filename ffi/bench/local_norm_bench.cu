@@ -52,6 +52,37 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
   weave::norm_rows<__nv_bfloat16, 2>(p, io, p.row_end - p.row_begin, smem);
 }
 
+// The row arithmetic of the two experiments below (bf16, world 2), in norm_rows' order so their
+// rows stay bitwise equal to the library's: one vector's sources and residual summed and
+// rounded (its squares added to sumsq), and one vector normalized.
+__device__ __forceinline__ uint4 add_sources_and_residual(const uint4& s0, const uint4& s1,
+                                                          const uint4& res, float& sumsq) {
+  using B = weave::Vec<__nv_bfloat16>;
+  float acc[8], f[8];
+  B::to_float(s0, acc);
+  B::to_float(s1, f);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] += f[e];
+  B::to_float(res, f);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] += f[e];
+  const uint4 x = B::from_float(acc);
+  B::to_float(x, f);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
+  return x;
+}
+
+__device__ __forceinline__ uint4 normalized(const uint4& x, const uint4& w, float rstd) {
+  using B = weave::Vec<__nv_bfloat16>;
+  float xf[8], wf[8];
+  B::to_float(x, xf);
+  B::to_float(w, wf);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
+  return B::from_float(xf);
+}
+
 // Experiment: the same rows with a deeper prefetch, through per-thread cp.async copies into
 // shared memory (kDepth rows ahead; each thread reads back only its own vectors, so no barrier
 // guards the staging).  world = 2, bf16, H = 2 * 8 * kThreads (8192), one row per iteration.
@@ -92,31 +123,15 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
     uint4* new_res = io.new_residual(r);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      float acc[8], f[8];
-      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 0, v), acc);
-      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 1, v), f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-      weave::Vec<__nv_bfloat16>::to_float(*slot(d, 2, v), f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-      x[v] = weave::Vec<__nv_bfloat16>::from_float(acc);
+      x[v] = add_sources_and_residual(*slot(d, 0, v), *slot(d, 1, v), *slot(d, 2, v), sumsq);
       new_res[t + v * weave::kThreads] = x[v];
-      weave::Vec<__nv_bfloat16>::to_float(x[v], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
     }
     const float total = weave::group_sum(sumsq, smem, weave::kThreads);
     const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const uint32_t c = t + v * weave::kThreads;
-      float xf[8], wf[8];
-      weave::Vec<__nv_bfloat16>::to_float(x[v], xf);
-      weave::Vec<__nv_bfloat16>::to_float(weight[c], wf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
-      io.emit(r, c, weave::Vec<__nv_bfloat16>::from_float(xf));
+      io.emit(r, c, normalized(x[v], weight[c], rstd));
     }
   }
 }
@@ -174,31 +189,15 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int c = t + v * weave::kThreads;
-      float acc[8], f[8];
-      weave::Vec<__nv_bfloat16>::to_float(st[c], acc);
-      weave::Vec<__nv_bfloat16>::to_float(st[RV + c], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-      weave::Vec<__nv_bfloat16>::to_float(st[2 * RV + c], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += f[e];
-      x[v] = weave::Vec<__nv_bfloat16>::from_float(acc);
+      x[v] = add_sources_and_residual(st[c], st[RV + c], st[2 * RV + c], sumsq);
       ot[RV + c] = x[v];
-      weave::Vec<__nv_bfloat16>::to_float(x[v], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sumsq += f[e] * f[e];
     }
     const float total = weave::group_sum(sumsq, smem, weave::kThreads);
     const float rstd = rsqrtf(total / static_cast<float>(p.hidden) + p.eps);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int c = t + v * weave::kThreads;
-      float xf[8], wf[8];
-      weave::Vec<__nv_bfloat16>::to_float(x[v], xf);
-      weave::Vec<__nv_bfloat16>::to_float(weight[c], wf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) xf[e] = wf[e] * (xf[e] * rstd);
-      ot[c] = weave::Vec<__nv_bfloat16>::from_float(xf);
+      ot[c] = normalized(x[v], weight[c], rstd);
     }
     // generic-proxy smem writes (outputs) and reads (inputs) before the async proxy's accesses
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
