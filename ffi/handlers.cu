@@ -214,16 +214,17 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
     case kAlgoCopyEngineDirect:
-    case kAlgoCopyEngineLsu:
-      if (ce_tma_fits(p, w, algo, ctas) && weave::ce_tma_rows(p.hidden) == 1)
-        weave::ce_tma_reduce_add_norm_kernel<T, 1>
-            <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
-      else if (ce_tma_fits(p, w, algo, ctas))
-        weave::ce_tma_reduce_add_norm_kernel<T, 2>
-            <<<ctas, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(p.world, p.hidden), s>>>(p);
+    case kAlgoCopyEngineLsu: {
+      const int tma_rows = ce_tma_fits(p, w, algo, ctas) ? weave::ce_tma_rows(p.hidden) : 0;
+      const int64_t smem = weave::ce_tma_smem_bytes(p.world, p.hidden);
+      if (tma_rows == 1)
+        weave::ce_tma_reduce_add_norm_kernel<T, 1><<<ctas, weave::kCeTmaThreads, smem, s>>>(p);
+      else if (tma_rows == 2)
+        weave::ce_tma_reduce_add_norm_kernel<T, 2><<<ctas, weave::kCeTmaThreads, smem, s>>>(p);
       else
         weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
+    }
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
@@ -293,16 +294,16 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
     cudaEventRecord(w.ev_pushed[c], w.ce_push);
   }
   if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
-  // direct runs at world 2 only: `peer` is my one peer there (every rank runs the same algo:
-  // one program)
-  const weave::DeviceWorkspace& peer = weave::workspace(w.peer_ordinal[p.world == 2 ? 1 - p.rank : p.rank]);
+  // direct runs at world 2 only, with my one peer (every rank runs the same algo: one program)
+  const weave::DeviceWorkspace* peer =
+      direct ? &weave::workspace(w.peer_ordinal[1 - p.rank]) : nullptr;
   for (int c = 0; c < C; ++c) {  // chunk c of my slice, once every peer pushed it
     for (int q = 0; q < p.world; ++q)
       if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed[c], 0);
     weave::KernelParams kp = p;
     kp.row_begin = chunk_begin(c);
     kp.row_end = chunk_begin(c + 1);
-    if (direct) kp.out_slots[p.rank] = peer.ce_normed;  // the kernel's out_slot store
+    if (direct) kp.out_slots[p.rank] = peer->ce_normed;  // the kernel's out_slot store
     if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, algo, ctas, s);
         e != cudaSuccess)
       return cuda_error(op, "kernel launch", e);
@@ -310,7 +311,7 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   }
   if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
   if (direct) {  // my peer's kernel (every chunk) stored its rows into my `normed`
-    cudaStreamWaitEvent(s, peer.ev_reduced[C - 1], 0);
+    cudaStreamWaitEvent(s, peer->ev_reduced[C - 1], 0);
     cudaStreamWaitEvent(s, w.ev_pushed[C - 1], 0);  // my pushes read `partial`
     return ffi::Error::Success();
   }
