@@ -263,9 +263,7 @@ int verify_library_tma(const char* dtype) {
           q.rank = world - 1;
           q.world = world;
           q.eps = 1e-6f;
-          int tpr = 32;
-          while (tpr * (H / 8 <= weave::kThreads * 2 ? 2 : 4) < H / 8) tpr *= 2;
-          q.threads_per_row = tpr;
+          q.threads_per_row = threads_per_row(H);
           for (int v = 0; v < 2; ++v) {
             weave::KernelParams r = q;
             r.normed = out[v][0];
@@ -332,6 +330,18 @@ int main() {
   CHECK(cudaMalloc(&diff, sizeof(float)));
 
   auto time_us = [](auto launch) { return median_us(launch); };
+  // the library's load/store kernel (the baseline of every comparison below)
+  auto library_us = [&](int grid, const weave::KernelParams& q) {
+    return time_us([&] { weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q); });
+  };
+  // largest |a - b| over rank 0's rows [0, S) (NaN, an unwritten element, counts as huge)
+  auto max_diff = [&](const __nv_bfloat16* a, const __nv_bfloat16* b) {
+    CHECK(cudaMemset(diff, 0, sizeof(float)));
+    max_abs_diff<<<256, 256>>>(a, b, S * H, diff);
+    float m;
+    CHECK(cudaMemcpy(&m, diff, sizeof(float), cudaMemcpyDeviceToHost));
+    return m;
+  };
   const double bytes = 6.0 * slice;
   auto bytes_per_call = [&] { return bytes; };
   std::printf("H=%lld, slice %lld rows (%.0f MiB per source), HBM traffic %.0f MiB per call\n",
@@ -340,27 +350,20 @@ int main() {
               "layout", "us", "GB/s", "GB/s/blk", "layout", "us", "GB/s", "GB/s/blk", "speedup",
               "v4/512 us", "max|diff|");
   for (int grid : {4, 8, 16, 32, 64, 132, 264}) {
-    weave::KernelParams p2 = p, p4 = p, p41 = p;
-    p2.threads_per_row = 512;
+    weave::KernelParams p4 = p, p41 = p;  // p: 512 threads per row (threads_per_row(8192))
     p4.threads_per_row = 256;
     p4.normed = ref;
-    p41.threads_per_row = 512;
     p41.normed = ref;
     CHECK(cudaMemset(normed, 0xff, T * row));
     CHECK(cudaMemset(ref, 0xff, T * row));
-    const float t2 = time_us([&] {
-      weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(p2);
-    });
+    const float t2 = library_us(grid, p);
     const float t4 = time_us([&] {
       weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 4><<<grid, weave::kThreads>>>(p4);
     });
     const float t41 = time_us([&] {
       weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 4><<<grid, weave::kThreads>>>(p41);
     });
-    CHECK(cudaMemset(diff, 0, sizeof(float)));
-    max_abs_diff<<<256, 256>>>(normed, ref, S * H, diff);  // rank 0's rows: [0, S)
-    float d;
-    CHECK(cudaMemcpy(&d, diff, sizeof(float), cudaMemcpyDeviceToHost));
+    const float d = max_diff(normed, ref);
     std::printf("%5d | %-10s %8.1f %8.0f %9.1f | %-10s %8.1f %8.0f %9.1f | %7.2f | %9.1f | %g\n",
                 grid, "v2/tpr512", t2, bytes / t2 / 1e3, bytes / t2 / 1e3 / grid, "v4/tpr256",
                 t4, bytes / t4 / 1e3, bytes / t4 / 1e3 / grid, t2 / t4, t41, d);
@@ -368,13 +371,9 @@ int main() {
   std::printf("\nstores per row (v2/tpr512): us at 3 stores (library) / 2 (no out_slot) / "
               "1 (normed only)\n");
   for (int grid : {8, 16, 32, 64, 132}) {
-    weave::KernelParams q = p;
-    q.threads_per_row = 512;
-    const float t3 = time_us([&] {
-      weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
-    });
-    const float t2 = time_us([&] { fewer_stores_kernel<2><<<grid, weave::kThreads>>>(q); });
-    const float t1 = time_us([&] { fewer_stores_kernel<1><<<grid, weave::kThreads>>>(q); });
+    const float t3 = library_us(grid, p);
+    const float t2 = time_us([&] { fewer_stores_kernel<2><<<grid, weave::kThreads>>>(p); });
+    const float t1 = time_us([&] { fewer_stores_kernel<1><<<grid, weave::kThreads>>>(p); });
     std::printf("%5d | %8.1f %8.1f %8.1f | time ratio 2/3 stores %.2f, 1/3 stores %.2f "
                 "(bytes ratio %.2f, %.2f)\n", grid, t3, t2, t1, t2 / t3, t1 / t3, 5 / 6.0,
                 4 / 6.0);
@@ -384,19 +383,12 @@ int main() {
     const int bytes = depth * 3 * 2 * weave::kThreads * 16;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
     for (int grid : {8, 16, 32, 64, 132}) {
-      weave::KernelParams q = p, d = p;
-      q.threads_per_row = 512;
-      d.threads_per_row = 512;
+      weave::KernelParams d = p;
       d.normed = ref;
       CHECK(cudaMemset(ref, 0xff, T * row));
-      const float tl = time_us([&] {
-        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
-      });
+      const float tl = library_us(grid, p);
       const float td = time_us([&] { kernel<<<grid, weave::kThreads, bytes>>>(d); });
-      CHECK(cudaMemset(diff, 0, sizeof(float)));
-      max_abs_diff<<<256, 256>>>(normed, ref, S * H, diff);
-      float m;
-      CHECK(cudaMemcpy(&m, diff, sizeof(float), cudaMemcpyDeviceToHost));
+      const float m = max_diff(normed, ref);
       std::printf("depth %d grid %4d | library %8.1f | deep %8.1f | speedup %.2f | %.1f GB/s/blk "
                   "| max|diff| %g\n", depth, grid, tl, td, tl / td, bytes_per_call() / td / 1e3 / grid,
                   m);
@@ -412,24 +404,16 @@ int main() {
     const int smem = (n_in * 3 + n_out * 2) * 16384 + n_in * 8;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     for (int grid : {8, 16, 32, 64, 132}) {
-      weave::KernelParams q = p, d = p;
-      q.threads_per_row = 512;
-      d.threads_per_row = 512;
+      weave::KernelParams d = p;
       d.normed = ref;
       __nv_bfloat16* out2;
       CHECK(cudaMalloc(&out2, T * row));
       d.out_slots[0] = out2;
       CHECK(cudaMemset(ref, 0xff, T * row));
       CHECK(cudaMemset(out2, 0xff, T * row));
-      const float tl = time_us([&] {
-        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
-      });
+      const float tl = library_us(grid, p);
       const float td = time_us([&] { kernel<<<grid, weave::kThreads, smem>>>(d); });
-      CHECK(cudaMemset(diff, 0, sizeof(float)));
-      max_abs_diff<<<256, 256>>>(normed, ref, S * H, diff);
-      max_abs_diff<<<256, 256>>>(out_slot, out2, S * H, diff);
-      float m;
-      CHECK(cudaMemcpy(&m, diff, sizeof(float), cudaMemcpyDeviceToHost));
+      const float m = std::max(max_diff(normed, ref), max_diff(out_slot, out2));
       CHECK(cudaFree(out2));
       std::printf("in %d out %d grid %4d | library %8.1f | tma %8.1f | speedup %.2f | %.1f GB/s/blk"
                   " | max|diff| %g\n", n_in, n_out, grid, tl, td, tl / td,
@@ -442,14 +426,8 @@ int main() {
   tma(all_tma_kernel<4, 1>, 4, 1);
   std::printf("\nthe library's TMA kernel (ce_tma_reduce_add_norm_kernel), us\n");
   for (int grid : {8, 16, 32, 64, 132}) {
-    weave::KernelParams q = p;
-    q.threads_per_row = 512;
-    const float tl = time_us([&] {
-      weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
-    });
-    const float tt = time_us([&] {
-      launch_tma<__nv_bfloat16>(grid, q);
-    });
+    const float tl = library_us(grid, p);
+    const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, p); });
     std::printf("grid %4d | load/store %8.1f | tma %8.1f | speedup %.2f\n", grid, tl, tt, tl / tt);
   }
   // smaller rows (several per iteration): the same 64 MiB per source, H * rows constant
@@ -459,16 +437,12 @@ int main() {
     q.shard = S * H / h;
     q.tokens = 2 * q.shard;
     q.row_end = q.shard;
-    int tpr = 32;
-    while (tpr * 2 < h / 8) tpr *= 2;
-    q.threads_per_row = tpr;
+    q.threads_per_row = threads_per_row(h);
     for (int grid : {8, 16, 32, 132}) {
-      const float tl = time_us([&] {
-        weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q);
-      });
+      const float tl = library_us(grid, q);
       const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
       std::printf("H %5lld (%d rows per iteration) grid %4d | load/store %8.1f | tma %8.1f | "
-                  "speedup %.2f\n", (long long)h, weave::kThreads / tpr, grid, tl, tt, tl / tt);
+                  "speedup %.2f\n", (long long)h, weave::kThreads / q.threads_per_row, grid, tl, tt, tl / tt);
     }
   }
   return failures ? 1 : 0;
