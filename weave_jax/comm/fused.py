@@ -72,7 +72,8 @@ def make_backend(name: str, **options) -> CommBackend:
   cmd_buffer = options.get("cmd_buffer", cls.cmd_buffer)
   if cmd_buffer is not None and cmd_buffer not in (True, False):  # 0 / 1 from a variant name
     raise ValueError(f"backend {name!r}: cmd_buffer={cmd_buffer!r} must be a bool or None")
-  if cmd_buffer and (algorithm := options.get("algorithm", cls.algorithm)) in ops.COPY_ENGINE_ALGORITHMS:
+  algorithm = options.get("algorithm", cls.algorithm)
+  if cmd_buffer and algorithm in ops.COPY_ENGINE_ALGORITHMS:
     raise ValueError(f"backend {name!r}: cmd_buffer=True cannot run algorithm={algorithm!r}")
   if options.get("cmd_buffer") is not None:
     options["cmd_buffer"] = bool(cmd_buffer)

@@ -20,9 +20,10 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
     two_shot_lsu the same with 16-byte loads/stores only (what sm_80 runs), for comparisons
     copy_engine  the two-shot data flow with the NVLink copies on the copy engines: push copies,
                  a local reduce + norm kernel of ``ce_ctas`` blocks, pull copies, pipelined
-                 over ``ce_chunks`` chunks of rows.  On sm_90+ at TP=2 with 2048 < H <= 8192 and ``ce_ctas`` <= 32 the kernel
-                 moves its rows with TMA bulk copies (1.5-1.6x the load/store kernel on one
-                 H200; larger grids are HBM-bound either way).  Ranks meet
+                 over ``ce_chunks`` chunks of rows.  On sm_90+ at TP=2 with 2048 < H <= 8192
+                 and ``ce_ctas`` <= 32 the kernel moves its rows with TMA bulk copies (1.5-1.6x
+                 the load/store kernel on one H200; larger grids are HBM-bound either way).
+                 Ranks meet
                  on the host and order their streams with cross-device CUDA events, so nothing
                  spins on the GPU and no SM copies.  One process driving every GPU only, and
                  it relies on XLA running each device's program on its own host thread (true
@@ -54,7 +55,7 @@ ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/work
 _TRANSPORTS = {"peer": 0, "multimem": 1}
 ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3,
               "copy_engine_direct": 4, "copy_engine_lsu": 5}
-#: the copy-engine algorithm and its comparison variants (module docstring)
+#: the copy-engine algorithm and its variants (module docstring)
 COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_direct", "copy_engine_lsu")
 
 # "auto" sends messages up to this many bytes to one_shot, from run/bench_allreduce_norm.py on
