@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Everything on a GPU node in one call: build the FFI library, run the GPU tests, the fused-kernel
 # microbenchmark and the prefill benchmarks.  Logs, JSON and charts go to $OUT (default
-# ./gpu_out).  Stages can be chosen:  bash run/gpu_all.sh [build] [test] [fused] [ce] [prefill] [tune]
-# (ce: the copy-engine variants -- pull, direct, load/store kernel -- at 16 and 132 blocks,
-# 32-256 MiB; not in the default set)
+# ./gpu_out).  Stages can be chosen:
+#   bash run/gpu_all.sh [build] [test] [fused] [ce] [grid] [prefill] [tune]
+# Not in the default set:
+#   ce:   the copy-engine variants -- pull, direct, load/store kernel -- at 16 and 132 blocks,
+#         32-256 MiB (microbenchmark)
+#   grid: the woven copy-engine calls' grid in the model (Llama-3.3-70B shapes, 16 layers, 4K
+#         and 16K tokens): the default 132 load/store blocks against 16 / 32 TMA blocks and 528
+#         load/store blocks (ffi/NOTES.md, tenth session: one-GPU evidence, to be checked here)
 # All stages together take longer than one 10-minute device call: the fused-kernel test file
 # alone needs > 5 min at its default size (set WEAVE_TEST_SHAPES=40 to shrink it).
 # Multicast stays off: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM removed.
@@ -37,6 +42,11 @@ for stage in $stages; do
         --max-tokens 16384 --ctas 16 --plain-ctas= --oneshot-ctas= --ce-grids 16,132 \
         --ce-chunks 1,2,4 --ce-variants copy_engine,copy_engine_direct,copy_engine_lsu --reps 5 \
         --json "$OUT/ce_variants.json" 2>&1 | quiet | tee "$OUT/ce_variants.log" || rc=1 ;;
+    grid)
+      timeout ${GRID_TIMEOUT:-420} $PY run/bench_prefill.py --layers 16 --tokens 4096 16384 \
+        --variants baseline fused+tuned fused+tuned:ce_ctas=16 fused+tuned:ce_ctas=32 \
+        fused+tuned:ce_ctas=528 nocomm --iters 6 --no-matmul-peak --json "$OUT/prefill_grid.json" \
+        --png "$OUT/prefill_grid.png" 2>&1 | quiet | tee "$OUT/prefill_grid.log" || rc=1 ;;
     prefill)
       for p in $PRESETS; do
         timeout ${PREFILL_TIMEOUT:-300} $PY run/bench_prefill.py --preset "$p" ${PREFILL_ARGS:-} \
@@ -47,7 +57,7 @@ for stage in $stages; do
       timeout ${TUNE_TIMEOUT:-240} $PY run/tune_split.py ${TUNE_ARGS:-} 2>&1 | quiet \
         | tee "$OUT/tune.log" || rc=1
       cp weave_jax/tuning/splits.json "$OUT/" 2>/dev/null ;;
-    *) echo "unknown stage $stage (build test fused ce prefill tune)"; rc=2 ;;
+    *) echo "unknown stage $stage (build test fused ce grid prefill tune)"; rc=2 ;;
   esac
 done
 exit $rc

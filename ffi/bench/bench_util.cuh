@@ -54,11 +54,6 @@ __global__ void count_diff_words(const uint4* a, const uint4* b, size_t n, unsig
   atomicAdd(out, c);
 }
 
-// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
-// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
-// hidden sizes, both dtypes, world 2 and 4, the last rank (tail and padding rows), grids, and a
-// call cut in chunks (row_begin > 0).  Returns the number of failing cases.
-
 // Median µs of `reps` launches on `stream` (after 3 warm-up launches), timed with events.
 template <class Launch>
 float median_us(Launch launch, cudaStream_t stream = 0, int reps = 30) {

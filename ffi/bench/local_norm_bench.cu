@@ -230,6 +230,10 @@ void launch_tma(int grid, const weave::KernelParams& p) {
     weave::ce_tma_reduce_add_norm_kernel<T, 2><<<grid, weave::kCeTmaThreads, smem>>>(p);
 }
 
+// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
+// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
+// hidden sizes, world 2, the last rank (tail and padding rows), grids, and a call cut in chunks
+// (row_begin > 0).  Returns the number of failing cases.
 template <typename T>
 int verify_library_tma(const char* dtype) {
   int failures = 0;

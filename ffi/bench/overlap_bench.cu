@@ -1,20 +1,30 @@
-// How much a woven copy-engine call's local kernel slows the GEMM it overlaps, by grid, on one
-// GPU.  In the woven model (TP=2) each half's call runs on a side stream beside the other
-// half's GEMMs; the seventh session's trace put those GEMMs 3.4-6% slower than without
+// What a woven copy-engine call's local kernel costs the compute it overlaps, by grid, on one
+// GPU.  In the woven model (TP=2) each half's call runs on a side stream while the other half's
+// GEMMs run; the seventh session's trace put those GEMMs 3.4-6% slower than without
 // communication.  The copy engines' NVLink copies are not here (no peer); the SM and HBM
-// sharing of the local kernel is.
+// sharing of the local kernel is, and a local device-to-device copy of the slice stands in for
+// the copy engines' HBM traffic.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I ffi ffi/bench/overlap_bench.cu -lcublas -o /tmp/ovl && /tmp/ovl
+//   ncu --metrics launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__grid_size /tmp/ovl gemm
 //
-// Per case (Llama-3.3-70B shapes at TP=2: the MLP down projection of one half, M = tokens / 2,
-// K = 14336, N = 8192, bf16, fp32 accumulation, and the local kernel over that half's slice,
-// H = 8192): the GEMM alone, the kernel alone, then both started together on two streams
-// (median of 20): the GEMM's time, the kernel's, and the slow-down of the GEMM.
+// Why a chain and a delay: cuBLAS's H200 GEMM for these shapes is persistent, one 384-thread
+// block per SM that takes the whole register file (ncu, 2026-12-01: nvjet_sm90_tst_320x128,
+// 168 registers a thread, 189 KiB of shared memory, grid 132), so no other block can share an
+// SM with it.  A kernel started beside it runs only where GEMM blocks have exited (the last,
+// partial wave) and then holds those SMs against the next GEMM.  So the kernel is launched
+// 100 µs into the first of three GEMMs (one half's down projection, M = tokens / 2, K = 14336,
+// N = 8192, bf16) as in the woven schedule, and the cost is the chain's makespan with the
+// kernel minus the chain alone timed the same way ("none"), per round of all cases run in
+// turn; median and quartiles over 30 rounds.  "hidden" = kernel alone - cost.
+// `ovl gemm` runs each size's GEMM once, for ncu.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "bench_util.cuh"
@@ -29,8 +39,16 @@
     }                                                                          \
   } while (0)
 
-int main() {
+void host_wait_us(int us) {
+  const auto t = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - t < std::chrono::microseconds(us)) {
+  }
+}
+
+int main(int argc, char** argv) {
+  const bool gemm_only = argc > 1 && std::string(argv[1]) == "gemm";
   constexpr int64_t H = 8192, K = 14336;
+  constexpr int kChain = 3, kDelayUs = 100, kReps = 30;
   CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
   cudaStream_t sg, sk;
@@ -39,10 +57,10 @@ int main() {
   cublasHandle_t blas;
   CHECK_BLAS(cublasCreate(&blas));
   CHECK_BLAS(cublasSetStream(blas, sg));
-  std::printf("GEMM M x %lld x %lld (bf16) beside the local kernel over the same half's slice "
-              "(H %lld); µs, median of 20\n", (long long)K, (long long)H, (long long)H);
-  std::printf("%6s | %-10s %5s | %9s %9s | %9s %9s | %8s | %9s\n", "tokens", "kernel", "grid",
-              "gemm", "kernel", "gemm ovl", "krnl ovl", "gemm +%", "makespan");
+  if (!gemm_only)
+    std::printf("%d GEMMs M x %lld x %lld (bf16); the local kernel over one half's slice (H %lld) "
+                "launched %d µs into the first; µs, %d rounds\n",
+                kChain, (long long)K, (long long)H, (long long)H, kDelayUs, kReps);
   for (int64_t tokens : {4096, 16384}) {
     const int64_t M = tokens / 2, rows = M / 2;  // one half; my slice of it
     __nv_bfloat16 *a, *w, *c;
@@ -58,52 +76,79 @@ int main() {
                               CUDA_R_16BF, K, &zero, c, CUDA_R_16BF, H, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT));
     };
-    struct Case { const char* name; int grid; bool tma; };
-    const Case cases[] = {{"load/store", 132, false}, {"load/store", 64, false},
-                          {"tma", 132, true}, {"tma", 64, true}, {"tma", 32, true},
-                          {"tma", 16, true}};
-    const float g_alone = median_us(gemm, sg, 20);
-    for (const Case& k : cases) {
-      auto kernel = [&] {
-        if (k.tma)
+    if (gemm_only) {
+      gemm();
+      CHECK(cudaDeviceSynchronize());
+    } else {
+      auto chain = [&] {
+        for (int i = 0; i < kChain; ++i) gemm();
+      };
+      const float chain_alone = median_us(chain, sg, kReps);
+      std::printf("tokens %lld: one GEMM %.1f µs, chain %.1f µs\n", (long long)tokens,
+                  median_us(gemm, sg, kReps), chain_alone);
+      std::printf("  %-12s %5s | %8s | %8s %8s %16s | %8s\n", "kernel", "grid", "alone",
+                  "chain+k", "cost", "[p25, p75]", "hidden");
+      // my slice of one source (rows x H); the d2d case copies it twice, as push + pull would
+      const size_t slice_bytes = size_t(rows) * H * 2;
+      struct Case { const char* name; int grid; };
+      const Case cases[] = {{"none", -1},       {"load/store", 132}, {"load/store", 264},
+                            {"load/store", 528}, {"load/store", 1024}, {"tma", 16},
+                            {"tma", 32},         {"tma", 132},        {"d2d copy", 0}};
+      constexpr int kCases = sizeof(cases) / sizeof(cases[0]);
+      auto launch = [&](const Case& k) {
+        if (k.grid < 0) return;  // the control: the chain alone, timed the same way
+        if (k.grid == 0)         // the copy engines moving the slice's bytes twice (push + pull)
+          CHECK(cudaMemcpyAsync(p.out_slots[0], p.partial, 2 * slice_bytes,
+                                cudaMemcpyDeviceToDevice, sk));
+        else if (k.name[0] == 't')
           weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>
               <<<k.grid, weave::kCeTmaThreads, weave::ce_tma_smem_bytes(2, H), sk>>>(p);
         else
           weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<k.grid, weave::kThreads, 0, sk>>>(p);
       };
-      const float k_alone = median_us(kernel, sk, 20);
-      // both together: the kernel stream waits for the GEMM stream's start event
+      float alone[kCases];
+      for (int j = 0; j < kCases; ++j)
+        alone[j] = cases[j].grid < 0 ? 0.f : median_us([&] { launch(cases[j]); }, sk, kReps);
+      // Rounds over all cases (interleaved, so that clock and power drift hit them alike); a
+      // case's cost in a round is its makespan minus the control's in the same round.
       cudaEvent_t e0, eg, ek;
       CHECK(cudaEventCreate(&e0));
       CHECK(cudaEventCreate(&eg));
       CHECK(cudaEventCreate(&ek));
-      std::vector<float> tg, tk, tm;
-      for (int i = 0; i < 23; ++i) {
-        CHECK(cudaEventRecord(e0, sg));
-        CHECK(cudaStreamWaitEvent(sk, e0, 0));
-        kernel();
-        gemm();
-        CHECK(cudaEventRecord(eg, sg));
-        CHECK(cudaEventRecord(ek, sk));
-        CHECK(cudaStreamSynchronize(sg));
-        CHECK(cudaStreamSynchronize(sk));
-        float g, kk;
-        CHECK(cudaEventElapsedTime(&g, e0, eg));
-        CHECK(cudaEventElapsedTime(&kk, e0, ek));
-        if (i < 3) continue;  // warm-up
-        tg.push_back(g * 1e3f);
-        tk.push_back(kk * 1e3f);
-        tm.push_back(std::max(g, kk) * 1e3f);
+      std::vector<float> span[kCases], cost[kCases];
+      for (int r = 0; r < kReps + 2; ++r) {
+        float round[kCases];
+        for (int j = 0; j < kCases; ++j) {
+          CHECK(cudaEventRecord(e0, sg));
+          chain();
+          CHECK(cudaEventRecord(eg, sg));
+          host_wait_us(kDelayUs);
+          launch(cases[j]);
+          CHECK(cudaEventRecord(ek, sk));
+          CHECK(cudaDeviceSynchronize());
+          float g, kk;
+          CHECK(cudaEventElapsedTime(&g, e0, eg));
+          CHECK(cudaEventElapsedTime(&kk, e0, ek));
+          round[j] = std::max(g, kk) * 1e3f;
+        }
+        if (r < 2) continue;  // warm-up rounds
+        for (int j = 0; j < kCases; ++j) {
+          span[j].push_back(round[j]);
+          cost[j].push_back(round[j] - round[0]);
+        }
       }
       CHECK(cudaGetLastError());
-      for (auto* v : {&tg, &tk, &tm}) std::sort(v->begin(), v->end());
-      const float g_ovl = tg[tg.size() / 2], k_ovl = tk[tk.size() / 2], mk = tm[tm.size() / 2];
-      std::printf("%6lld | %-10s %5d | %9.1f %9.1f | %9.1f %9.1f | %7.1f%% | %9.1f\n",
-                  (long long)tokens, k.name, k.grid, g_alone, k_alone, g_ovl, k_ovl,
-                  100.0 * (g_ovl / g_alone - 1.0), mk);
       CHECK(cudaEventDestroy(e0));
       CHECK(cudaEventDestroy(eg));
       CHECK(cudaEventDestroy(ek));
+      for (int j = 0; j < kCases; ++j) {
+        for (auto* v : {&span[j], &cost[j]}) std::sort(v->begin(), v->end());
+        const size_t n = cost[j].size();
+        const float c = cost[j][n / 2];
+        std::printf("  %-12s %5d | %8.1f | %8.1f %8.1f [%6.1f, %6.1f] | %8.1f\n", cases[j].name,
+                    cases[j].grid, alone[j], span[j][n / 2], c, cost[j][n / 4],
+                    cost[j][3 * n / 4], alone[j] - c);
+      }
     }
     for (void* x : {(void*)a, (void*)w, (void*)c}) CHECK(cudaFree(x));
     free_ce_slice(p);
