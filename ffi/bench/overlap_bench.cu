@@ -17,7 +17,9 @@
 // N = 8192, bf16) as in the woven schedule, and the cost is the chain's makespan with the
 // kernel minus the chain alone timed the same way ("none"), per round of all cases run in
 // turn; median and quartiles over 30 rounds.  "hidden" = kernel alone - cost.
-// `ovl gemm` runs each size's GEMM once, for ncu.
+// `ovl gemm` runs each size's GEMM once, for ncu.  `ovl TOKENS DELAYS` (comma lists, e.g.
+// `ovl 4096,8192 30,100,300`) sets the token counts and the kernel's delays in µs (default
+// 4096,16384 and 100).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -45,10 +47,27 @@ void host_wait_us(int us) {
   }
 }
 
+std::vector<int64_t> int_list(const char* arg) {  // "a,b,c" -> {a, b, c}
+  std::vector<int64_t> v;
+  for (const char* c = arg; *c;) {
+    char* end;
+    v.push_back(std::strtoll(c, &end, 10));
+    c = *end == ',' ? end + 1 : end;
+    if (end == c && *c) {
+      std::fprintf(stderr, "not a comma list of integers: %s\n", arg);
+      std::exit(2);
+    }
+  }
+  return v;
+}
+
 int main(int argc, char** argv) {
   const bool gemm_only = argc > 1 && std::string(argv[1]) == "gemm";
+  const std::vector<int64_t> token_counts =
+      argc > 1 && !gemm_only ? int_list(argv[1]) : std::vector<int64_t>{4096, 16384};
+  const std::vector<int64_t> delays = argc > 2 ? int_list(argv[2]) : std::vector<int64_t>{100};
   constexpr int64_t H = 8192, K = 14336;
-  constexpr int kChain = 3, kDelayUs = 100, kReps = 30;
+  constexpr int kChain = 3, kReps = 30;
   CHECK(cudaFuncSetAttribute(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
   cudaStream_t sg, sk;
@@ -59,9 +78,9 @@ int main(int argc, char** argv) {
   CHECK_BLAS(cublasSetStream(blas, sg));
   if (!gemm_only)
     std::printf("%d GEMMs M x %lld x %lld (bf16); the local kernel over one half's slice (H %lld) "
-                "launched %d µs into the first; µs, %d rounds\n",
-                kChain, (long long)K, (long long)H, (long long)H, kDelayUs, kReps);
-  for (int64_t tokens : {4096, 16384}) {
+                "launched into the first; µs, %d rounds\n",
+                kChain, (long long)K, (long long)H, (long long)H, kReps);
+  for (int64_t tokens : token_counts) {
     const int64_t M = tokens / 2, rows = M / 2;  // one half; my slice of it
     __nv_bfloat16 *a, *w, *c;
     CHECK(cudaMalloc(&a, M * K * 2));
@@ -86,8 +105,6 @@ int main(int argc, char** argv) {
       const float chain_alone = median_us(chain, sg, kReps);
       std::printf("tokens %lld: one GEMM %.1f µs, chain %.1f µs\n", (long long)tokens,
                   median_us(gemm, sg, kReps), chain_alone);
-      std::printf("  %-12s %5s | %8s | %8s %8s %16s | %8s\n", "kernel", "grid", "alone",
-                  "chain+k", "cost", "[p25, p75]", "hidden");
       // my slice of one source (rows x H); the d2d case copies it twice, as push + pull would
       const size_t slice_bytes = size_t(rows) * H * 2;
       struct Case { const char* name; int grid; };
@@ -109,45 +126,50 @@ int main(int argc, char** argv) {
       float alone[kCases];
       for (int j = 0; j < kCases; ++j)
         alone[j] = cases[j].grid < 0 ? 0.f : median_us([&] { launch(cases[j]); }, sk, kReps);
-      // Rounds over all cases (interleaved, so that clock and power drift hit them alike); a
-      // case's cost in a round is its makespan minus the control's in the same round.
-      cudaEvent_t e0, eg, ek;
-      CHECK(cudaEventCreate(&e0));
-      CHECK(cudaEventCreate(&eg));
-      CHECK(cudaEventCreate(&ek));
-      std::vector<float> span[kCases], cost[kCases];
-      for (int r = 0; r < kReps + 2; ++r) {
-        float round[kCases];
-        for (int j = 0; j < kCases; ++j) {
-          CHECK(cudaEventRecord(e0, sg));
-          chain();
-          CHECK(cudaEventRecord(eg, sg));
-          host_wait_us(kDelayUs);
-          launch(cases[j]);
-          CHECK(cudaEventRecord(ek, sk));
-          CHECK(cudaDeviceSynchronize());
-          float g, kk;
-          CHECK(cudaEventElapsedTime(&g, e0, eg));
-          CHECK(cudaEventElapsedTime(&kk, e0, ek));
-          round[j] = std::max(g, kk) * 1e3f;
+      for (int64_t delay : delays) {
+        std::printf("  kernel launched %lld µs into the chain\n", (long long)delay);
+        std::printf("  %-12s %5s | %8s | %8s %8s %16s | %8s\n", "kernel", "grid", "alone",
+                    "chain+k", "cost", "[p25, p75]", "hidden");
+        // Rounds over all cases (interleaved, so that clock and power drift hit them alike); a
+        // case's cost in a round is its makespan minus the control's in the same round.
+        cudaEvent_t e0, eg, ek;
+        CHECK(cudaEventCreate(&e0));
+        CHECK(cudaEventCreate(&eg));
+        CHECK(cudaEventCreate(&ek));
+        std::vector<float> span[kCases], cost[kCases];
+        for (int r = 0; r < kReps + 2; ++r) {
+          float round[kCases];
+          for (int j = 0; j < kCases; ++j) {
+            CHECK(cudaEventRecord(e0, sg));
+            chain();
+            CHECK(cudaEventRecord(eg, sg));
+            host_wait_us(static_cast<int>(delay));
+            launch(cases[j]);
+            CHECK(cudaEventRecord(ek, sk));
+            CHECK(cudaDeviceSynchronize());
+            float g, kk;
+            CHECK(cudaEventElapsedTime(&g, e0, eg));
+            CHECK(cudaEventElapsedTime(&kk, e0, ek));
+            round[j] = std::max(g, kk) * 1e3f;
+          }
+          if (r < 2) continue;  // warm-up rounds
+          for (int j = 0; j < kCases; ++j) {
+            span[j].push_back(round[j]);
+            cost[j].push_back(round[j] - round[0]);
+          }
         }
-        if (r < 2) continue;  // warm-up rounds
+        CHECK(cudaGetLastError());
+        CHECK(cudaEventDestroy(e0));
+        CHECK(cudaEventDestroy(eg));
+        CHECK(cudaEventDestroy(ek));
         for (int j = 0; j < kCases; ++j) {
-          span[j].push_back(round[j]);
-          cost[j].push_back(round[j] - round[0]);
+          for (auto* v : {&span[j], &cost[j]}) std::sort(v->begin(), v->end());
+          const size_t n = cost[j].size();
+          const float med = cost[j][n / 2];
+          std::printf("  %-12s %5d | %8.1f | %8.1f %8.1f [%6.1f, %6.1f] | %8.1f\n", cases[j].name,
+                      cases[j].grid, alone[j], span[j][n / 2], med, cost[j][n / 4],
+                      cost[j][3 * n / 4], alone[j] - med);
         }
-      }
-      CHECK(cudaGetLastError());
-      CHECK(cudaEventDestroy(e0));
-      CHECK(cudaEventDestroy(eg));
-      CHECK(cudaEventDestroy(ek));
-      for (int j = 0; j < kCases; ++j) {
-        for (auto* v : {&span[j], &cost[j]}) std::sort(v->begin(), v->end());
-        const size_t n = cost[j].size();
-        const float c = cost[j][n / 2];
-        std::printf("  %-12s %5d | %8.1f | %8.1f %8.1f [%6.1f, %6.1f] | %8.1f\n", cases[j].name,
-                    cases[j].grid, alone[j], span[j][n / 2], c, cost[j][n / 4],
-                    cost[j][3 * n / 4], alone[j] - c);
       }
     }
     for (void* x : {(void*)a, (void*)w, (void*)c}) CHECK(cudaFree(x));
