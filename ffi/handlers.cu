@@ -47,11 +47,13 @@ constexpr int kAlgoTwoShotLsu = 3;  // two-shot with 16-byte copies only (sm_80'
 // The copy-engine algorithm's variants (protocol in the kernel file): kAlgoCopyEngine pulls
 // the peers' normalized rows with the copy engines; Direct has each kernel store its rows
 // straight into the peer's output at world 2 (DIRECT; pulls above); Lsu pulls and always uses
-// the load/store kernel.
+// the load/store kernel; Tma pulls and uses the TMA kernel at any grid where it applies.
 constexpr int kAlgoCopyEngineDirect = 4;
 constexpr int kAlgoCopyEngineLsu = 5;
+constexpr int kAlgoCopyEngineTma = 6;
 constexpr bool is_copy_engine(int32_t algo) {
-  return algo == kAlgoCopyEngine || algo == kAlgoCopyEngineDirect || algo == kAlgoCopyEngineLsu;
+  return algo == kAlgoCopyEngine || algo == kAlgoCopyEngineDirect || algo == kAlgoCopyEngineLsu ||
+         algo == kAlgoCopyEngineTma;
 }
 
 ffi::Error op_error(const char* op, const std::string& msg) {
@@ -97,7 +99,7 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
   if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
-  if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineLsu)
+  if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineTma)
     return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), "
                         "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, direct) or 5 "
                         "(copy engine, load/store kernel)");
@@ -195,15 +197,18 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
 
 // The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
 // world 2, 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
-// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, unless the call asks
-// for the load/store kernel (kAlgoCopyEngineLsu).  Why the grid limit (one H200,
-// ffi/NOTES.md): alone, the TMA kernel is 1.55-1.64x faster at 8-32 blocks but HBM-bound like
-// the load/store kernel from 64; beside a GEMM at 132 blocks it slowed the GEMM as much or
-// more (+4.5-12.1% vs +4.6-8.5%, three runs).
+// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, at any grid for
+// kAlgoCopyEngineTma, never for kAlgoCopyEngineLsu.  Why the grid limit: alone, the TMA kernel
+// is 1.55-1.64x faster at 8-32 blocks and HBM-bound like the load/store kernel from 64 (one
+// H200, ffi/NOTES.md), and the woven default (132 blocks) keeps the kernel the 2-GPU model runs
+// measured.  Launched into running GEMMs, 132 TMA blocks cost them less than 132 load/store
+// blocks (ffi/NOTES.md, tenth session, one H200): kAlgoCopyEngineTma is how the model compares
+// the two on 2 GPUs.
 constexpr int kCeTmaMaxGrid = 32;
 bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t algo,
                  int32_t ctas) {
-  return w.sm_major >= 9 && algo != kAlgoCopyEngineLsu && p.world == 2 && ctas <= kCeTmaMaxGrid &&
+  return w.sm_major >= 9 && algo != kAlgoCopyEngineLsu && p.world == 2 &&
+         (ctas <= kCeTmaMaxGrid || algo == kAlgoCopyEngineTma) &&
          weave::ce_tma_rows(p.hidden) > 0 &&
          weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
 }
@@ -214,7 +219,8 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
     case kAlgoCopyEngineDirect:
-    case kAlgoCopyEngineLsu: {
+    case kAlgoCopyEngineLsu:
+    case kAlgoCopyEngineTma: {
       const int tma_rows = ce_tma_fits(p, w, algo, ctas) ? weave::ce_tma_rows(p.hidden) : 0;
       const int64_t smem = weave::ce_tma_smem_bytes(p.world, p.hidden);
       if (tma_rows == 1)

@@ -364,8 +364,8 @@ def main():
   ap.add_argument("--ce-variants", default="copy_engine", help="copy-engine algorithms to time "
                   "for each grid and chunk count: copy_engine (pull copies), copy_engine_direct "
                   "(stores into the peer's output at TP=2), copy_engine_lsu (load/store "
-                  "kernel); e.g. all three for same-run ratios (methods fused_ce_gG_kK, "
-                  "..._direct, ..._lsu)")
+                  "kernel), copy_engine_tma (TMA kernel at any grid); several for same-run "
+                  "ratios (methods fused_ce_gG_kK, ..._direct, ..._lsu, ..._tma)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
   ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
                   "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")

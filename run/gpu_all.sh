@@ -6,9 +6,9 @@
 # Not in the default set:
 #   ce:   the copy-engine variants -- pull, direct, load/store kernel -- at 16 and 132 blocks,
 #         32-256 MiB (microbenchmark)
-#   grid: the woven copy-engine calls' grid in the model (Llama-3.3-70B shapes, 16 layers, 4K
-#         and 16K tokens): the default 132 load/store blocks against 16 / 32 TMA blocks and 528
-#         load/store blocks (ffi/NOTES.md, tenth session: one-GPU evidence, to be checked here)
+#   grid: the woven copy-engine calls' kernel in the model (Llama-3.3-70B shapes, 16 layers, 4K
+#         and 16K tokens): the default 132 load/store blocks against 132 / 32 / 16 TMA blocks and
+#         528 load/store blocks (ffi/NOTES.md, tenth session: one-GPU evidence, checked here)
 # All stages together take longer than one 10-minute device call: the fused-kernel test file
 # alone needs > 5 min at its default size (set WEAVE_TEST_SHAPES=40 to shrink it).
 # Multicast stays off: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM removed.
@@ -44,8 +44,9 @@ for stage in $stages; do
         --json "$OUT/ce_variants.json" 2>&1 | quiet | tee "$OUT/ce_variants.log" || rc=1 ;;
     grid)
       timeout ${GRID_TIMEOUT:-420} $PY run/bench_prefill.py --layers 16 --tokens 4096 16384 \
-        --variants baseline fused+tuned fused+tuned:ce_ctas=16 fused+tuned:ce_ctas=32 \
-        fused+tuned:ce_ctas=528 nocomm --iters 6 --no-matmul-peak --json "$OUT/prefill_grid.json" \
+        --variants baseline fused+tuned fused+tuned:weave_algorithm=copy_engine_tma \
+        fused+tuned:ce_ctas=32 fused+tuned:ce_ctas=16 fused+tuned:ce_ctas=528 nocomm --iters 6 \
+        --no-matmul-peak --json "$OUT/prefill_grid.json" \
         --png "$OUT/prefill_grid.png" 2>&1 | quiet | tee "$OUT/prefill_grid.log" || rc=1 ;;
     prefill)
       for p in $PRESETS; do

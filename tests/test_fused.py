@@ -61,6 +61,10 @@ def _args(tokens=64, hidden=1024, dtype=jnp.bfloat16, res_dtype=None, w_dtype=No
      r"cmd_buffer=True cannot run algorithm='copy_engine_direct'"),
     (_args(), {"algorithm": "copy_engine_lsu", "ce_ctas": 2000}, ValueError,
      r"ce_ctas=2000 outside 2\.\.1024"),
+    (_args(), {"algorithm": "copy_engine_tma", "ce_ctas": 1}, ValueError,
+     r"ce_ctas=1 outside 2\.\.1024"),
+    (_args(), {"algorithm": "copy_engine_tma", "cmd_buffer": True}, ValueError,
+     r"cmd_buffer=True cannot run algorithm='copy_engine_tma'"),
 ])
 def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
   with pytest.raises(exc, match=msg):

@@ -151,6 +151,7 @@ CASES += [(1, 1024, 2, "copy_engine"), (3, 8, 1024, "copy_engine:32"),
           (32768, 4096, 16, "copy_engine:32"), (4097, 2048, 64, "copy_engine:5")]
 CASES += [(1025, 8192, 7, "copy_engine_direct:3"), (32768, 4096, 16, "copy_engine_direct:32"),
           (5, 6144, 2, "copy_engine_direct")]
+CASES += [(3000, 8192, 132, "copy_engine_tma:2"), (1025, 4096, 1024, "copy_engine_tma")]
 CASES += _random_shapes(max(2, N_SHAPES // 5), 8, "copy_engine")
 CASES += _random_shapes(max(2, N_SHAPES // 10), 9, "copy_engine_direct")
 
@@ -172,12 +173,14 @@ def test_matches_psum_reference(ws, case):
                                                 ("copy_engine", "high"),
                                                 ("copy_engine:4", "normal"),
                                                 ("copy_engine_direct", "normal"),
-                                                ("copy_engine_direct:3", "high")])
+                                                ("copy_engine_direct:3", "high"),
+                                                ("copy_engine_tma", "normal")])
 def test_start_done_matches_sync(ws, algorithm, priority):
   """start/done (side stream, results written into start's own outputs, aliased by done) give
-  the same bits as the synchronous call, with a GEMM of the other operands between them."""
+  the same bits as the synchronous call, with a GEMM of the other operands between them.
+  Kernels on 8 blocks; "copy_engine_tma" on 132 (the woven default's grid)."""
   tokens, hidden = (24, 4096) if algorithm == "one_shot" else (4096, 4096)
-  kw = _call_kw(algorithm, 8)
+  kw = _call_kw(algorithm, 132 if algorithm == "copy_engine_tma" else 8)
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, **kw)
@@ -206,15 +209,17 @@ def test_start_done_matches_sync(ws, algorithm, priority):
     (3000, 8192, 1, None, "_direct"), (3000, 8192, 5, 16, "_direct"), (777, 6144, 3, 7, "_direct"),
     (1, 4104, 1, 16, "_direct"), (2001, 4096, 2, 32, "_direct"), (4097, 2048, 2, 16, "_direct"),
     (3000, 8192, 2, None, ""), (3000, 8192, 5, 16, ""), (777, 6144, 3, 7, ""),
-    (3000, 8192, 5, 16, "_lsu")])
+    (3000, 8192, 5, 16, "_lsu"), (3000, 8192, 2, None, "_tma"), (2001, 4096, 1, 528, "_tma"),
+    (777, 6144, 3, 1024, "_tma"), (4097, 2048, 2, 132, "_tma")])
 def test_copy_engine_bitwise_equals_two_shot(ws, tokens, hidden, chunks, grid, variant):
   """Both reduce my slice in the same source order with the same per-row sums: identical bits,
   however the copy-engine call is cut into chunks, in every variant ("copy_engine_direct"
   stores into the peer's output at TP=2; "copy_engine" and "copy_engine_lsu" pull it).  At
   TP=2 on sm_90 with 2048 < H <= 8192 and grids up to 32 the call runs the TMA local kernel
   (one row per iteration above 4096, two at or below; odd token counts: the last rank's
-  padding row, a grid that does not divide the rows); the default grid (132), H = 2048 and
-  "copy_engine_lsu" run the load/store kernel."""
+  padding row, a grid that does not divide the rows), and at any grid with "copy_engine_tma"
+  (here 132-1024 blocks); the default grid (132), H = 2048 and "copy_engine_lsu" run the
+  load/store kernel."""
 
   def local(partial, residual, weight):
     a = ops.fused_reduce_add_norm(partial, residual, weight, eps=EPS, algorithm="two_shot", ctas=32)

@@ -35,6 +35,9 @@ Algorithms (``algorithm=``; "auto" picks by message size, see ``choose_algorithm
                  straight into the peer's output: no pull copies (at TP > 2 as copy_engine)
     copy_engine_lsu   copy_engine with the load/store local kernel always (comparisons: the
                  eighth session's copy-engine algorithm)
+    copy_engine_tma   copy_engine with the TMA local kernel at any ``ce_ctas`` where the kernel
+                 applies (TP=2, sm_90+, 2048 < H <= 8192; elsewhere as copy_engine): to compare
+                 132 TMA blocks with the default 132 load/store blocks in the woven model
 """
 from __future__ import annotations
 
@@ -54,9 +57,10 @@ MAX_CE_CHUNKS = 32        # kMaxCeChunks: the copy-engine pipeline's depth
 ONE_SHOT_BYTES = 1 << 20  # kOneShotBytes: one-shot staging per source (ffi/workspace.cu)
 _TRANSPORTS = {"peer": 0, "multimem": 1}
 ALGORITHMS = {"two_shot": 0, "copy_engine": 1, "one_shot": 2, "two_shot_lsu": 3,
-              "copy_engine_direct": 4, "copy_engine_lsu": 5}
+              "copy_engine_direct": 4, "copy_engine_lsu": 5, "copy_engine_tma": 6}
 #: the copy-engine algorithm and its variants (module docstring)
-COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_direct", "copy_engine_lsu")
+COPY_ENGINE_ALGORITHMS = ("copy_engine", "copy_engine_direct", "copy_engine_lsu",
+                          "copy_engine_tma")
 
 # "auto" sends messages up to this many bytes to one_shot, from run/bench_allreduce_norm.py on
 # 2 x H200 (BENCHMARKS.md): at 128-256 KiB the two are about even (9-14 µs of GPU time); from
@@ -240,7 +244,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, ctas: int = 
     ctas: thread blocks (2..128) of the one-shot and two-shot kernels, equal on every rank.
     transport: "peer" or "multimem" (must match the workspace).
     algorithm: "auto", "one_shot", "two_shot", "two_shot_lsu", "copy_engine",
-      "copy_engine_direct" or "copy_engine_lsu" (module docstring).
+      "copy_engine_direct", "copy_engine_lsu" or "copy_engine_tma" (module docstring).
     ce_ctas: thread blocks (2..1024) of the copy-engine algorithm's local reduce kernel.
     ce_chunks: chunks (1..32) the copy-engine algorithm pipelines a call in, or "auto"
       (``ce_chunks_for``: 2 from CE_TWO_CHUNKS_MIN_SLICE_BYTES of a rank's slice, else 1).
