@@ -4,8 +4,8 @@
 # ./gpu_out).  Stages can be chosen:
 #   bash run/gpu_all.sh [build] [test] [fused] [ce] [grid] [prefill] [tune]
 # Not in the default set:
-#   ce:   the copy-engine variants -- pull, direct, load/store kernel -- at 16 and 132 blocks,
-#         32-256 MiB (microbenchmark)
+#   ce:   the copy-engine variants -- pull, direct, load/store kernel, TMA kernel -- at 16 and
+#         132 blocks, 2K-16K tokens of H 8192 (microbenchmark)
 #   grid: the woven copy-engine calls' kernel in the model (Llama-3.3-70B shapes, 16 layers, 4K
 #         and 16K tokens): the default 132 load/store blocks against 132 / 32 / 16 TMA blocks and
 #         528 load/store blocks (ffi/NOTES.md, tenth session: one-GPU evidence, checked here)
@@ -38,9 +38,10 @@ for stage in $stages; do
       timeout ${FUSED_TIMEOUT:-240} $PY run/bench_allreduce_norm.py --json "$OUT/allreduce_norm.json" \
         2>&1 | quiet | tee "$OUT/allreduce_norm.log" || rc=1 ;;
     ce)
-      timeout ${CE_TIMEOUT:-300} $PY run/bench_allreduce_norm.py --skip-torch --min-tokens 2048 \
+      timeout ${CE_TIMEOUT:-420} $PY run/bench_allreduce_norm.py --skip-torch --min-tokens 2048 \
         --max-tokens 16384 --ctas 16 --plain-ctas= --oneshot-ctas= --ce-grids 16,132 \
-        --ce-chunks 1,2,4 --ce-variants copy_engine,copy_engine_direct,copy_engine_lsu --reps 5 \
+        --ce-chunks 1,2,4 --ce-variants copy_engine,copy_engine_direct,copy_engine_lsu,copy_engine_tma \
+        --reps 5 \
         --json "$OUT/ce_variants.json" 2>&1 | quiet | tee "$OUT/ce_variants.log" || rc=1 ;;
     grid)
       timeout ${GRID_TIMEOUT:-420} $PY run/bench_prefill.py --layers 16 --tokens 4096 16384 \
