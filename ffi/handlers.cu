@@ -101,8 +101,8 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
   if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineTma)
     return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), "
-                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, direct) or 5 "
-                        "(copy engine, load/store kernel)");
+                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, direct), 5 "
+                        "(copy engine, load/store kernel) or 6 (copy engine, TMA kernel)");
   const int max_ctas = is_copy_engine(algo) ? weave::kMaxCeCtas : weave::kMaxCtas;
   if (ctas < weave::kMinCtas || ctas > max_ctas)
     return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
