@@ -58,6 +58,11 @@ def parse_args(argv=None):
                  help=VARIANT_HELP + ".  Default: baseline rs_ag rs_ag+weave nocomm (+ fused, "
                       "fused+weave on GPU when the FFI library is built)")
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
+  p.add_argument("--shard-of", type=int, default=None, metavar="N",
+                 help="build one TP=N rank's shapes (heads, KV heads and FFN divided by N; "
+                      "dense presets) and run them with --tp (default 1): the compute of a "
+                      "TP=N rank on one GPU.  Only the nocomm variants, which have no "
+                      "communication to leave out")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20 if gpu else 5)
   p.add_argument("--weave-min-tokens", type=int, default=None,
@@ -72,6 +77,13 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.variants and len(set(args.variants)) != len(args.variants):
     p.error(f"--variants names a variant twice: {args.variants}")
+  if args.shard_of is not None:
+    if args.shard_of not in (2, 4, 8):
+      p.error(f"--shard-of must be 2, 4 or 8, got {args.shard_of}")
+    if not args.variants or set(args.variants) - {"nocomm", "nocomm+weave"}:
+      p.error("--shard-of runs only the variants nocomm and nocomm+weave (name them with "
+              "--variants): on one rank's shapes the others would time no communication")
+    args.tp = args.tp or 1
   return args
 
 
@@ -91,6 +103,16 @@ def make_engine(model, mesh, variant: str, args) -> Engine:
   return engine_for(model, mesh, variant, ctas=args.ctas, weave_min_tokens=args.weave_min_tokens)
 
 
+def rank_shapes(cfg, n: int):
+  """The shapes one rank of TP=n holds (dense models): heads, KV heads and FFN divided by n."""
+  if cfg.is_moe:
+    raise ValueError("--shard-of: MoE presets shard their experts, not one rank's shapes; "
+                     "use a dense preset")
+  cfg.check_tp(n)
+  return cfg.replace(num_heads=cfg.num_heads // n, num_kv_heads=cfg.num_kv_heads // n,
+                     intermediate_size=cfg.intermediate_size // n)
+
+
 def build(args):
   """(config, mesh, model) for the preset, with --layers (default: 4 on GPU for large presets)."""
   cfg0 = preset(args.preset)
@@ -98,6 +120,8 @@ def build(args):
   if layers is None:
     layers = 4 if (HAS_GPU and cfg0.num_layers > 8) else cfg0.num_layers
   cfg = preset(args.preset, num_layers=layers)
+  if args.shard_of:
+    cfg = rank_shapes(cfg, args.shard_of)
   mesh = make_mesh(args.tp)
   return cfg, mesh, init_random(cfg, mesh)
 
@@ -110,7 +134,8 @@ def run(args, cfg, mesh, model) -> dict:
   if not HAS_GPU:
     progress("no GPU: running on virtual CPU devices; these timings only show that the harness "
              "works (the 'devices' share the host's cores)")
-  progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers, TP={tp} on "
+  shapes = f", one TP={args.shard_of} rank's shapes" if getattr(args, "shard_of", None) else ""
+  progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers{shapes}, TP={tp} on "
            f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
   peak = None
   if HAS_GPU and not args.no_matmul_peak:
@@ -150,6 +175,7 @@ def run(args, cfg, mesh, model) -> dict:
     if peak and "ms" in row.get("nocomm", {}):
       row["nocomm_mfu"] = flops / (row["nocomm"]["ms"] * 1e-3) / (peak * 1e12)
   return {"preset": args.preset, "layers": layers, "tp": tp, "variants": variants,
+          "shard_of": getattr(args, "shard_of", None),
           "device": getattr(dev, "device_kind", dev.platform), "devices": mesh.devices.size,
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
           "matmul_peak_tflops": peak, "rows": rows,

@@ -50,6 +50,29 @@ def test_main_job_on_cpu_writes_table_json_and_chart(bench_prefill, tmp_path, ca
   assert png.stat().st_size > 0
 
 
+def test_shard_of_runs_one_ranks_shapes(bench_prefill, tmp_path):
+  """--shard-of N: one TP=N rank's heads, KV heads and FFN on --tp 1; bad uses are usage errors."""
+  from weave_jax import preset
+  cfg = bench_prefill.rank_shapes(preset("llama-3.3-70b"), 2)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.hidden_size) == (
+      32, 4, 14336, 8192)
+  with pytest.raises(ValueError, match="MoE"):
+    bench_prefill.rank_shapes(preset("mixtral-8x22b"), 2)
+  with pytest.raises(ValueError, match="TP size 4 does not divide num_kv_heads=2"):
+    bench_prefill.rank_shapes(preset("tiny", num_kv_heads=2), 4)
+  for bad in (["--shard-of", "2"], ["--shard-of", "2", "--variants", "baseline", "nocomm"],
+              ["--shard-of", "3", "--variants", "nocomm"]):
+    with pytest.raises(SystemExit):
+      bench_prefill.parse_args(bad)
+  out = tmp_path / "shard.json"
+  bench_prefill.main(["--shard-of", "2", "--tokens", "64", "--variants", "nocomm", "nocomm+weave",
+                      "--iters", "1", "--warmup", "1", "--json", str(out)])
+  res = json.loads(out.read_text())
+  assert res["tp"] == 1 and res["shard_of"] == 2
+  assert res["rows"][0]["nocomm+weave"]["split"] is not None
+  assert res["rows"][0]["nocomm"]["ms"] > 0
+
+
 def test_variant_names(bench_prefill):
   import run_common  # bench_prefill put run/ on sys.path
   assert run_common.parse_variant("fused+weave@8") == ("fused+weave", {"ctas": 8, "weave_ctas": 8})
