@@ -134,7 +134,7 @@ def run(args, cfg, mesh, model) -> dict:
   if not HAS_GPU:
     progress("no GPU: running on virtual CPU devices; these timings only show that the harness "
              "works (the 'devices' share the host's cores)")
-  shapes = f", one TP={args.shard_of} rank's shapes" if getattr(args, "shard_of", None) else ""
+  shapes = f", one TP={args.shard_of} rank's shapes" if args.shard_of else ""
   progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers{shapes}, TP={tp} on "
            f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
   peak = None
@@ -175,7 +175,7 @@ def run(args, cfg, mesh, model) -> dict:
     if peak and "ms" in row.get("nocomm", {}):
       row["nocomm_mfu"] = flops / (row["nocomm"]["ms"] * 1e-3) / (peak * 1e12)
   return {"preset": args.preset, "layers": layers, "tp": tp, "variants": variants,
-          "shard_of": getattr(args, "shard_of", None),
+          "shard_of": args.shard_of,
           "device": getattr(dev, "device_kind", dev.platform), "devices": mesh.devices.size,
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
           "matmul_peak_tflops": peak, "rows": rows,
