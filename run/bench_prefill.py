@@ -254,7 +254,8 @@ def main(argv=None):
   print(table(res))
   out = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
-      f"prefill_{res['preset']}_{res['device'].replace(' ', '_')}_tp{res['tp']}.json")
+      f"prefill_{res['preset']}_{res['device'].replace(' ', '_')}_tp{res['tp']}"
+      + (f"_shard-of-{res['shard_of']}" if res["shard_of"] else "") + ".json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(res, f, indent=1)
