@@ -9,6 +9,7 @@ if "jax" not in sys.modules:  # a tests/conftest.py may set this too; only matte
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -135,6 +136,40 @@ def test_top_ops_synthetic_exact():
       ("fused_reduce", 0.5, 60.0, 120.0, True), ("gemm_fusion_", 0.5, 50.0, 100.0, False),
       ("nvjet_sm90_t", 0.5, 50.0, 100.0, False), ("ncclDevKerne", 0.5, 40.0, 80.0, True)]
   assert "top ops by time per step" in wt.format_table(wt.analyze(SYNTH))
+
+
+def test_compare_kernel_by_kernel():
+  """--compare: the kernels both traces ran, by per-step slow-down in the first; the rest is
+  counted apart.  Two steps each; "gemm" runs twice a step in both, 10% slower in A."""
+  def ops(gemm_us, extra):
+    out, t = [], 0.0
+    for _ in range(2):  # steps [0, 1000), [1000, 2000)
+      for name, dur, coll in [("gemm", gemm_us, False), ("gemm", gemm_us, False),
+                              ("attn", 50.0, False)] + extra:
+        out.append(wt.Op("/device:GPU:0", "s0", t, t + dur, name, coll, "layer_0"))
+        t += dur
+      t = 1000.0
+    return out
+  windows = [(0, 0.0, 1000.0), (1, 1000.0, 2000.0)]
+  a = wt.analyze_ops(ops(110.0, [("ce_reduce_add_norm_kernel", 30.0, True),
+                                 ("fusion_7", 20.0, False)]), windows, "A")
+  b = wt.analyze_ops(ops(100.0, [("fusion_9", 40.0, False)]), windows, "B")
+  deltas = wt.compare_ops(a.ops, b.ops)
+  assert [(d.name, d.calls_a, d.mean_a_us, d.mean_b_us) for d in deltas] == [
+      ("gemm", 2.0, 110.0, 100.0), ("attn", 1.0, 50.0, 50.0)]
+  assert deltas[0].extra_us == pytest.approx(20.0) and deltas[1].extra_us == 0.0
+  text = wt.format_compare(a, b)
+  assert "shared kernels' slow-down in A: 0.020 ms" in text
+  assert "only A ran: 0.050 ms" in text and "only B ran: 0.040 ms" in text
+
+
+def test_cli_compare_a_trace_with_itself():
+  proc = _cli(GPU_REAL, "--compare", GPU_REAL)
+  assert proc.returncode == 0, proc.stderr
+  assert "shared kernels' slow-down in A: 0.000 ms" in proc.stdout
+  only = re.search(r"only A ran: ([\d.]+) ms per step; only B ran: ([\d.]+) ms", proc.stdout)
+  assert only and only[1] == only[2]  # its collectives, on both sides
+  assert _cli(GPU_REAL, "--compare", "/nonexistent").returncode == 2
 
 
 def test_real_gpu_fixture():

@@ -26,7 +26,9 @@ Trace structure (Chrome/Perfetto JSON that jax writes as ``<run>/<host>.trace.js
   compiled HLO), and ``analyze`` reads it for layer attribution and classification.
 - Steps: host events named ``step`` with an ``args.step_num`` (``StepTraceAnnotation``).
 
-CLI: ``python -m weave_jax.trace DIR_OR_FILE [--json]``.
+CLI: ``python -m weave_jax.trace DIR_OR_FILE [--json] [--compare OTHER]``; ``--compare`` prints,
+kernel by kernel, how much longer the kernels both traces ran took in the first (e.g. the woven
+model's GEMMs against the same split without communication).
 """
 
 from __future__ import annotations
@@ -367,10 +369,10 @@ class TopOp:
   collective: bool
 
 
-def top_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]], device: str,
-            n: int = 12) -> list[TopOp]:
-  """The ``n`` op names with the most time per step on ``device`` (ops assigned to steps by
-  start time, as in ``analyze_ops``): where a step's time goes, kernel by kernel."""
+def op_times(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
+             device: str) -> list[TopOp]:
+  """Every op name's time per step on ``device`` (ops assigned to steps by start time, as in
+  ``analyze_ops``), most time first: where a step's time goes, kernel by kernel."""
   mine = [o for o in ops if o.device == device
           and any(t0 <= o.start < t1 for _, t0, t1 in windows)]
   by_name: dict[str, list[Op]] = defaultdict(list)
@@ -380,7 +382,40 @@ def top_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]], devi
   rows = [TopOp(name, len(v) / steps, sum(o.end - o.start for o in v) / steps,
                 sum(o.end - o.start for o in v) / len(v), v[0].collective)
           for name, v in by_name.items()]
-  return sorted(rows, key=lambda t: -t.total_us)[:n]
+  return sorted(rows, key=lambda t: -t.total_us)
+
+
+def top_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]], device: str,
+            n: int = 12) -> list[TopOp]:
+  """The ``n`` op names with the most time per step on ``device`` (``op_times``)."""
+  return op_times(ops, windows, device)[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDelta:
+  """One kernel name in two traces (e.g. the woven model and the same split without
+  communication): how much longer each execution ran in ``a``, and what that cost per step."""
+
+  name: str
+  calls_a: float
+  calls_b: float
+  mean_a_us: float
+  mean_b_us: float
+
+  @property
+  def extra_us(self) -> float:
+    """Per step: a's executions at a's mean minus at b's (only the slow-down, not the count)."""
+    return self.calls_a * (self.mean_a_us - self.mean_b_us)
+
+
+def compare_ops(a: Sequence[TopOp], b: Sequence[TopOp]) -> list[OpDelta]:
+  """The kernel names (not collectives) both traces ran, largest per-step slow-down in ``a``
+  first.  Kernel names such as cuBLAS's ``nvjet_*`` are the same in two programs that run the
+  same GEMM shapes; XLA fusion names are numbered per program and rarely match."""
+  bb = {t.name: t for t in b if not t.collective}
+  rows = [OpDelta(t.name, t.calls, bb[t.name].calls, t.mean_us, bb[t.name].mean_us)
+          for t in a if not t.collective and t.name in bb]
+  return sorted(rows, key=lambda d: -abs(d.extra_us))
 
 
 @dataclasses.dataclass
@@ -403,6 +438,7 @@ class Report:
   layers: dict[str, Stats]  # mean over steps x devices
   layer_source: str  # where layer scopes came from: "hlo sidecar", "trace args" or "none"
   top: list[TopOp] = dataclasses.field(default_factory=list)  # first device, most time first
+  ops: list[TopOp] = dataclasses.field(default_factory=list)  # every name (first device)
 
   def to_dict(self) -> dict[str, Any]:
     return {
@@ -453,8 +489,8 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
   n = max(len(windows) * len(devices), 1)  # a layer absent from a (step, device) counts as 0
   layers = {k: mean_stats(rows, n)
             for k, rows in sorted(layer_rows.items(), key=lambda kv: _layer_key(kv[0]))}
-  top = top_ops(ops, windows, devices[0]) if devices else []
-  return Report(path, devices, streams, steps, layers, layer_source, top)
+  times = op_times(ops, windows, devices[0]) if devices else []
+  return Report(path, devices, streams, steps, layers, layer_source, times[:12], times)
 
 
 def analyze(path: str | Path) -> Report:
@@ -567,18 +603,49 @@ def format_table(report: Report) -> str:
   return "\n".join(out)
 
 
+def format_compare(a: Report, b: Report, n: int = 15) -> str:
+  """Kernel by kernel, what trace ``a`` spent per step beyond trace ``b`` (first devices):
+  the shared kernels' slow-down, and the time of the kernels only one of them ran."""
+  deltas = compare_ops(a.ops, b.ops)
+  shared = {d.name for d in deltas}
+  only_a = sum(t.total_us for t in a.ops if t.name not in shared)
+  only_b = sum(t.total_us for t in b.ops if t.name not in shared)
+  out = [f"A: {a.path}", f"B: {b.path}",
+         "kernels run by both (first device), largest slow-down in A first; per step",
+         "{:>8} {:>8} {:>10} {:>10} {:>7} {:>10}  {}".format(
+             "calls A", "calls B", "mean A us", "mean B us", "A/B", "extra ms", "name")]
+  out += ["{:>8.1f} {:>8.1f} {:>10.1f} {:>10.1f} {:>7.3f} {:>10.3f}  {}".format(
+      d.calls_a, d.calls_b, d.mean_a_us, d.mean_b_us,
+      d.mean_a_us / d.mean_b_us if d.mean_b_us else float("nan"), d.extra_us / 1e3, d.name[:80])
+      for d in deltas[:n]]
+  out += [f"shared kernels' slow-down in A: {sum(d.extra_us for d in deltas) / 1e3:.3f} ms per "
+          "step",
+          f"time in kernels only A ran: {only_a / 1e3:.3f} ms per step; only B ran: "
+          f"{only_b / 1e3:.3f} ms (collectives, copies, side kernels, and fusions whose names "
+          "differ between programs)"]
+  return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point: ``python -m weave_jax.trace DIR_OR_FILE [--json]``."""
+  """CLI entry point: ``python -m weave_jax.trace DIR_OR_FILE [--json] [--compare OTHER]``."""
   parser = argparse.ArgumentParser(prog="python -m weave_jax.trace", description=__doc__.split(
       "\n")[0])
   parser.add_argument("path", help="trace file, or a jax.profiler log dir (newest trace used)")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  parser.add_argument("--compare", metavar="OTHER", default=None,
+                      help="a second trace: print, kernel by kernel, how much longer the shared "
+                           "kernels ran in PATH than in OTHER (e.g. the woven model against "
+                           "nocomm+weave)")
   ns = parser.parse_args(argv)
   try:
     report = analyze(ns.path)
+    other = analyze(ns.compare) if ns.compare else None
   except (FileNotFoundError, ValueError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  if other is not None:
+    print(format_compare(report, other))
+    return 0
   print(json.dumps(report.to_dict(), indent=1) if ns.json else format_table(report))
   return 0
 
