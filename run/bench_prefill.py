@@ -60,9 +60,9 @@ def parse_args(argv=None):
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--shard-of", type=int, default=None, metavar="N",
                  help="build one TP=N rank's shapes (heads, KV heads and FFN divided by N; "
-                      "dense presets) and run them with --tp (default 1): the compute of a "
-                      "TP=N rank on one GPU.  Only the nocomm variants, which have no "
-                      "communication to leave out")
+                      "dense presets) and run them on one device: the compute of a TP=N rank "
+                      "on one GPU.  Only the nocomm variants, which have no communication to "
+                      "leave out")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20 if gpu else 5)
   p.add_argument("--weave-min-tokens", type=int, default=None,
@@ -83,7 +83,10 @@ def parse_args(argv=None):
     if not args.variants or set(args.variants) - {"nocomm", "nocomm+weave"}:
       p.error("--shard-of runs only the variants nocomm and nocomm+weave (name them with "
               "--variants): on one rank's shapes the others would time no communication")
-    args.tp = args.tp or 1
+    if args.tp not in (None, 1):
+      p.error(f"--shard-of runs one rank's shapes on one device; --tp {args.tp} would shard "
+              "them again")
+    args.tp = 1
   return args
 
 

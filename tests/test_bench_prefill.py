@@ -61,7 +61,8 @@ def test_shard_of_runs_one_ranks_shapes(bench_prefill, tmp_path):
   with pytest.raises(ValueError, match="TP size 4 does not divide num_kv_heads=2"):
     bench_prefill.rank_shapes(preset("tiny", num_kv_heads=2), 4)
   for bad in (["--shard-of", "2"], ["--shard-of", "2", "--variants", "baseline", "nocomm"],
-              ["--shard-of", "3", "--variants", "nocomm"]):
+              ["--shard-of", "3", "--variants", "nocomm"],
+              ["--shard-of", "2", "--tp", "2", "--variants", "nocomm"]):
     with pytest.raises(SystemExit):
       bench_prefill.parse_args(bad)
   out = tmp_path / "shard.json"
