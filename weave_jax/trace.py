@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 SIDECAR = "hlo_ops.json"
+TOP_OPS = 12  # rows of the table of op names by time per step
 TRACE_GLOBS = ("*.trace.json.gz", "perfetto_trace.json.gz", "*.trace.json")
 XPLANE_GLOB = "*.xplane.pb"
 OTHER = "other"
@@ -385,12 +386,6 @@ def op_times(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
   return sorted(rows, key=lambda t: -t.total_us)
 
 
-def top_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]], device: str,
-            n: int = 12) -> list[TopOp]:
-  """The ``n`` op names with the most time per step on ``device`` (``op_times``)."""
-  return op_times(ops, windows, device)[:n]
-
-
 @dataclasses.dataclass(frozen=True)
 class OpDelta:
   """One kernel name in two traces (e.g. the woven model and the same split without
@@ -437,8 +432,12 @@ class Report:
   steps: list[StepReport]
   layers: dict[str, Stats]  # mean over steps x devices
   layer_source: str  # where layer scopes came from: "hlo sidecar", "trace args" or "none"
-  top: list[TopOp] = dataclasses.field(default_factory=list)  # first device, most time first
-  ops: list[TopOp] = dataclasses.field(default_factory=list)  # every name (first device)
+  ops: list[TopOp] = dataclasses.field(default_factory=list)  # first device, most time first
+
+  @property
+  def top(self) -> list[TopOp]:
+    """The op names with the most time per step (first device): the table's rows."""
+    return self.ops[:TOP_OPS]
 
   def to_dict(self) -> dict[str, Any]:
     return {
@@ -490,7 +489,7 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
   layers = {k: mean_stats(rows, n)
             for k, rows in sorted(layer_rows.items(), key=lambda kv: _layer_key(kv[0]))}
   times = op_times(ops, windows, devices[0]) if devices else []
-  return Report(path, devices, streams, steps, layers, layer_source, times[:12], times)
+  return Report(path, devices, streams, steps, layers, layer_source, times)
 
 
 def analyze(path: str | Path) -> Report:
