@@ -177,6 +177,20 @@ constexpr int kThreads = 512;
 constexpr int kMaxVecPerThread = 4;                      // 16-byte vectors per thread per row
 constexpr int kMaxHidden = kThreads * kMaxVecPerThread * 8;  // 16384 elements
 constexpr int kOneShotBytes = 1 << 20;                   // Tos = this / (H * 2) rows, >= 1
+
+// 16-byte vectors per thread per row in phase 1: 2 while a row fits in kThreads * 2 vectors
+// (H <= 8192), else kMaxVecPerThread.
+inline int vec_per_thread(int64_t hidden) {
+  return hidden / 8 <= kThreads * 2 ? 2 : kMaxVecPerThread;
+}
+
+// KernelParams::threads_per_row for hidden size H: enough that each thread holds at most
+// vec_per_thread(H) vectors.
+inline int threads_per_row(int64_t hidden) {
+  int tpr = 32;
+  while (tpr * vec_per_thread(hidden) < hidden / 8) tpr *= 2;
+  return tpr;
+}
 // barrier ids (first index of the pads)
 // 2 and 3 name the copy-engine algorithm's host rendezvous (error records only; their pad words
 // stay unused)

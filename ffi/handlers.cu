@@ -70,10 +70,6 @@ bool is_capturing(cudaStream_t s) {
   return cudaStreamIsCapturing(s, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
 }
 
-// 16-byte vectors per thread per row in phase 1: 2 while a row fits in kThreads * 2 vectors
-// (H <= 8192), else kMaxVecPerThread.
-int vec_per_thread(int64_t H) { return H / 8 <= weave::kThreads * 2 ? 2 : weave::kMaxVecPerThread; }
-
 // Validates shapes against the workspace and fills the kernel parameters.
 ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
                    ffi::AnyBuffer weight, float eps, int32_t ctas, int32_t slot, int32_t transport,
@@ -133,10 +129,7 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
   p->hidden = H;
   p->shard = S;
   p->os_rows = w.os_rows;
-  // threads per row: enough that each thread holds <= kVec vectors (see vec_per_thread)
-  int tpr = 32;
-  while (tpr * vec_per_thread(H) < H / 8) tpr *= 2;
-  p->threads_per_row = tpr;
+  p->threads_per_row = weave::threads_per_row(H);
   p->rank = w.rank;
   p->world = w.world;
   p->eps = eps;
@@ -250,7 +243,7 @@ cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorksp
 
 cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w, bool bf16,
                    int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
-  const bool v2 = vec_per_thread(p.hidden) == 2;
+  const bool v2 = weave::vec_per_thread(p.hidden) == 2;
   if (bf16)
     return v2 ? launch_typed<__nv_bfloat16, 2>(p, w, transport, algo, ctas, s)
               : launch_typed<__nv_bfloat16, 4>(p, w, transport, algo, ctas, s);

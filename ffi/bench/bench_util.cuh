@@ -78,14 +78,6 @@ float median_us(Launch launch, cudaStream_t stream = 0, int reps = 30) {
   return t[t.size() / 2];
 }
 
-// handlers.cu's threads per row for hidden size H: enough that each thread holds <= 2 vectors
-// up to H = 8192, <= 4 above.
-inline int threads_per_row(int64_t hidden) {
-  int tpr = 32;
-  while (tpr * (hidden / 8 <= weave::kThreads * 2 ? 2 : 4) < hidden / 8) tpr *= 2;
-  return tpr;
-}
-
 // The copy-engine local kernel's parameters for rank 0 of 2 over a slice of `rows` rows of
 // `hidden` bf16 elements: the peer's rows already "pushed" into in_slot, random inputs (seeds
 // 1-4), fresh output buffers (normed and out_slot hold both ranks' rows).  Free with
@@ -121,7 +113,7 @@ inline weave::KernelParams ce_slice_params(int64_t hidden, int64_t rows) {
   p.rank = 0;
   p.world = 2;
   p.eps = 1e-6f;
-  p.threads_per_row = threads_per_row(hidden);
+  p.threads_per_row = weave::threads_per_row(hidden);
   return p;
 }
 

@@ -267,7 +267,7 @@ int verify_library_tma(const char* dtype) {
           q.rank = world - 1;
           q.world = world;
           q.eps = 1e-6f;
-          q.threads_per_row = threads_per_row(H);
+          q.threads_per_row = weave::threads_per_row(H);
           for (int v = 0; v < 2; ++v) {
             weave::KernelParams r = q;
             r.normed = out[v][0];
@@ -354,7 +354,7 @@ int main() {
               "layout", "us", "GB/s", "GB/s/blk", "layout", "us", "GB/s", "GB/s/blk", "speedup",
               "v4/512 us", "max|diff|");
   for (int grid : {4, 8, 16, 32, 64, 132, 264}) {
-    weave::KernelParams p4 = p, p41 = p;  // p: 512 threads per row (threads_per_row(8192))
+    weave::KernelParams p4 = p, p41 = p;  // p: 512 threads per row (weave::threads_per_row(8192))
     p4.threads_per_row = 256;
     p4.normed = ref;
     p41.normed = ref;
@@ -441,7 +441,7 @@ int main() {
     q.shard = S * H / h;
     q.tokens = 2 * q.shard;
     q.row_end = q.shard;
-    q.threads_per_row = threads_per_row(h);
+    q.threads_per_row = weave::threads_per_row(h);
     for (int grid : {8, 16, 32, 132}) {
       const float tl = library_us(grid, q);
       const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
