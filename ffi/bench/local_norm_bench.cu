@@ -26,9 +26,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "bench_util.cuh"
-#include "fused_reduce_add_norm.cuh"
-
+#include "bench_util.cuh"  // and the kernel header
 
 // Diagnostic Io variants of the copy-engine kernel, to see whether the stores bound a row:
 // kStores = 2 drops the out_slot store (peers would pull from `normed`), kStores = 1 also the new
@@ -333,10 +331,9 @@ int main() {
   float* diff;
   CHECK(cudaMalloc(&diff, sizeof(float)));
 
-  auto time_us = [](auto launch) { return median_us(launch); };
   // the library's load/store kernel (the baseline of every comparison below)
   auto library_us = [&](int grid, const weave::KernelParams& q) {
-    return time_us([&] { weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q); });
+    return median_us([&] { weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 2><<<grid, weave::kThreads>>>(q); });
   };
   // largest |a - b| over rank 0's rows [0, S) (NaN, an unwritten element, counts as huge)
   auto max_diff = [&](const __nv_bfloat16* a, const __nv_bfloat16* b) {
@@ -361,10 +358,10 @@ int main() {
     CHECK(cudaMemset(normed, 0xff, T * row));
     CHECK(cudaMemset(ref, 0xff, T * row));
     const float t2 = library_us(grid, p);
-    const float t4 = time_us([&] {
+    const float t4 = median_us([&] {
       weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 4><<<grid, weave::kThreads>>>(p4);
     });
-    const float t41 = time_us([&] {
+    const float t41 = median_us([&] {
       weave::ce_reduce_add_norm_kernel<__nv_bfloat16, 4><<<grid, weave::kThreads>>>(p41);
     });
     const float d = max_diff(normed, ref);
@@ -376,8 +373,8 @@ int main() {
               "1 (normed only)\n");
   for (int grid : {8, 16, 32, 64, 132}) {
     const float t3 = library_us(grid, p);
-    const float t2 = time_us([&] { fewer_stores_kernel<2><<<grid, weave::kThreads>>>(p); });
-    const float t1 = time_us([&] { fewer_stores_kernel<1><<<grid, weave::kThreads>>>(p); });
+    const float t2 = median_us([&] { fewer_stores_kernel<2><<<grid, weave::kThreads>>>(p); });
+    const float t1 = median_us([&] { fewer_stores_kernel<1><<<grid, weave::kThreads>>>(p); });
     std::printf("%5d | %8.1f %8.1f %8.1f | time ratio 2/3 stores %.2f, 1/3 stores %.2f "
                 "(bytes ratio %.2f, %.2f)\n", grid, t3, t2, t1, t2 / t3, t1 / t3, 5 / 6.0,
                 4 / 6.0);
@@ -391,7 +388,7 @@ int main() {
       d.normed = ref;
       CHECK(cudaMemset(ref, 0xff, T * row));
       const float tl = library_us(grid, p);
-      const float td = time_us([&] { kernel<<<grid, weave::kThreads, bytes>>>(d); });
+      const float td = median_us([&] { kernel<<<grid, weave::kThreads, bytes>>>(d); });
       const float m = max_diff(normed, ref);
       std::printf("depth %d grid %4d | library %8.1f | deep %8.1f | speedup %.2f | %.1f GB/s/blk "
                   "| max|diff| %g\n", depth, grid, tl, td, tl / td, bytes_per_call() / td / 1e3 / grid,
@@ -416,7 +413,7 @@ int main() {
       CHECK(cudaMemset(ref, 0xff, T * row));
       CHECK(cudaMemset(out2, 0xff, T * row));
       const float tl = library_us(grid, p);
-      const float td = time_us([&] { kernel<<<grid, weave::kThreads, smem>>>(d); });
+      const float td = median_us([&] { kernel<<<grid, weave::kThreads, smem>>>(d); });
       const float m = std::max(max_diff(normed, ref), max_diff(out_slot, out2));
       CHECK(cudaFree(out2));
       std::printf("in %d out %d grid %4d | library %8.1f | tma %8.1f | speedup %.2f | %.1f GB/s/blk"
@@ -431,7 +428,7 @@ int main() {
   std::printf("\nthe library's TMA kernel (ce_tma_reduce_add_norm_kernel), us\n");
   for (int grid : {8, 16, 32, 64, 132}) {
     const float tl = library_us(grid, p);
-    const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, p); });
+    const float tt = median_us([&] { launch_tma<__nv_bfloat16>(grid, p); });
     std::printf("grid %4d | load/store %8.1f | tma %8.1f | speedup %.2f\n", grid, tl, tt, tl / tt);
   }
   // smaller rows (several per iteration): the same 64 MiB per source, H * rows constant
@@ -444,7 +441,7 @@ int main() {
     q.threads_per_row = weave::threads_per_row(h);
     for (int grid : {8, 16, 32, 132}) {
       const float tl = library_us(grid, q);
-      const float tt = time_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
+      const float tt = median_us([&] { launch_tma<__nv_bfloat16>(grid, q); });
       std::printf("H %5lld (%d rows per iteration) grid %4d | load/store %8.1f | tma %8.1f | "
                   "speedup %.2f\n", (long long)h, weave::kThreads / q.threads_per_row, grid, tl, tt, tl / tt);
     }
