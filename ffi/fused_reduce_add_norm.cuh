@@ -117,16 +117,17 @@
 // So push c+1, kernel c and pull c-1 can run at once.  With C = 1 this is the unchunked
 // sequence: push, kernel, pull.
 // DIRECT variant (algorithm "copy_engine_direct" at world 2, either local kernel; at world > 2
-// it pulls as above): before rendezvous 2 each rank publishes its call's `normed` pointer.  In step 3 the kernel's out_slot store goes to
-// the peer's `normed` instead (same row offset, NVLink bulk stores), and step 5 is only: s
-// waits for the peer's ev_reduced[C-1] (its every chunk) and for my last ev_pushed.  No pull
-// copies, no out_slot traffic.  My kernel writes the peer's `normed` only after the peer's
-// ev_pushed[c], recorded after the peer's step 0, i.e. once the peer's stream reached the call
-// that owns that buffer; the peer's call ends only after my kernel's last chunk.  Reuse of
-// in_slot is as below with "its pulls" read as "its wait for my ev_reduced".
+// it pulls as above): before rendezvous 2 each rank publishes its call's `normed` pointer.  In
+// step 3 the kernel's out_slot store goes to the peer's `normed` instead (same row offset,
+// NVLink bulk stores), and step 5 is only: s waits for the peer's ev_reduced[C-1] (its every
+// chunk) and for my last ev_pushed.  No pull copies, no out_slot traffic.  My kernel writes the
+// peer's `normed` only after the peer's ev_pushed[c], recorded after the peer's step 0, i.e.
+// once the peer's stream reached the call that owns that buffer; the peer's call ends only
+// after my kernel's last chunk.  Reuse of in_slot is as below with "its pulls" read as "its
+// wait for my ev_reduced".
 // Reuse (pull variant).  q pushes into my in_slot (call n+1) after its step 0 of call n+1, i.e.
-// after its s waited for its pulls of call n, which waited for my kernel n (every chunk): my kernel n has
-// finished reading in_slot.  My kernel n+1 writes my out_slot after every peer's ev_pushed of
+// after its s waited for its pulls of call n, which waited for my kernel n (every chunk): my
+// kernel n has finished reading in_slot.  My kernel n+1 writes my out_slot after every peer's ev_pushed of
 // n+1, recorded after that peer's step 0 of n+1, i.e. after its pulls of call n.  An event is
 // re-recorded only before or after a rendezvous that every peer reaches only after its waits
 // on the previous record (ev_pushed: re-recorded before rendezvous 2 of n+1, waited on before
