@@ -47,8 +47,19 @@ def test_round_trip(tmp_path, name, restore_tp):
                              rtol=2e-2, atol=2e-2)
 
 
-def test_restore_wrong_config_fails(tmp_path):
+@pytest.mark.parametrize("change, says", [
+    (dict(hidden_size=128), r"embed/table/value is \(512, 256\) bfloat16 in the checkpoint, "
+                            r"\(512, 128\) bfloat16 in the config"),
+    (dict(dtype="float32"), r"is \(.*\) bfloat16 in the checkpoint, \(.*\) float32 in the config"),
+    (dict(num_layers=2), r"arrays missing from the checkpoint, e.g. layers/1/"),
+])
+def test_restore_wrong_config_fails(tmp_path, change, says):
   cfg = CONFIGS["dense_bf16"]
   save_checkpoint(init_random(cfg, make_mesh(2)), tmp_path / "ckpt")
-  with pytest.raises(ValueError, match="restore_checkpoint: .* does not match"):
-    restore_checkpoint(tmp_path / "ckpt", cfg.replace(hidden_size=128), make_mesh(2))
+  with pytest.raises(ValueError, match="restore_checkpoint: .* does not match .*" + says):
+    restore_checkpoint(tmp_path / "ckpt", cfg.replace(**change), make_mesh(2))
+
+
+def test_restore_missing_directory_fails(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*nowhere"):
+    restore_checkpoint(tmp_path / "nowhere", CONFIGS["dense_bf16"], make_mesh(2))

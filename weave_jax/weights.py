@@ -360,12 +360,38 @@ def restore_checkpoint(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh) ->
 
   targets = jax.tree.map(target, abstract, is_leaf=_is_var)
   path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"restore_checkpoint: no checkpoint directory at {path}")
   ckpt = ocp.StandardCheckpointer()
   try:
+    # Compare against the saved metadata first: a restore that fails half-way leaves orbax's
+    # background reads pending, and they fail noisily once the event loop is gone.
+    saved = ckpt.metadata(path)
+    mismatch = _first_mismatch(_leaf_table(getattr(saved, "item_metadata", saved)),
+                               _leaf_table(targets))
+    if mismatch:
+      raise ValueError(f"restore_checkpoint: {path} does not match the {cfg.family} config "
+                       f"(hidden={cfg.hidden_size}, layers={cfg.num_layers}): {mismatch}")
     state = ckpt.restore(path, targets)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"restore_checkpoint: {path} does not match the {cfg.family} config "
-                     f"(hidden={cfg.hidden_size}, layers={cfg.num_layers}): {e}") from e
   finally:
     ckpt.close()
   return nnx.merge(graphdef, state)
+
+
+def _leaf_table(tree) -> dict[tuple, tuple]:
+  """{plain key path: (shape, dtype name)} for every array leaf of a state or its metadata."""
+  return {_key(p): (tuple(x.shape), np.dtype(x.dtype).name)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _first_mismatch(saved: dict, wanted: dict) -> str:
+  """'' when the two leaf tables agree, else a sentence naming the first difference."""
+  for name, keys in (("missing from the checkpoint", wanted.keys() - saved.keys()),
+                     ("not in the config", saved.keys() - wanted.keys())):
+    if keys:
+      return f"{len(keys)} arrays {name}, e.g. {'/'.join(map(str, min(keys, key=str)))}"
+  for key in sorted(wanted, key=str):
+    if saved[key] != wanted[key]:
+      return (f"{'/'.join(map(str, key))} is {saved[key][0]} {saved[key][1]} in the checkpoint, "
+              f"{wanted[key][0]} {wanted[key][1]} in the config")
+  return ""
