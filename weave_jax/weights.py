@@ -389,7 +389,8 @@ def _first_mismatch(saved: dict, wanted: dict) -> str:
   for name, keys in (("missing from the checkpoint", wanted.keys() - saved.keys()),
                      ("not in the config", saved.keys() - wanted.keys())):
     if keys:
-      return f"{len(keys)} arrays {name}, e.g. {'/'.join(map(str, min(keys, key=str)))}"
+      return (f"{len(keys)} array{'s' * (len(keys) > 1)} {name}, "
+              f"e.g. {'/'.join(map(str, min(keys, key=str)))}")
   for key in sorted(wanted, key=str):
     if saved[key] != wanted[key]:
       return (f"{'/'.join(map(str, key))} is {saved[key][0]} {saved[key][1]} in the checkpoint, "
