@@ -390,9 +390,14 @@ def _first_mismatch(saved: dict, wanted: dict) -> str:
                      ("not in the config", saved.keys() - wanted.keys())):
     if keys:
       return (f"{len(keys)} array{'s' * (len(keys) > 1)} {name}, "
-              f"e.g. {'/'.join(map(str, min(keys, key=str)))}")
+              f"e.g. {_path_name(min(keys, key=str))}")
   for key in sorted(wanted, key=str):
     if saved[key] != wanted[key]:
-      return (f"{'/'.join(map(str, key))} is {saved[key][0]} {saved[key][1]} in the checkpoint, "
+      return (f"{_path_name(key)} is {saved[key][0]} {saved[key][1]} in the checkpoint, "
               f"{wanted[key][0]} {wanted[key][1]} in the config")
   return ""
+
+
+def _path_name(key: tuple) -> str:
+  """A ``_key`` path as the messages print it, e.g. layers/0/attn/qkv/value."""
+  return "/".join(map(str, key))
