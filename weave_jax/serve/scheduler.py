@@ -1,0 +1,244 @@
+"""Which requests run in the next step, as vLLM V1 decides it: continuous batching over a token
+budget, with chunked prefill and preemption by recompute.
+
+Each step has ``max_num_batched_tokens`` tokens to give out:
+
+1. Running requests first, decodes before partial prefills (each in admission order): a decode
+   takes 1 token, a prefill the rest of its uncomputed tokens, cut to what the budget has left.
+   A request whose new tokens need a page when none is free preempts the newest running request
+   (its pages freed, its chunk of this step dropped, back to the head of the waiting queue; it is
+   later re-prefilled over prompt + output: recompute), until the page fits or it has preempted
+   itself.
+2. Then, unless something was preempted this step, waiting requests in arrival order while the
+   budget lasts, fewer than ``max_num_seqs`` run and the pages of their first chunk are free.
+
+No deadlock: a request that could not fit the whole cache alone is refused when it is added, and
+the oldest running request can always preempt every newer one.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+
+from weave_jax.serve.block_manager import BlockManager, pages_for
+from weave_jax.serve.sampling_params import SamplingParams
+from weave_jax.serve.sequence import Sequence, Status
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+  """One request's share of a step; a step lists decodes first, then prefill chunks."""
+  request_id: int
+  token_ids: np.ndarray        # (q_len,) int32: new tokens whose K/V this step computes
+  start: int                   # tokens of this request already in the cache (= position of token_ids[0])
+  block_table: np.ndarray      # (n,) int32 page ids covering start + q_len tokens
+  sample: bool                 # token_ids ends at the request's last known token: sample the next
+  params: SamplingParams       # temperature, top_k, top_p, seed, logprobs
+  rng_step: int                # tokens this request has sampled so far (folded into its seed)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+  chunks: list[ScheduledChunk]
+  seqs: list[Sequence]         # the request of each chunk
+  preempted: list[Sequence]    # requests sent back to waiting in this step
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(c.token_ids.size for c in self.chunks)
+
+  @property
+  def is_decode_only(self) -> bool:
+    return all(c.token_ids.size == 1 and c.sample and c.start > 0 for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+  num_pages: int
+  page_size: int
+  max_model_len: int
+  max_num_batched_tokens: int = 2048
+  max_num_seqs: int = 256
+
+  def __post_init__(self):
+    for name in ("num_pages", "page_size", "max_model_len", "max_num_batched_tokens",
+                 "max_num_seqs"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"SchedulerConfig: {name} must be a positive int, got {value!r}")
+
+
+class Scheduler:
+  """Requests (``Sequence``) move waiting -> running -> finished; ``schedule`` plans a step,
+  ``update`` applies what the step sampled."""
+
+  def __init__(self, config: SchedulerConfig, *, vocab_size: int, eos_token_ids=()):
+    self.config = config
+    self.vocab_size = vocab_size
+    self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+    self.blocks = BlockManager(config.num_pages, config.page_size)
+    self.waiting: collections.deque[Sequence] = collections.deque()
+    self.running: list[Sequence] = []       # admission order: the last is the newest
+    self.num_preemptions = 0
+
+  # --- admission -----------------------------------------------------------------------------
+
+  def check_request(self, prompt_token_ids, params) -> list[int]:
+    """The prompt as a list of ints, or ValueError/TypeError naming what is wrong."""
+    if not isinstance(params, SamplingParams):
+      raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    ids = np.asarray(prompt_token_ids)
+    if ids.ndim != 1:
+      raise ValueError(f"prompt token ids must be a flat list, got shape {ids.shape}")
+    if ids.size == 0:
+      raise ValueError("empty prompt (0 tokens)")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"prompt token ids must be integers, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= self.vocab_size)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"prompt token id {int(ids[i])} at position {i} is outside the "
+                       f"vocabulary [0, {self.vocab_size})")
+    cfg = self.config
+    if ids.size > cfg.max_model_len:
+      raise ValueError(f"prompt of {ids.size} tokens is longer than max_model_len="
+                       f"{cfg.max_model_len}")
+    bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+    if bad_stop:
+      raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary "
+                       f"[0, {self.vocab_size})")
+    # The last sampled token never enters the cache: the request finishes on it.
+    kv_tokens = min(ids.size + params.max_tokens - 1, cfg.max_model_len)
+    need = pages_for(kv_tokens, cfg.page_size)
+    if need > cfg.num_pages:
+      raise ValueError(f"request needs {need} pages ({kv_tokens} tokens of cache: prompt "
+                       f"{ids.size} + max_tokens {params.max_tokens} - 1) but the cache has "
+                       f"{cfg.num_pages} pages of {cfg.page_size} tokens; it could never run")
+    return ids.astype(np.int64).tolist()
+
+  def add(self, seq: Sequence) -> None:
+    """Queue a request (``check_request`` has accepted its prompt and params)."""
+    seq.status = Status.WAITING
+    self.waiting.append(seq)
+
+  @property
+  def has_unfinished(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  # --- one step ------------------------------------------------------------------------------
+
+  def schedule(self) -> SchedulerOutput:
+    """Plan the next step (module docstring).  Pages are allocated here; ``update`` must follow
+    with the step's result before the next ``schedule``."""
+    budget = self.config.max_num_batched_tokens
+    planned: dict[int, tuple[Sequence, int]] = {}     # request id -> (seq, q_len), in order
+    preempted: list[Sequence] = []
+    order = ([s for s in self.running if s.is_decode]
+             + [s for s in self.running if not s.is_decode])
+    for seq in order:
+      if seq.status is not Status.RUNNING:             # preempted earlier in this step
+        continue
+      if budget == 0:
+        break
+      n = min(seq.num_uncomputed_tokens, budget)
+      while not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
+        victim = self.running[-1]
+        entry = planned.pop(victim.request_id, None)
+        if entry is not None:
+          budget += entry[1]
+        self._preempt(victim)
+        preempted.append(victim)
+        if victim is seq:
+          break
+      if seq.status is not Status.RUNNING:
+        continue
+      self.blocks.grow(seq, seq.num_computed_tokens + n)
+      planned[seq.request_id] = (seq, n)
+      budget -= n
+    if not preempted:
+      budget = self._admit(budget, planned)
+    return self._output(planned, preempted)
+
+  def _admit(self, budget: int, planned: dict) -> int:
+    while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+      seq = self.waiting[0]
+      n = min(seq.num_uncomputed_tokens, budget)
+      if not self.blocks.can_grow(seq, n):
+        break
+      self.waiting.popleft()
+      self.blocks.grow(seq, n)
+      seq.status = Status.RUNNING
+      self.running.append(seq)
+      planned[seq.request_id] = (seq, n)
+      budget -= n
+    return budget
+
+  def _preempt(self, seq: Sequence) -> None:
+    self.running.remove(seq)
+    self.blocks.free(seq)
+    seq.num_computed_tokens = 0
+    seq.status = Status.WAITING
+    seq.num_preemptions += 1
+    self.num_preemptions += 1
+    self.waiting.appendleft(seq)
+
+  def _output(self, planned: dict, preempted: list[Sequence]) -> SchedulerOutput:
+    entries = list(planned.values())
+    entries = ([e for e in entries if e[0].is_decode] + [e for e in entries if not e[0].is_decode])
+    chunks, seqs = [], []
+    for seq, n in entries:
+      start = seq.num_computed_tokens
+      chunks.append(ScheduledChunk(
+          request_id=seq.request_id,
+          token_ids=np.asarray(seq.token_slice(start, start + n), np.int32),
+          start=start,
+          block_table=np.asarray(seq.block_table, np.int32),
+          sample=start + n == seq.num_tokens,
+          params=seq.params,
+          rng_step=len(seq.output_token_ids)))
+      seqs.append(seq)
+    return SchedulerOutput(chunks, seqs, preempted)
+
+  def update(self, out: SchedulerOutput, tokens, logprobs=None) -> list[Sequence]:
+    """Apply a step's result: advance each chunk's request, append the sampled tokens, finish
+    and free what is done.  ``tokens`` / ``logprobs``: (len(out.chunks),).  Returns the
+    requests that received a token, in chunk order."""
+    now = time.perf_counter()
+    grew = []
+    for i, (chunk, seq) in enumerate(zip(out.chunks, out.seqs)):
+      seq.num_computed_tokens = chunk.start + chunk.token_ids.size
+      if not chunk.sample:
+        continue
+      token = int(tokens[i])
+      seq.output_token_ids.append(token)
+      if seq.params.logprobs and logprobs is not None:
+        seq.output_logprobs.append(float(logprobs[i]))
+      if seq.first_token_time is None:
+        seq.first_token_time = now
+      grew.append(seq)
+      reason = self._finish_reason(seq, token)
+      if reason is not None:
+        self._finish(seq, reason, now)
+    return grew
+
+  def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    params = seq.params
+    if not params.ignore_eos and token in self.eos_token_ids:
+      return "stop"
+    if token in params.stop_token_ids:
+      return "stop"
+    if len(seq.output_token_ids) >= params.max_tokens:
+      return "length"
+    if seq.num_tokens >= self.config.max_model_len:
+      return "length"
+    return None
+
+  def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+    seq.finish_reason = reason
+    seq.finish_time = now
+    seq.status = Status.FINISHED
+    self.running.remove(seq)
+    self.blocks.free(seq)
