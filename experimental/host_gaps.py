@@ -1,18 +1,18 @@
 """Where the host time of a chain of small fused calls goes (diagnostic, >= 2 GPUs).
 
-    python run/host_gaps.py [--tokens 8] [--calls 256] [--top 12]
+    python experimental/host_gaps.py [--tokens 8] [--calls 256] [--top 12]
 
-At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit took
-20-27 µs per call in wall time until the eighth session, which found that the benchmark
-resharded its inputs at every execution (BENCHMARKS.md); inputs here are placed as the program
-takes them.  For each chain (fused "auto" through the plain
-target and through its default, the command-buffer target; XLA psum + norm; and trivial XLA
-kernels, for XLA's own per-op cost) this prints the wall time per call in the chain, the time of
-one call alone, the slope between them (per call, without the execution's fixed cost) and the
-handler's invocation counts (a replayed CUDA graph runs the handler fewer times than calls);
-then it profiles one run of each non-graph chain and prints, per host thread, the events that
-took the most time per call (XLA thunks, CUDA driver calls).  Profiling slows everything and
-changes command-buffer behaviour, so the graph chain is timed but not profiled.
+At <= 256 KiB a fused call keeps the GPU busy ~10 µs, but a chain of them in one jit took 20-27
+µs per call in wall time (2 x H200, 2026-12-01) until the benchmark was found to reshard its
+inputs at every execution (BENCHMARKS.md); inputs here are placed as the program takes them. For
+each chain (fused "auto" through the plain target and through its default, the command-buffer
+target; XLA psum + norm; and trivial XLA kernels, for XLA's own per-op cost) this prints the
+wall time per call in the chain, the time of one call alone, the slope between them (per call,
+without the execution's fixed cost) and the handler's invocation counts (a replayed CUDA graph
+runs the handler fewer times than calls); then it profiles one run of each non-graph chain and
+prints, per host thread, the events that took the most time per call (XLA thunks, CUDA driver
+calls). Profiling slows everything and changes command-buffer behaviour, so the graph chain is
+timed but not profiled.
 """
 from __future__ import annotations
 

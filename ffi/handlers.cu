@@ -2,18 +2,16 @@
 //
 //   weave_fused_ran         one call: normed, new_residual            (kernel on XLA's stream)
 //
-// Every handler takes `algo`: 0 two-shot kernel (peer transport on sm_90+: its TMA variant),
-// 1 copy-engine (push copies, reduce kernel, pull copies, ranks meeting on the host; peer
-// transport, one process driving every GPU), 2 one-shot
-// kernel (T <= the workspace's one-shot rows; peer transport only), 3 two-shot with 16-byte
-// copies only (what sm_80 runs; kept selectable for comparisons).  See the kernel file for each
-// algorithm's protocol.
+// Every handler takes `algo`: 0 two-shot kernel (peer transport: bulk TMA copies on sm_90+,
+// 16-byte copies on sm_80), 1 copy-engine (push copies, reduce kernel, pull copies, ranks
+// meeting on the host; peer transport, one process driving every GPU), 2 one-shot kernel
+// (T <= the workspace's one-shot rows; peer transport only).  Any other code is refused with an
+// error naming the op and the code.  Each algorithm's protocol opens its kernel file
+// (fused_reduce_add_norm.cuh lists them).
 //   weave_fused_ran_graph   the same handler, marked command-buffer compatible
-//   weave_fused_start       kernel on the library's side stream (`priority` 1: the stream of
-//                           highest priority, so the kernel's blocks are scheduled ahead of
-//                           queued compute blocks; 0: a normal-priority one), writing straight
-//                           into start's own outputs normed / new_residual, which XLA sees as
-//                           ready before they are; returns them with a 1-element token
+//   weave_fused_start       kernel on the library's side stream (normal priority), writing
+//                           straight into start's own outputs normed / new_residual, which XLA
+//                           sees as ready before they are; returns them with a 1-element token
 //   weave_fused_done        takes the token, start's outputs (aliased to its own outputs: no
 //                           copy) AND start's inputs (so XLA keeps them alive), and makes XLA's
 //                           stream wait for the side stream.  Between start and done nothing but
@@ -43,18 +41,6 @@ constexpr int kTransportMultimem = 1;
 constexpr int kAlgoTwoShot = 0;
 constexpr int kAlgoCopyEngine = 1;
 constexpr int kAlgoOneShot = 2;
-constexpr int kAlgoTwoShotLsu = 3;  // two-shot with 16-byte copies only (sm_80's; comparisons)
-// The copy-engine algorithm's variants (protocol in the kernel file): kAlgoCopyEngine pulls
-// the peers' normalized rows with the copy engines; Direct has each kernel store its rows
-// straight into the peer's output at world 2 (DIRECT; pulls above); Lsu pulls and always uses
-// the load/store kernel; Tma pulls and uses the TMA kernel at any grid where it applies.
-constexpr int kAlgoCopyEngineDirect = 4;
-constexpr int kAlgoCopyEngineLsu = 5;
-constexpr int kAlgoCopyEngineTma = 6;
-constexpr bool is_copy_engine(int32_t algo) {
-  return algo == kAlgoCopyEngine || algo == kAlgoCopyEngineDirect || algo == kAlgoCopyEngineLsu ||
-         algo == kAlgoCopyEngineTma;
-}
 
 ffi::Error op_error(const char* op, const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(op) + ": " + msg);
@@ -95,11 +81,10 @@ ffi::Error prepare(const char* op, int ordinal, ffi::AnyBuffer partial, ffi::Any
     return op_error(op, "tokens " + std::to_string(T) + " outside 1.." + std::to_string(w.max_tokens));
   if (rd[0] != S || rd[1] != H || weight.dimensions()[0] != H)
     return op_error(op, "residual must be (" + std::to_string(S) + ", " + std::to_string(H) + ")");
-  if (algo < kAlgoTwoShot || algo > kAlgoCopyEngineTma)
-    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine), "
-                        "2 (one-shot), 3 (two-shot, LSU copies), 4 (copy engine, direct), 5 "
-                        "(copy engine, load/store kernel) or 6 (copy engine, TMA kernel)");
-  const int max_ctas = is_copy_engine(algo) ? weave::kMaxCeCtas : weave::kMaxCtas;
+  if (algo < kAlgoTwoShot || algo > kAlgoOneShot)
+    return op_error(op, "algo " + std::to_string(algo) + " is not 0 (two-shot), 1 (copy engine) "
+                        "or 2 (one-shot)");
+  const int max_ctas = algo == kAlgoCopyEngine ? weave::kMaxCeCtas : weave::kMaxCtas;
   if (ctas < weave::kMinCtas || ctas > max_ctas)
     return op_error(op, "ctas " + std::to_string(ctas) + " outside 2.." + std::to_string(max_ctas));
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
@@ -188,50 +173,21 @@ ffi::Error host_rendezvous(const char* op, weave::DeviceWorkspace& w, int point,
   return ffi::Error::Success();
 }
 
-// The copy-engine local kernel runs on the TMA (ce_tma_reduce_add_norm_kernel) on sm_90+ for
-// world 2, 2048 < H <= 8192 (weave::ce_tma_rows; it keeps norm_rows' thread <-> vector
-// mapping, so results stay bitwise equal) and grids up to kCeTmaMaxGrid, at any grid for
-// kAlgoCopyEngineTma, never for kAlgoCopyEngineLsu.  Why the grid limit: alone, the TMA kernel
-// is 1.55-1.64x faster at 8-32 blocks and HBM-bound like the load/store kernel from 64 (one
-// H200, ffi/NOTES.md), and the woven default (132 blocks) keeps the kernel the 2-GPU model runs
-// measured.  Launched into running GEMMs, 132 TMA blocks cost them less than 132 load/store
-// blocks (ffi/NOTES.md, tenth session, one H200): kAlgoCopyEngineTma is how the model compares
-// the two on 2 GPUs.
-constexpr int kCeTmaMaxGrid = 32;
-bool ce_tma_fits(const weave::KernelParams& p, const weave::DeviceWorkspace& w, int32_t algo,
-                 int32_t ctas) {
-  return w.sm_major >= 9 && algo != kAlgoCopyEngineLsu && p.world == 2 &&
-         (ctas <= kCeTmaMaxGrid || algo == kAlgoCopyEngineTma) &&
-         weave::ce_tma_rows(p.hidden) > 0 &&
-         weave::ce_tma_smem_bytes(p.world, p.hidden) <= weave::kCeTmaSmemMax;
-}
-
 template <typename T, int kVec>
 cudaError_t launch_typed(const weave::KernelParams& p, const weave::DeviceWorkspace& w,
                          int32_t transport, int32_t algo, int32_t ctas, cudaStream_t s) {
   switch (algo) {
     case kAlgoCopyEngine:  // its local kernel only: run_copy_engine enqueues the copies around it
-    case kAlgoCopyEngineDirect:
-    case kAlgoCopyEngineLsu:
-    case kAlgoCopyEngineTma: {
-      const int tma_rows = ce_tma_fits(p, w, algo, ctas) ? weave::ce_tma_rows(p.hidden) : 0;
-      const int64_t smem = weave::ce_tma_smem_bytes(p.world, p.hidden);
-      if (tma_rows == 1)
-        weave::ce_tma_reduce_add_norm_kernel<T, 1><<<ctas, weave::kCeTmaThreads, smem, s>>>(p);
-      else if (tma_rows == 2)
-        weave::ce_tma_reduce_add_norm_kernel<T, 2><<<ctas, weave::kCeTmaThreads, smem, s>>>(p);
-      else
-        weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
+      weave::ce_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
-    }
     case kAlgoOneShot:
       weave::oneshot_reduce_add_norm_kernel<T, kVec><<<ctas, weave::kThreads, 0, s>>>(p);
       break;
-    default:  // two-shot: bulk (TMA) copies on sm_90+, 16-byte copies otherwise or when asked
+    default:  // two-shot: bulk (TMA) copies on sm_90+, 16-byte copies on sm_80
       if (transport == kTransportMultimem)
         weave::fused_reduce_add_norm_kernel<T, weave::MultimemTransport, kVec>
             <<<ctas, weave::kThreads, 0, s>>>(p);
-      else if (w.sm_major >= 9 && algo != kAlgoTwoShotLsu)
+      else if (w.sm_major >= 9)
         weave::fused_reduce_add_norm_kernel<T, weave::PeerTransport, kVec, true>
             <<<ctas, weave::kThreads, weave::kTmaSmemBytes, s>>>(p);
       else
@@ -255,7 +211,7 @@ cudaError_t launch(const weave::KernelParams& p, const weave::DeviceWorkspace& w
 // stream, the local reduce kernel on s, pull copies on the pull stream, ordered by events; the
 // ranks' handler threads meet twice on the host per call.
 ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
-                           bool bf16, int32_t algo, int32_t ctas, int32_t chunks, cudaStream_t s) {
+                           bool bf16, int32_t ctas, int32_t chunks, cudaStream_t s) {
   if (w.ipc || w.rendezvous == nullptr)
     return op_error(op, "algorithm copy_engine needs one process driving every GPU of the group");
   if (is_capturing(s))
@@ -272,11 +228,6 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
   auto row_ptr = [&](const void* base, int64_t row) {
     return const_cast<char*>(static_cast<const char*>(base)) + row * rb;
   };
-  // Direct (kAlgoCopyEngineDirect at world 2): my kernel stores my normalized rows straight into my
-  // peer's `normed` (its pointer published here, read after rendezvous 0), so there are no
-  // pull copies and no out_slot traffic.
-  const bool direct = algo == kAlgoCopyEngineDirect && p.world == 2;
-  w.ce_normed = p.normed;
   cudaEventRecord(w.ev_ce_begin, s);
   cudaStreamWaitEvent(w.ce_push, w.ev_ce_begin, 0);
   for (int c = 0; c < C; ++c) {  // my partial rows of chunk c of q's slice -> q's in_slot
@@ -293,27 +244,18 @@ ffi::Error run_copy_engine(const char* op, const weave::KernelParams& p, weave::
     cudaEventRecord(w.ev_pushed[c], w.ce_push);
   }
   if (auto err = host_rendezvous(op, w, 0, n); err.failure()) return err;
-  // direct runs at world 2 only, with my one peer (every rank runs the same algo: one program)
-  const weave::DeviceWorkspace* peer =
-      direct ? &weave::workspace(w.peer_ordinal[1 - p.rank]) : nullptr;
   for (int c = 0; c < C; ++c) {  // chunk c of my slice, once every peer pushed it
     for (int q = 0; q < p.world; ++q)
       if (q != p.rank) cudaStreamWaitEvent(s, weave::workspace(w.peer_ordinal[q]).ev_pushed[c], 0);
     weave::KernelParams kp = p;
     kp.row_begin = chunk_begin(c);
     kp.row_end = chunk_begin(c + 1);
-    if (direct) kp.out_slots[p.rank] = peer->ce_normed;  // the kernel's out_slot store
-    if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, algo, ctas, s);
+    if (cudaError_t e = launch(kp, w, bf16, kTransportPeer, kAlgoCopyEngine, ctas, s);
         e != cudaSuccess)
       return cuda_error(op, "kernel launch", e);
     cudaEventRecord(w.ev_reduced[c], s);
   }
   if (auto err = host_rendezvous(op, w, 1, n); err.failure()) return err;
-  if (direct) {  // my peer's kernel (every chunk) stored its rows into my `normed`
-    cudaStreamWaitEvent(s, peer->ev_reduced[C - 1], 0);
-    cudaStreamWaitEvent(s, w.ev_pushed[C - 1], 0);  // my pushes read `partial`
-    return ffi::Error::Success();
-  }
   for (int c = 0; c < C; ++c) {  // q's normalized rows of chunk c (its out_slot) -> my normed
     const int64_t b = chunk_begin(c), e = chunk_begin(c + 1);
     for (int q = 0; q < p.world; ++q)
@@ -346,7 +288,7 @@ ffi::Error check_chunks(const char* op, int32_t ce_chunks) {
 ffi::Error enqueue(const char* op, const weave::KernelParams& p, weave::DeviceWorkspace& w,
                    bool bf16, int32_t transport, int32_t algo, int32_t ctas, int32_t ce_chunks,
                    cudaStream_t s) {
-  if (is_copy_engine(algo)) return run_copy_engine(op, p, w, bf16, algo, ctas, ce_chunks, s);
+  if (algo == kAlgoCopyEngine) return run_copy_engine(op, p, w, bf16, ctas, ce_chunks, s);
   if (cudaError_t e = launch(p, w, bf16, transport, algo, ctas, s); e != cudaSuccess)
     return cuda_error(op, "kernel launch", e);
   return ffi::Error::Success();
@@ -380,17 +322,13 @@ cudaError_t weave::preload_kernels(int sm_major) {
     cudaFuncAttributes attr;
     if (cudaError_t e = cudaFuncGetAttributes(&attr, k); e != cudaSuccess) return e;
   }
-  // The TMA kernels: only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which
+  // The two-shot TMA kernels: only sm_90+ launches them (with > 48 KiB of dynamic shared memory, which
   // is also more than some older GPUs allow: there they are only loaded).
   const std::pair<const void*, int> tma[] = {
       {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 2, true>), weave::kTmaSmemBytes},
       {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__nv_bfloat16, weave::PeerTransport, 4, true>), weave::kTmaSmemBytes},
       {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 2, true>), weave::kTmaSmemBytes},
       {reinterpret_cast<const void*>(weave::fused_reduce_add_norm_kernel<__half, weave::PeerTransport, 4, true>), weave::kTmaSmemBytes},
-      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>), weave::kCeTmaSmemMax},
-      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 2>), weave::kCeTmaSmemMax},
-      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 1>), weave::kCeTmaSmemMax},
-      {reinterpret_cast<const void*>(weave::ce_tma_reduce_add_norm_kernel<__half, 2>), weave::kCeTmaSmemMax},
   };
   for (const auto& [k, smem] : tma) {
     cudaFuncAttributes attr;
@@ -440,8 +378,7 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
                      ffi::AnyBuffer residual, ffi::AnyBuffer weight,
                      ffi::Result<ffi::AnyBuffer> token, ffi::Result<ffi::AnyBuffer> normed,
                      ffi::Result<ffi::AnyBuffer> new_residual, float eps, int32_t ctas,
-                     int32_t slot, int32_t transport, int32_t algo, int32_t priority,
-                     int32_t ce_chunks) {
+                     int32_t slot, int32_t transport, int32_t algo, int32_t ce_chunks) {
   constexpr const char* op = "weave_fused_start";
   if (auto err = check_chunks(op, ce_chunks); err.failure()) return err;
   weave::KernelParams p;
@@ -449,18 +386,14 @@ ffi::Error StartImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partia
   if (auto err = prepare(op, ordinal, partial, residual, weight, eps, ctas, slot, transport, algo, &p, &w);
       err.failure())
     return err;
-  if (priority != 0 && priority != 1) return op_error(op, "priority must be 0 (normal) or 1 (high)");
   // Straight into start's outputs: done only waits (no copy out of the workspace).
   p.normed = normed->untyped_data();
   p.new_residual = new_residual->untyped_data();
   if (is_capturing(stream)) return op_error(op, "not supported under CUDA graph capture");
-  cudaStream_t side = priority ? w->side_high : w->side;
+  cudaStream_t side = w->side;  // starts follow each other in its stream order
   // inputs and every earlier kernel on XLA's stream (sync calls included) before the side stream
   cudaEventRecord(w->ev_inputs, stream);
   cudaStreamWaitEvent(side, w->ev_inputs, 0);
-  // and the previous start, which may have run on the other side stream (starts of different
-  // priorities in flight together would share the workspace's staging rows and signal pads)
-  cudaStreamWaitEvent(side, w->ev_last, 0);
   if (auto err = enqueue(op, p, *w, partial.element_type() == ffi::DataType::BF16, transport, algo,
                          ctas, ce_chunks, side);
       err.failure())
@@ -491,8 +424,8 @@ ffi::Error DoneImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer token,
   if (slot < 0 || slot >= w.num_slots) return op_error(op, "slot out of range");
   if (cudaError_t e = cudaStreamWaitEvent(stream, w.ev_done[slot], 0); e != cudaSuccess)
     return cuda_error(op, "wait", e);
-  // Waiting for a start covers every earlier one (each start waits for the previous one on the
-  // side streams); a synchronous call recorded into a graph relies on it (RanImpl).
+  // Waiting for a start covers every earlier one (starts run in the side stream's order); a
+  // synchronous call recorded into a graph relies on it (RanImpl).
   if (w.slot_start[slot] > w.done_upto) w.done_upto = w.slot_start[slot];
   // The outputs alias start's outputs (input_output_aliases); copy only if XLA did not alias
   // them, after the wait, so the copy reads finished results.
@@ -544,8 +477,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_start, StartImpl,
                                   .Attr<int32_t>("ctas")
                                   .Attr<int32_t>("slot")   // workspace slot (peers' staging)
                                   .Attr<int32_t>("transport")
-                                  .Attr<int32_t>("algo")
-                                  .Attr<int32_t>("priority")    // side stream: 1 high, 0 normal
+                                  .Attr<int32_t>("algo")   // 0 two-shot, 1 copy engine, 2 one-shot
                                   .Attr<int32_t>("ce_chunks")); // copy engine: chunks, 1..32
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(weave_fused_done, DoneImpl,

@@ -1,11 +1,8 @@
 // The multicast gate.  This file holds the ONLY function of the project that may call any
 // cuMulticast* driver entry point: weave_multicast_create().  It first asks the pure policy
-// function weave_multicast_policy(), which refuses unless
-//   - the user opted in explicitly: WEAVE_ENABLE_MULTIMEM=1, AND
-//   - nothing disables NVLS: NCCL_NVLS_ENABLE is not a false value, and neither
-//     TORCH_SYMM_MEM_DISABLE_MULTICAST nor NVSHMEM_DISABLE_NVLS is set to anything but a false
-//     value, AND
-//   - every device reports CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED.
+// function weave_multicast_policy() (multicast_policy.cc), which refuses unless the user opted
+// in (WEAVE_ENABLE_MULTIMEM=1), nothing on the host disables NVLS, and every device reports
+// CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED.
 // Why: on shared hosts that forbid NVLink multicast, creating a multicast object can take all
 // GPUs of the host out of service for a day (DESIGN.md, "Multicast safety").
 //
@@ -15,62 +12,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
+#include "multicast_policy.h"
 #include "workspace.h"
 
-namespace {
-
-// Values that turn a boolean-ish variable off.  Anything else counts as "on".
-bool is_false_value(const char* v) {
-  std::string s(v);
-  for (auto& c : s) c = static_cast<char>(tolower(c));
-  return s == "0" || s == "false" || s == "no" || s == "off" || s == "n" || s == "f";
-}
-
-enum PolicyCode : int {
-  kAllowed = 0,
-  kNotOptedIn = 1,
-  kNcclNvlsDisabled = 2,
-  kTorchDisabled = 3,
-  kNvshmemDisabled = 4,
-  kNoDeviceSupport = 5,
-};
-
-}  // namespace
-
 extern "C" {
-
-// Pure policy: reads the environment, takes the device-support flag as an argument, creates
-// nothing.  Returns 0 when multicast may be created, else a refusal code (see
-// weave_multicast_policy_reason).  The disabling variables are checked before the opt-in, so
-// a host that forbids NVLS reports why even to users who opted in.
-int weave_multicast_policy(int device_supported) {
-  if (const char* v = getenv("NCCL_NVLS_ENABLE"); v != nullptr && (v[0] == '\0' || is_false_value(v)))
-    return kNcclNvlsDisabled;
-  if (const char* v = getenv("TORCH_SYMM_MEM_DISABLE_MULTICAST"); v != nullptr && !is_false_value(v))
-    return kTorchDisabled;
-  if (const char* v = getenv("NVSHMEM_DISABLE_NVLS"); v != nullptr && !is_false_value(v))
-    return kNvshmemDisabled;
-  const char* opt = getenv("WEAVE_ENABLE_MULTIMEM");
-  if (opt == nullptr || strcmp(opt, "1") != 0) return kNotOptedIn;
-  if (!device_supported) return kNoDeviceSupport;
-  return kAllowed;
-}
-
-const char* weave_multicast_policy_reason(int code) {
-  switch (code) {
-    case kAllowed: return "allowed";
-    case kNotOptedIn: return "WEAVE_ENABLE_MULTIMEM=1 is not set (multicast is opt-in)";
-    case kNcclNvlsDisabled: return "NCCL_NVLS_ENABLE disables NVLS on this host";
-    case kTorchDisabled: return "TORCH_SYMM_MEM_DISABLE_MULTICAST disables multicast on this host";
-    case kNvshmemDisabled: return "NVSHMEM_DISABLE_NVLS disables NVLS on this host";
-    case kNoDeviceSupport: return "a device does not report CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED";
-    default: return "unknown refusal";
-  }
-}
 
 // The one creator.  Single process driving `n` devices (ordinals, in rank order) whose
 // workspaces already exist: replaces their in_slot / out_slot buffers with VMM allocations
@@ -100,7 +46,7 @@ int weave_multicast_create(int n, const int* ordinals, char* errbuf, int errlen)
     supported = supported && v;
   }
   const int policy = weave_multicast_policy(supported);
-  if (policy != kAllowed) {
+  if (policy != weave::kMulticastAllowed) {
     snprintf(errbuf, errlen, "multicast refused: %s", weave_multicast_policy_reason(policy));
     return policy;
   }

@@ -12,10 +12,9 @@
 //   pads + epochs + claim        20 KiB + 528 B + 4 B
 //   error record, phase stamps   24 B + 8 KiB of pinned host memory (mapped)
 // e.g. Tmax = 32768, H = 8192, bf16, world 2, 2 slots: 512 MiB * 3 + 6 MiB = 1.5 GiB + 6 MiB.
-// Four library streams per device: `side` (normal priority) and `side_high` (the device's
-// highest), for start calls; `ce_push` and `ce_pull`, the copy-engine algorithm's copy streams,
-// with 2 * kMaxCeChunks + 2 events per device and one process-wide host rendezvous (one process
-// driving every GPU only).
+// Three library streams per device: `side` (normal priority), for start calls; `ce_push` and
+// `ce_pull`, the copy-engine algorithm's copy streams, with 2 * kMaxCeChunks + 2 events per
+// device and one process-wide host rendezvous (one process driving every GPU only).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -108,9 +107,6 @@ int alloc_local(DeviceWorkspace& w, int ordinal, int rank, int world, int64_t ma
   memset(w.stamps_host, 0, kStampBytes);
   WS_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&w.stamps_dev), w.stamps_host, 0));
   WS_CHECK(cudaStreamCreateWithFlags(&w.side, cudaStreamNonBlocking));
-  int least = 0, greatest = 0;  // greatest priority is the numerically smallest
-  WS_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  WS_CHECK(cudaStreamCreateWithPriority(&w.side_high, cudaStreamNonBlocking, greatest));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_inputs, cudaEventDisableTiming));
   WS_CHECK(cudaEventCreateWithFlags(&w.ev_last, cudaEventDisableTiming));
   WS_CHECK(cudaStreamCreateWithFlags(&w.ce_push, cudaStreamNonBlocking));
@@ -368,7 +364,6 @@ int weave_ws_free_all(char* errbuf, int errlen) {
     if (w.ce_push) cudaStreamDestroy(w.ce_push);
     if (w.ce_pull) cudaStreamDestroy(w.ce_pull);
     if (w.side) cudaStreamDestroy(w.side);
-    if (w.side_high) cudaStreamDestroy(w.side_high);
     w = DeviceWorkspace{};
   }
   cudaGetLastError();

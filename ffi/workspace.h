@@ -59,7 +59,6 @@ struct DeviceWorkspace {
   void* mc_out[kMaxSlots] = {};
   // streams and events
   cudaStream_t side = nullptr;              // library-owned stream for start/done
-  cudaStream_t side_high = nullptr;         // the same at the device's highest priority
   cudaEvent_t ev_inputs = nullptr;          // XLA stream -> side stream (start's inputs ready)
   cudaEvent_t ev_done[kMaxSlots] = {};      // side stream -> XLA stream (slot results ready)
   cudaEvent_t ev_last = nullptr;            // last kernel launched on the side stream
@@ -70,13 +69,11 @@ struct DeviceWorkspace {
   // copy-engine algorithm (one process driving every GPU only)
   HostRendezvous* rendezvous = nullptr;     // shared by the ranks of this process's group
   uint64_t ce_calls = 0;                    // copy-engine calls made by this rank
-  void* ce_normed = nullptr;                // this call's `normed` (peers store into it: direct)
   cudaStream_t ce_push = nullptr;           // push copies (non-blocking, normal priority)
   cudaStream_t ce_pull = nullptr;           // pull copies
   cudaEvent_t ev_ce_begin = nullptr;        // the call's stream reached the call
   cudaEvent_t ev_pushed[kMaxCeChunks] = {}; // my pushes of chunk c of the current call are done
-  cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my normalized rows of chunk c are ready (my
-                                            // out_slot; direct: stored in my peer's `normed`)
+  cudaEvent_t ev_reduced[kMaxCeChunks] = {};// my normalized rows of chunk c are ready (out_slot)
   cudaEvent_t ev_pulled = nullptr;          // my pulls of the current call are done
   uint64_t timeout_ns = 10ull * 1000 * 1000 * 1000;
   // Synchronous-call handler invocations since init, and how many of them ran under CUDA stream

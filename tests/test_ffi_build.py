@@ -1,6 +1,6 @@
 """CI build checks (nvcc, no GPU): the sm_90a kernel holds the multimem instructions, the P2P
-path compiles (sm_90a with its TMA bulk copies, and sm_80), and the built library does not link
-libcuda."""
+path compiles (sm_90a with its TMA bulk copies, and sm_80), the built library does not link
+libcuda, and nothing experimental (experimental/ffi/) reaches the library."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 
 INSTANTIATE = """
 #include "fused_reduce_add_norm.cuh"
@@ -34,17 +34,21 @@ template __global__ void weave::oneshot_reduce_add_norm_kernel<__half, 4>(
 """
 
 
+def _nvcc(src, out, arch, kind):
+  flag = {"ptx": "-ptx", "cubin": "-cubin"}[kind]
+  code = f"compute_{arch}" if kind == "ptx" else f"sm_{arch}"
+  build = subprocess.run([NVCC, flag, "-std=c++17", "-O3",
+                          f"-gencode=arch=compute_{arch},code={code}", "-I", str(ROOT / "ffi"),
+                          str(src), "-o", str(out)], capture_output=True, text=True)
+  assert build.returncode == 0, build.stderr[-4000:]
+  return out
+
+
 def _compile(tmp_path, transport, arch, kind):
   src = tmp_path / f"{transport}.cu"
   extra = PEER_ONLY if transport == "PeerTransport" else ""
   src.write_text(INSTANTIATE % {"t": transport, "extra": extra})
-  out = tmp_path / f"{transport}_{arch}.{kind}"
-  flag = {"ptx": "-ptx", "cubin": "-cubin"}[kind]
-  code = f"compute_{arch}" if kind == "ptx" else f"sm_{arch}"
-  subprocess.run([NVCC, flag, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code={code}",
-                  "-I", str(ROOT / "ffi"), str(src), "-o", str(out)], check=True,
-                 capture_output=True, text=True)
-  return out
+  return _nvcc(src, tmp_path / f"{transport}_{arch}.{kind}", arch, kind)
 
 
 def _cuobjdump():
@@ -59,6 +63,7 @@ def _cuobjdump():
     return None
 
 
+@needs_nvcc
 def test_multimem_sm90a_ptx_and_sass(tmp_path):
   ptx = _compile(tmp_path, "MultimemTransport", "90a", "ptx").read_text()
   assert "multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2" in ptx
@@ -73,6 +78,7 @@ def test_multimem_sm90a_ptx_and_sass(tmp_path):
   assert "LDGMC" in sass, "multimem.ld_reduce did not reach SASS"
 
 
+@needs_nvcc
 def test_peer_path_compiles_with_system_scope_protocol(tmp_path):
   ptx = _compile(tmp_path, "PeerTransport", "90a", "ptx").read_text()
   assert "multimem" not in ptx
@@ -95,3 +101,43 @@ def test_built_library_needs_no_driver():
     pytest.skip("library not built")
   deps = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
   assert "libcuda.so" not in deps and "libcudart.so" not in deps, deps
+
+
+# What left the library for experimental/: the TMA copy-engine local kernel, the direct copy-engine
+# variant, the high-priority side stream, the LSU-only algorithm codes.
+EXPERIMENTAL_NAMES = ("ce_tma", "kCeTma", "CopyEngineDirect", "CopyEngineLsu", "TwoShotLsu",
+                      "side_high", "ce_normed", "experimental/")
+
+
+def test_library_sources_hold_nothing_experimental():
+  found = {}
+  for path in sorted((ROOT / "ffi").rglob("*")):
+    if path.suffix in (".cu", ".cuh", ".h", ".cc", ".txt"):
+      text = path.read_text()
+      if path.suffix == ".txt":  # CMake: its comments may say where experimental code lives
+        text = "\n".join(line.split("#")[0] for line in text.splitlines())
+      hits = [name for name in EXPERIMENTAL_NAMES if name in text]
+      if hits:
+        found[path.relative_to(ROOT).as_posix()] = hits
+  assert not found, found
+
+
+def test_built_library_holds_no_experimental_kernel():
+  lib = ROOT / "weave_jax" / "_native" / "libweave_fused.so"
+  if not lib.exists():
+    pytest.skip("library not built")
+  data = lib.read_bytes()
+  assert b"ce_tma_reduce_add_norm_kernel" not in data
+  assert b"oneshot_reduce_add_norm_kernel" in data  # the check can see kernel names
+
+
+@needs_nvcc
+def test_experimental_tma_kernel_still_compiles(tmp_path):
+  """experimental/ffi/ce_tma_kernel.cuh reuses the library's copy-engine Io and TMA helpers:
+  its benches' build commands (experimental/README.md) must keep working."""
+  src = tmp_path / "ce_tma.cu"
+  src.write_text(f'#include "{ROOT / "experimental" / "ffi" / "ce_tma_kernel.cuh"}"\n'
+                 "template __global__ void weave::ce_tma_reduce_add_norm_kernel<__nv_bfloat16, 1>(\n"
+                 "    const __grid_constant__ weave::KernelParams);\n")
+  ptx = _nvcc(src, tmp_path / "ce_tma.ptx", "90a", "ptx").read_text()
+  assert "ce_tma_reduce_add_norm_kernel" in ptx

@@ -1,5 +1,5 @@
-// Helpers shared by the single-GPU benches in ffi/bench/: error checks, random fill, word-
-// for-word comparison, and a median-of-launches timer.
+// Helpers shared by the single-GPU benches in experimental/ffi/: error checks, random fill,
+// word-for-word comparison, and a median-of-launches timer.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "fused_reduce_add_norm.cuh"
+#include "ce_tma_kernel.cuh"  // and through it the library's kernels (-I ffi)
 
 #define CHECK(x)                                                                   \
   do {                                                                             \

@@ -3,7 +3,7 @@
 // bounds it at small grids.  Everything is local memory, so one GPU is enough: the kernel takes
 // world = 2 with the peer's rows already "pushed" into in_slot.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -I ffi ffi/bench/local_norm_bench.cu -o /tmp/lnb && /tmp/lnb
+//   nvcc -std=c++17 -O3 -arch=sm_90a -I ffi experimental/ffi/local_norm_bench.cu -o /tmp/lnb && /tmp/lnb
 //
 // Layouts compared at H = 8192 (bf16):
 //   v2/tpr512  what the library runs: 512 threads per row, one row per block in flight, the
@@ -15,8 +15,8 @@
 // 3 writes of the slice) and per block, and the largest difference between the two layouts'
 // normed rows (they sum the same values; only the sum of squares' order differs).  Then two
 // diagnostics of the library layout: the same kernel with fewer stores per row, and with the
-// next 2-4 rows prefetched into shared memory (cp.async).  Findings: ffi/NOTES.md, "What bounds
-// a row per SM".
+// next 2-4 rows prefetched into shared memory (cp.async).  Findings: experimental/README.md and
+// ffi/NOTES.md ("What bounds a row per SM").
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(weave::kThreads, 1)
   if (t == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-// The library's TMA copy-engine kernel for p.hidden (handlers.cu's choice of kG).
+// The experimental TMA copy-engine kernel for p.hidden (kG from ce_tma_rows).
 template <typename T>
 void launch_tma(int grid, const weave::KernelParams& p) {
   const int64_t smem = weave::ce_tma_smem_bytes(2, p.hidden);
@@ -228,14 +228,14 @@ void launch_tma(int grid, const weave::KernelParams& p) {
     weave::ce_tma_reduce_add_norm_kernel<T, 2><<<grid, weave::kCeTmaThreads, smem>>>(p);
 }
 
-// The library's TMA copy-engine kernel against its load/store kernel, bitwise, on one GPU: every
-// output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
+// The experimental TMA copy-engine kernel against the library's load/store kernel, bitwise, on
+// one GPU: every output word (normed, out_slot, new residual; unwritten words stay poisoned in both) over
 // hidden sizes, world 2, the last rank (tail and padding rows), grids, and a call cut in chunks
 // (row_begin > 0).  Returns the number of failing cases.
 template <typename T>
 int verify_library_tma(const char* dtype) {
   int failures = 0;
-  for (int world : {2})  // where the library runs the TMA kernel (handlers.cu, ce_tma_fits)
+  for (int world : {2})  // the only world the TMA kernel takes
     for (int64_t H : {2056, 3000, 4096, 4104, 6144, 8000, 8192}) {  // weave::ce_tma_rows > 0
       for (int64_t tokens : {int64_t(1), int64_t(777), int64_t(4096)}) {
         const int64_t S = (tokens + world - 1) / world;
@@ -319,7 +319,7 @@ int main() {
                         (const void*)weave::ce_tma_reduce_add_norm_kernel<__half, 2>})
     CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, weave::kCeTmaSmemMax));
   const int failures = verify_library_tma<__nv_bfloat16>("bf16") + verify_library_tma<__half>("fp16");
-  std::printf("library TMA copy-engine kernel vs load/store kernel: %s (%d failing cases)\n",
+  std::printf("TMA copy-engine kernel vs load/store kernel: %s (%d failing cases)\n",
               failures ? "FAIL" : "all bitwise equal", failures);
   const int64_t H = 8192, S = 4096, T = 2 * S;  // slice of 64 MiB per source
   const size_t row = H * 2, slice = S * row;
@@ -425,7 +425,7 @@ int main() {
   tma(all_tma_kernel<3, 2>, 3, 2);
   tma(all_tma_kernel<2, 3>, 2, 3);
   tma(all_tma_kernel<4, 1>, 4, 1);
-  std::printf("\nthe library's TMA kernel (ce_tma_reduce_add_norm_kernel), us\n");
+  std::printf("\nthe TMA copy-engine kernel (ce_tma_reduce_add_norm_kernel), us\n");
   for (int grid : {8, 16, 32, 64, 132}) {
     const float tl = library_us(grid, p);
     const float tt = median_us([&] { launch_tma<__nv_bfloat16>(grid, p); });

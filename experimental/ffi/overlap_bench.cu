@@ -1,11 +1,11 @@
 // What a woven copy-engine call's local kernel costs the compute it overlaps, by grid, on one
 // GPU.  In the woven model (TP=2) each half's call runs on a side stream while the other half's
-// GEMMs run; the seventh session's trace put those GEMMs 3.4-6% slower than without
-// communication.  The copy engines' NVLink copies are not here (no peer); the SM and HBM
+// GEMMs run; a trace of the woven model (2 x H200, 2026-11-30) put those GEMMs 3.4-6% slower
+// than without communication.  The copy engines' NVLink copies are not here (no peer); the SM and HBM
 // sharing of the local kernel is, and a local device-to-device copy of the slice stands in for
 // the copy engines' HBM traffic.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -I ffi ffi/bench/overlap_bench.cu -lcublas -o /tmp/ovl && /tmp/ovl
+//   nvcc -std=c++17 -O3 -arch=sm_90a -I ffi experimental/ffi/overlap_bench.cu -lcublas -o /tmp/ovl && /tmp/ovl
 //   ncu --metrics launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__grid_size /tmp/ovl gemm
 //
 // Why a chain and a delay: cuBLAS's H200 GEMM for these shapes is persistent, one 384-thread
