@@ -86,9 +86,8 @@ class Attention(nnx.Module):
     self.o = _param(rngs, (kv, g, d, h), ("kv_heads", None, None, "embed"), cfg.dtype,
                     scale=(cfg.num_heads * d) ** -0.5)
 
-  def __call__(self, x, rope, info: layers.TokenInfo, prefix: layers.KVPrefix | None = None,
-               impl: str | None = None):
-    """x (T, H) normed -> (partial (T, H), KVPrefix of this chunk for later chunks)."""
+  def project_qkv(self, x, rope):
+    """x (T, H) normed -> q (T, N, D), k (T, K, D) with RoPE applied, v (T, K, D) (local heads)."""
     t = x.shape[0]
     qkv = jnp.einsum("th,hkgd->tkgd", x, self.qkv[...])          # (T, K, G+2, D)
     if self.qkv_bias is not None:
@@ -97,11 +96,20 @@ class Attention(nnx.Module):
     cos, sin = rope
     q = layers.apply_rope(qkv[:, :, :g].reshape(t, kv_heads * g, -1), cos, sin)  # (T, N, D)
     k = layers.apply_rope(qkv[:, :, g], cos, sin)                                # (T, K, D)
-    v = qkv[:, :, g + 1]
+    return q, k, qkv[:, :, g + 1]
+
+  def project_out(self, o):
+    """Attention output o (T, N, D) -> this rank's row-parallel partial sum (T, H)."""
+    kv_heads = self.o.shape[0]
+    out = o.reshape(o.shape[0], kv_heads, -1, o.shape[-1])        # (T, K, G, D)
+    return jnp.einsum("tkgd,kgdh->th", out, self.o[...])
+
+  def __call__(self, x, rope, info: layers.TokenInfo, prefix: layers.KVPrefix | None = None,
+               impl: str | None = None):
+    """x (T, H) normed -> (partial (T, H), KVPrefix of this chunk for later chunks)."""
+    q, k, v = self.project_qkv(x, rope)
     out = layers.causal_attention(q, k, v, info, prefix, impl)   # (T, N, D)
-    out = out.reshape(t, kv_heads, g, -1)
-    partial = jnp.einsum("tkgd,kgdh->th", out, self.o[...])
-    return partial, layers.KVPrefix(k, v, info)
+    return self.project_out(out), layers.KVPrefix(k, v, info)
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,330 @@
+"""The device side of serving: one model step over a flat token batch on a paged KV cache.
+
+    runner = ModelRunner(model, mesh, RunConfig(backend="rs_ag", weave=True), num_pages=...)
+    result = runner.execute(chunks)          # list[ScheduledChunk] -> StepResult
+
+A step is any mix of decode tokens and prefill chunks (each after its cached prefix).  It runs
+the prefill forward's stage chain (``weave.run``: embedding, then attention and MLP per layer,
+each closed by ``reduce_add_norm``) over one half (unsplit) or two (woven).  Each attention
+stage writes the half's K/V into the pages (``slot_mapping``) and attends over the request's
+cached prefix plus itself; it returns the updated pages as its ctx, so that half B's attention
+reads what half A wrote by data dependency.  Only the rows that sample reach the LM head, and
+sampling runs on device: the host gets token ids and their log-probabilities, nothing else.
+
+Static shapes: one program per token bucket (powers of two from 16 up to
+``max_num_batched_tokens``), compiled ahead by ``compile_all``; mixed buckets at or above the
+weave threshold (``Engine.plan``: RunConfig.weave_min_tokens or the tuning table) are woven,
+decode-only steps always run unsplit.  The cache is donated to every step.  On GPU the
+programs keep XLA's default command-buffer (CUDA graph) settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from weave_jax import layers, weave, xla_options
+from weave_jax.comm import AXIS
+from weave_jax.engine import Engine, RunConfig
+from weave_jax.model import Transformer, lm_logits
+from weave_jax.serve import kv_cache, sampler, step_inputs
+from weave_jax.serve.sampling_params import SamplingParams
+from weave_jax.serve.step_inputs import StepShape
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+  """One request's share of a step; decodes first, then prefill chunks."""
+  request_id: int
+  token_ids: np.ndarray        # (q_len,) int32: new tokens whose K/V this step computes
+  start: int                   # tokens of this request already in the cache
+  block_table: np.ndarray      # (n,) int32 page ids covering start + q_len tokens
+  sample: bool                 # token_ids ends at the request's last known token
+  params: SamplingParams = SamplingParams()
+  rng_step: int = 0            # tokens this request has sampled so far (folded into its seed)
+
+
+@dataclasses.dataclass
+class StepResult:
+  tokens: np.ndarray           # (len(chunks),) int32: sampled token (valid where chunk.sample)
+  logprobs: np.ndarray         # (len(chunks),) float32: log-prob of that token (same)
+  kind: str                    # "woven" | "unsplit" | "decode"
+  logits: np.ndarray | None = None   # (len(chunks), V) float32 with return_logits (same rows)
+
+
+# --- attention dispatch --------------------------------------------------------------------------
+
+_warned_reference = False
+
+
+def paged_attention(impl: str, platform: str):
+  """``fn(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs) -> (T, N, D)``
+  for RunConfig.paged_attention ``impl``."""
+  global _warned_reference
+  try:
+    from pallas_kernels import attention
+  except ImportError:
+    attention = None
+  if attention is not None:
+    return functools.partial(attention.ragged_paged_attention, impl=impl)
+  if impl not in ("auto", "reference"):
+    raise ValueError(f"ModelRunner: RunConfig.paged_attention={impl!r} needs "
+                     "pallas_kernels/attention.py, which is not installed")
+  from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference
+  if platform != "cpu" and not _warned_reference:
+    _warned_reference = True
+    warnings.warn("ModelRunner: no paged attention kernel (pallas_kernels/attention.py is "
+                  "missing); the float32 jnp reference runs instead: slow, O(T x context) memory",
+                  RuntimeWarning, stacklevel=3)
+  return ragged_paged_attention_reference
+
+
+# --- the per-rank step ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ServeHalf:
+  """One half's tokens and paged-attention metadata (step_inputs' per-half fields)."""
+  tokens: jax.Array            # (T_h,)
+  rope: tuple                  # cos, sin (T_h, D/2)
+  slots: jax.Array             # (T_h,) -1 = padding
+  query_start_loc: jax.Array   # (S_h + 1,)
+  kv_lens: jax.Array           # (S_h,)
+  block_tables: jax.Array      # (S_h, M)
+  num_seqs: jax.Array          # ()
+
+
+def _half(cfg, fields: dict, h: int) -> ServeHalf:
+  return ServeHalf(fields[f"tokens{h}"], layers.rope_tables(cfg, fields[f"positions{h}"]),
+                   fields[f"slots{h}"], fields[f"query_start_loc{h}"], fields[f"kv_lens{h}"],
+                   fields[f"block_tables{h}"], fields[f"num_seqs{h}"][0])
+
+
+def write_pages(pages, new, slots):
+  """pages (P, page, K, D) with rows ``slots`` (T,) set to ``new`` (T, K, D); slot -1 drops."""
+  p, page = pages.shape[:2]
+  flat = pages.reshape(p * page, *pages.shape[2:])
+  idx = jnp.where(slots < 0, p * page, slots)
+  return flat.at[idx].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+
+def serve_stages(model: Transformer, cache, attention) -> list[weave.Stage]:
+  """[embed, (attention over pages, mlp) per layer]: the prefill chain (forward.build_stages)
+  with each attention's ctx the layer's pages (k_pages, v_pages)."""
+  embed = model.embed
+  stages = [(lambda n, h, ctx: (embed(h.tokens), None),
+             model.layers[0].attn_norm.weight[...], "embed")]
+  n_layers = len(model.layers)
+  for i, layer in enumerate(model.layers):
+    nxt = (model.layers[i + 1].attn_norm if i + 1 < n_layers else model.final_norm).weight[...]
+
+    def attn(n, h: ServeHalf, ctx, layer=layer, pages=cache[i]):
+      k_pages, v_pages = pages if ctx is None else ctx     # half B: the pages A wrote
+      q, k, v = layer.attn.project_qkv(n, h.rope)
+      k_pages = write_pages(k_pages, k, h.slots)
+      v_pages = write_pages(v_pages, v, h.slots)
+      o = attention(q, k_pages, v_pages, h.kv_lens, h.block_tables, h.query_start_loc,
+                    h.num_seqs)
+      return layer.attn.project_out(o), (k_pages, v_pages)
+
+    def mlp(n, h, ctx, layer=layer):
+      return layer.mlp(n), None
+
+    stages.append((attn, layer.mlp_norm.weight[...], f"layer_{i}/attn"))
+    stages.append((mlp, nxt, f"layer_{i}/mlp"))
+  return stages
+
+
+def step_rank(graphdef, state, cache, fields, *, shape: StepShape, backend, tp: int, attention):
+  """Per-rank step.  Returns (this rank's logits shard (R, V_local) float32, updated cache)."""
+  model = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  halves = tuple(_half(cfg, fields, h) for h in range(len(shape.half_rows)))
+  residuals = tuple(jnp.zeros(backend.residual_shape(rows, cfg.hidden_size, tp), cfg.dtype)
+                    for rows in shape.half_rows)
+  res = weave.run(serve_stages(model, cache, attention), halves, residuals, backend,
+                  eps=cfg.rms_norm_eps)
+  new_cache = tuple(ctx for ctx in res.ctxs if ctx is not None)
+  normed = jnp.concatenate(res.normed, axis=0) if len(res.normed) > 1 else res.normed[0]
+  rows = normed[fields["sample_rows"]]                           # (R, H): gathered before the head
+  with jax.named_scope("lm_head"):
+    return lm_logits(model.head_table(), rows), new_cache
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+  """Powers of two from MIN_BUCKET below the budget, then the budget rounded up to 16."""
+  out, b = [], MIN_BUCKET
+  while b < max_num_batched_tokens:
+    out.append(b)
+    b *= 2
+  out.append(-(-max_num_batched_tokens // MIN_BUCKET) * MIN_BUCKET)
+  return out
+
+
+class ModelRunner:
+  """A TP-sharded model, its paged KV cache and one compiled step program per token bucket.
+
+  Args:
+    model, mesh, run: as for ``Engine`` (RunConfig.paged_attention picks the attention kernel).
+    page_size: tokens per page.
+    num_pages: pages in the cache; None: as many as ``memory_fraction`` of the free device
+      memory holds after the weights and the activation reserve (``kv_cache``).
+    max_model_len: longest request (prompt + output) in tokens.
+    max_num_batched_tokens: token budget of one step (the largest bucket).
+    max_num_seqs: requests in one step at most.
+    seed: seeds the requests whose SamplingParams.seed is None.
+    compile_ahead: compile every bucket now (progress lines, total time); False compiles each
+      program on first use (tests).
+  """
+
+  def __init__(self, model: Transformer, mesh: Mesh, run: RunConfig = RunConfig(), *,
+               page_size: int = kv_cache.DEFAULT_PAGE_SIZE, num_pages: int | None = None,
+               memory_fraction: float = 0.9, max_model_len: int = 4096,
+               max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, seed: int = 0,
+               compile_ahead: bool = True):
+    for name, value in (("max_model_len", max_model_len), ("page_size", page_size),
+                        ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("max_num_seqs", max_num_seqs)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelRunner: {name}={value!r} must be a positive int")
+    self.engine = Engine(model, mesh, run)
+    self.cfg, self.mesh, self.run, self.tp = self.engine.cfg, mesh, run, self.engine.tp
+    self.page_size, self.max_model_len = page_size, max_model_len
+    self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+    self.seed = seed
+    self.buckets = token_buckets(max_num_batched_tokens)
+    if num_pages is None:
+      reserve = kv_cache.activation_reserve(self.cfg, self.buckets[-1], max_num_seqs, self.tp)
+      num_pages = kv_cache.pages_for_memory(self.cfg, mesh, page_size=page_size,
+                                            memory_fraction=memory_fraction, reserve=reserve)
+    self.num_pages = num_pages
+    self.cache = kv_cache.allocate(self.cfg, mesh, num_pages, page_size)
+    print(kv_cache.describe(self.cfg, self.tp, num_pages, page_size), flush=True)
+    self.limits = step_inputs.Limits(self.cfg.vocab_size, page_size, num_pages, max_model_len,
+                                     max_num_batched_tokens, max_num_seqs)
+    self._attention = paged_attention(run.paged_attention, self.engine.platform)
+    self._replicated = NamedSharding(mesh, P())
+    self._programs: dict = {}
+    if compile_ahead:
+      self.compile_all()
+
+  # --- shapes ---------------------------------------------------------------------------------
+
+  def bucket(self, n_tokens: int) -> int:
+    return next(b for b in self.buckets if b >= n_tokens)
+
+  def shape(self, bucket: int, decode: bool) -> StepShape:
+    """The program shape of a step in ``bucket``: woven as Engine.plan says, unless decode."""
+    split = None if decode else self.engine.plan(bucket).split
+    return StepShape(bucket, split, self.max_num_seqs, self.limits.pages_per_seq)
+
+  def program_shapes(self) -> list[StepShape]:
+    """Every program a step can need: the mixed one per bucket, plus an unsplit one for the
+    decode buckets whose mixed program is woven."""
+    shapes = [self.shape(b, decode=False) for b in self.buckets]
+    decode_top = self.bucket(min(self.max_num_seqs, self.max_num_batched_tokens))
+    shapes += [self.shape(b, decode=True) for b in self.buckets
+               if b <= decode_top and self.shape(b, decode=False).split is not None]
+    return shapes
+
+  # --- compile ----------------------------------------------------------------------------------
+
+  def compile_all(self) -> None:
+    """Compile every program ahead, one progress line each and the total."""
+    shapes = self.program_shapes()
+    t0 = time.perf_counter()
+    for i, shape in enumerate(shapes):
+      t = time.perf_counter()
+      self.program(shape)
+      kind = "unsplit" if shape.split is None else f"woven at {shape.split}"
+      print(f"[serve] compiled {i + 1}/{len(shapes)}: bucket {shape.bucket} ({kind}, "
+            f"{shape.sample_rows} seqs) in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"[serve] compiled {len(shapes)} step programs in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+
+  def program(self, shape: StepShape, return_logits: bool = False):
+    """The compiled step for ``shape``: exe(state, cache, packed) -> (out (2, R) int32,
+    cache[, logits (R, V)]); out[0] = tokens, out[1] = float32 logprobs bit-cast."""
+    key = (shape, return_logits)
+    if key not in self._programs:
+      plan = self.engine.plan(shape.bucket)
+      backend = self.engine.backend_of(plan)
+      self.engine._ensure_workspace(backend, shape.bucket)
+      fn = self._step_fn(shape, backend, return_logits)
+      cache_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                 sharding=a.sharding), self.cache)
+      buf = jax.ShapeDtypeStruct((shape.size(),), jnp.int32, sharding=self._replicated)
+      lowered = jax.jit(fn, donate_argnums=(1,)).lower(self.engine.state, cache_struct, buf)
+      opts = xla_options.compile_options(self.engine.platform, weave=shape.split is not None)
+      self._programs[key] = xla_options.compile_with(lowered, opts)
+    return self._programs[key]
+
+  def _step_fn(self, shape: StepShape, backend, return_logits: bool):
+    cache_specs = tuple((kv_cache.CACHE_SPEC, kv_cache.CACHE_SPEC) for _ in self.cache)
+    rank_fn = functools.partial(step_rank, self.engine.graphdef, shape=shape, backend=backend,
+                                tp=self.tp, attention=self._attention)
+    sharded = jax.shard_map(rank_fn, mesh=self.mesh, in_specs=(self.engine.specs, cache_specs, P()),
+                            out_specs=(P(None, AXIS), cache_specs), check_vma=False)
+    vocab = self.cfg.vocab_size
+
+    def step(state, cache, packed):
+      fields = step_inputs.unpack(shape, packed)
+      logits, cache = sharded(state, cache, fields)
+      logits = logits[:, :vocab]
+      tokens, logprobs = sampler.sample(logits, fields["temperature"], fields["top_k"],
+                                        fields["top_p"], fields["seeds"], fields["steps"])
+      out = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+      return (out, cache, logits) if return_logits else (out, cache)
+
+    return step
+
+  # --- one step ---------------------------------------------------------------------------------
+
+  def real_split(self, shape: StepShape, n_tokens: int) -> int | None:
+    """Real tokens that go to half A: the bucket's split scaled to the step, so that both
+    halves hold a like share of the real tokens (each is padded to its static rows)."""
+    if shape.split is None:
+      return None
+    s = round(n_tokens * shape.split / shape.bucket)
+    return min(max(s, n_tokens - (shape.bucket - shape.split)), shape.split)
+
+  def execute(self, chunks, return_logits: bool = False) -> StepResult:
+    """Run one step over ``chunks`` (list[ScheduledChunk]).  Blocks only on the sampled ids.
+
+    ``return_logits``: also return the sampled rows' float32 logits (tests; a separate
+    program, compiled on first use).
+    """
+    batch = step_inputs.check_and_flatten(chunks, self.limits)
+    n = batch.num_tokens
+    shape = self.shape(self.bucket(n), decode=batch.is_decode)
+    split = self.real_split(shape, n)
+    seeds = [c.params.seed if c.params.seed is not None else sampler.default_seed(self.seed,
+                                                                                  c.request_id)
+             if c.sample else 0 for c in chunks]
+    packed = step_inputs.pack(batch, shape, split, chunks, seeds)
+    exe = self.program(shape, return_logits)
+    outs = exe(self.engine.state, self.cache, jax.device_put(packed, self._replicated))
+    self.cache = outs[1]
+    which = np.flatnonzero(batch.sample)
+    host = np.asarray(outs[0])[:, :which.size]
+    tokens = np.zeros(len(chunks), np.int32)
+    logprobs = np.zeros(len(chunks), np.float32)
+    tokens[which] = host[0]
+    logprobs[which] = host[1].view(np.float32)
+    kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
+    logits = None
+    if return_logits:
+      logits = np.zeros((len(chunks), self.cfg.vocab_size), np.float32)
+      logits[which] = np.asarray(outs[2])[:which.size]
+    return StepResult(tokens, logprobs, kind, logits)

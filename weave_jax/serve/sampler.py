@@ -1,0 +1,92 @@
+"""Token sampling on device: greedy, temperature, top-k, top-p, one random stream per request.
+
+Rows are the requests that sample this step.  Row r draws with the key
+``fold_in(key(seed[r]), step[r])`` (``step``: tokens the request has sampled so far), so a
+request's tokens depend on its seed and its own history only, never on what else shares the
+batch.  Filters apply in vLLM's order: temperature, then top-k, then top-p over the softmax of
+what top-k kept.  The log-probability returned is that of the chosen token under
+``log_softmax(logits / T)`` before any filter (raw logits for greedy rows).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from weave_jax.serve.sampling_params import SamplingParams
+
+
+def sample(logits, temperature, top_k, top_p, seeds, steps):
+  """Draw one token per row.
+
+  Args:
+    logits: (R, V) float32.
+    temperature: (R,) float32; <= 0 means greedy.
+    top_k: (R,) int32; <= 0 (or >= V) keeps every token.
+    top_p: (R,) float32 in (0, 1]; 1 keeps every token.
+    seeds: (R,) uint32 per-request seeds.
+    steps: (R,) int32 tokens each request has sampled so far.
+  Returns:
+    tokens (R,) int32 and logprobs (R,) float32.
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = temperature <= 0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  vocab = logits.shape[-1]
+  needs_filter = jnp.any(~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)))
+  # The sort costs a (R, V) sort per step: skip it when no row filters (the common case).
+  masked = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, k, p: x, scaled, top_k, top_p)
+  keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+  drawn = jax.vmap(jax.random.categorical)(keys, masked)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen
+
+
+def _filter_top_k_top_p(scaled, top_k, top_p):
+  """Logits (R, V) with every token outside the row's top-k / top-p set at -inf."""
+  vocab = scaled.shape[-1]
+  ordered = -jnp.sort(-scaled, axis=-1)                          # (R, V) descending
+  k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+  rank = jnp.arange(vocab)[None, :]
+  in_k = rank < k[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, ordered, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs                     # mass of better tokens
+  keep = in_k & ((before < top_p[:, None]) | (rank == 0))
+  n_keep = jnp.sum(keep, axis=-1)                                 # >= 1
+  threshold = jnp.take_along_axis(ordered, (n_keep - 1)[:, None], axis=-1)
+  return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def default_seed(base_seed: int, request_id: int) -> int:
+  """The seed of a request that gave none: fixed by the runner's seed and the request id."""
+  return (base_seed * 0x9E3779B1 + request_id * 0x85EBCA77 + 1) & 0xFFFFFFFF
+
+
+def check_params(params: SamplingParams, where: str) -> None:
+  """Raise ValueError naming the field when ``params`` cannot be sampled."""
+  if not params.temperature >= 0:
+    raise ValueError(f"{where}: temperature={params.temperature!r} must be >= 0")
+  if not 0 < params.top_p <= 1:
+    raise ValueError(f"{where}: top_p={params.top_p!r} must be in (0, 1]")
+  if params.top_k == 0 or params.top_k < -1:
+    raise ValueError(f"{where}: top_k={params.top_k!r} must be -1 (off) or >= 1")
+
+
+def param_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], rows: int):
+  """Host arrays for ``sample`` padded to ``rows``: temperature, top_k, top_p (float32/int32),
+  seeds (uint32), in that order.  Padding rows are greedy."""
+  n = len(params)
+  temperature = np.zeros(rows, np.float32)
+  top_k = np.full(rows, -1, np.int32)
+  top_p = np.ones(rows, np.float32)
+  seed = np.zeros(rows, np.uint32)
+  if n:
+    temperature[:n] = [p.temperature for p in params]
+    top_k[:n] = [p.top_k for p in params]
+    top_p[:n] = [p.top_p for p in params]
+    seed[:n] = np.asarray(seeds, np.uint64) & 0xFFFFFFFF
+  return temperature, top_k, top_p, seed
