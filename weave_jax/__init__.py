@@ -16,3 +16,5 @@ from weave_jax.sharding import make_mesh
 __all__ = ["ModelConfig", "from_hf_config", "preset", "PRESETS", "Engine", "RunConfig",
            "init_random", "abstract_model", "make_mesh"]
 __version__ = "0.1.0"
+from weave_jax.serve import LLM, SamplingParams  # noqa: E402  (serving API; imports the above)
+__all__ += ["LLM", "SamplingParams"]

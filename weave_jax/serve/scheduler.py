@@ -24,20 +24,9 @@ import time
 import numpy as np
 
 from weave_jax.serve.block_manager import BlockManager, pages_for
+from weave_jax.serve.runner import ScheduledChunk
 from weave_jax.serve.sampling_params import SamplingParams
 from weave_jax.serve.sequence import Sequence, Status
-
-
-@dataclasses.dataclass
-class ScheduledChunk:
-  """One request's share of a step; a step lists decodes first, then prefill chunks."""
-  request_id: int
-  token_ids: np.ndarray        # (q_len,) int32: new tokens whose K/V this step computes
-  start: int                   # tokens of this request already in the cache (= position of token_ids[0])
-  block_table: np.ndarray      # (n,) int32 page ids covering start + q_len tokens
-  sample: bool                 # token_ids ends at the request's last known token: sample the next
-  params: SamplingParams       # temperature, top_k, top_p, seed, logprobs
-  rng_step: int                # tokens this request has sampled so far (folded into its seed)
 
 
 @dataclasses.dataclass
