@@ -1,0 +1,362 @@
+"""Ragged paged attention as a Pallas Mosaic GPU kernel (Hopper: TMA + wgmma).
+
+Same inputs, outputs and semantics as ``paged_attention_ref.ragged_paged_attention_reference``
+(read its docstring for the layout).  Supported: head dim 64 or 128, page size 16/32/64/128,
+bfloat16 or float16 (softmax in float32), any GQA ratio G = N / K.
+
+Work decomposition.  For kv head ``h`` the query rows of request ``i`` are its tokens times the
+G query heads that share ``h``, token-major: flat row ``R = t * G + g``.  Each request's rows
+are cut into *tiles* of 64 rows (the wgmma M), so one tile holds 64 // G tokens x G heads and
+all G heads of a kv head share every K/V page load.  A tile never straddles two requests; the
+tile list is built on device by XLA from ``query_start_loc`` (at most ``cdiv(T*G, 64) + S``
+tiles, a static bound; surplus tiles do no work).  The grid is (tile, kv head, kv split).
+
+One CTA = one warpgroup = one (tile, kv head, split):
+
+  1. TMA-copies the tile's 64 query rows (from ``q`` regrouped by XLA into (K, tiles*64, D)).
+  2. Walks its share of the request's KV range in steps of ``BKV`` = max(64, page) slots: each
+     step is ``BKV // page`` TMA page copies (page ids read from ``block_tables``) into one slot
+     of a ring of ``stages`` SMEM buffers; K and V of a slot have their own barrier, so QK^T
+     starts while V still lands.  Step ``s + stages`` is issued as soon as step ``s`` is done.
+  3. Per step: S = Q K^T (wgmma, f32), mask, online softmax in f32 (exp2), O += P V (wgmma).
+  4. Writes O / l (and, with several splits, the log2-sum-exp) of its 64 rows to its own slot
+     of a (splits, K, tiles * 64, D) buffer.  XLA then combines the splits (flash-decoding) and
+     gathers rows back to (T, N, D): no two CTAs ever write the same row.
+
+Masking, so that unused or poisoned (NaN) cache slots cannot reach the result:
+  * only pages ``< cdiv(kv_len, page)`` of the request are ever read (later page indices of a
+    step are clamped to the last used page);
+  * a score is kept only where ``key position <= query position`` and ``key < kv_len``; the
+    rest are set to -inf *and* their probabilities to 0;
+  * on the step that contains ``kv_len``, V rows at positions ``>= kv_len`` are zeroed in SMEM
+    before the P V wgmma (0 * NaN would still be NaN);
+  * rows fully masked within a split get l = 0, O = 0 and lse = -inf (weight 0 in the combine).
+
+Split-KV (flash-decoding): with few (tile, kv head) pairs for the 132 SMs and long block
+tables, each pair's KV range is cut into ``num_splits`` contiguous step ranges (decided per
+tile at run time from its real length), combined afterwards in float32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from pallas_kernels import paged_attention_ref as ref
+from pallas_kernels._mosaic_compat import pl, plgpu
+
+_OP = "ragged_paged_attention_mosaic"
+HEAD_DIMS = (64, 128)
+PAGE_SIZES = (16, 32, 64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+#: Query rows per tile: one warpgroup's wgmma M.
+TILE_ROWS = 64
+#: H100 SXM streaming multiprocessors: below this many CTAs the split-KV path is worth it.
+_NUM_SMS = 132
+#: Fewest KV steps a split should own, so that the combine does not dominate.
+_MIN_STEPS_PER_SPLIT = 4
+_MAX_SPLITS = 32
+#: Rows of the tile metadata array (see ``_tile_metadata``).
+_META_FIELDS = ("req", "row_off", "pos_base", "kv_len", "kv_end")
+_LOG2E = math.log2(math.e)
+
+
+def check_supported(q, k_pages) -> None:
+  """What this kernel supports beyond the reference's checks.  Raises ValueError naming the
+  argument."""
+  d = q.shape[-1]
+  if d not in HEAD_DIMS:
+    raise ValueError(f"{_OP}: q head dim {d} not supported (one of {HEAD_DIMS})")
+  page = k_pages.shape[1]
+  if page not in PAGE_SIZES:
+    raise ValueError(f"{_OP}: k_pages page size {page} not supported (one of {PAGE_SIZES})")
+  if jnp.dtype(q.dtype) not in DTYPES:
+    raise ValueError(f"{_OP}: q dtype {q.dtype} not supported (bfloat16 or float16)")
+
+
+def _is_concrete(*arrays) -> bool:
+  return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc,
+                                  num_seqs, *, sm_scale: float | None = None,
+                                  num_splits: int | None = None,
+                                  interpret: bool = False) -> jax.Array:
+  """Ragged paged attention on Hopper.  Returns (T, N, D) in ``q.dtype``.
+
+  Args:
+    q: (T, N, D) bfloat16/float16 query tokens of all requests, request-major.
+    k_pages, v_pages: (P, page, K, D) the paged cache, ``q.dtype``.
+    kv_lens: (S,) int32 tokens of each request in the cache, this step's included.
+    block_tables: (S, M) int32 page ids of each request.
+    query_start_loc: (S + 1,) int32 where each request's queries start.
+    num_seqs: int32 scalar, requests present (rows >= num_seqs are padding).
+    sm_scale: softmax scale; default 1 / sqrt(D).
+    num_splits: KV splits per (tile, kv head); None picks one from the static shapes.
+    interpret: run under the Mosaic GPU interpreter (any backend; for CPU tests).
+
+  Metadata values are checked on the host (``check_metadata``) when they are concrete; under
+  ``jit`` only shapes and dtypes are checked.
+  """
+  ref.check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
+  check_supported(q, k_pages)
+  if num_splits is not None and (isinstance(num_splits, bool)
+                                 or not isinstance(num_splits, (int, np.integer))
+                                 or num_splits < 1):
+    raise ValueError(f"{_OP}: num_splits={num_splits!r} must be an int >= 1")
+  if sm_scale is not None and not math.isfinite(sm_scale):
+    raise ValueError(f"{_OP}: sm_scale={sm_scale} must be finite")
+  if _is_concrete(kv_lens, block_tables, query_start_loc, num_seqs):
+    ref.check_metadata(kv_lens, block_tables, query_start_loc, int(num_seqs),
+                       num_pages=k_pages.shape[0], page_size=k_pages.shape[1],
+                       num_tokens=q.shape[0])
+  t, n, d = q.shape
+  if t == 0:
+    return jnp.zeros_like(q)
+  scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+  splits = int(num_splits) if num_splits is not None else default_num_splits(
+      t, n, k_pages.shape[2], k_pages.shape[1], block_tables.shape)
+  return _attention(q, k_pages, v_pages, kv_lens.astype(jnp.int32),
+                    block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32),
+                    jnp.asarray(num_seqs, jnp.int32), sm_scale=scale, num_splits=splits,
+                    interpret=bool(interpret))
+
+
+def num_tiles(num_tokens: int, group: int, num_seqs_max: int) -> int:
+  """Static bound on the tiles of a step: each request adds at most one partial tile."""
+  return pl.cdiv(num_tokens * group, TILE_ROWS) + min(num_seqs_max, num_tokens)
+
+
+def kv_step(page: int) -> int:
+  """Cache slots per pipeline step (the wgmma N of Q K^T): whole pages, at least 64."""
+  return max(TILE_ROWS, page)
+
+
+def default_num_splits(t: int, n: int, k: int, page: int, block_tables_shape) -> int:
+  """Enough splits to give every SM about two CTAs, when the block table is long enough."""
+  s, m = block_tables_shape
+  ctas = num_tiles(t, n // k, s) * k
+  max_steps = pl.cdiv(m * page, kv_step(page))
+  if ctas >= _NUM_SMS or max_steps < 2 * _MIN_STEPS_PER_SPLIT:
+    return 1
+  want = pl.cdiv(2 * _NUM_SMS, ctas)
+  return int(max(1, min(want, max_steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLITS)))
+
+
+def _tile_metadata(kv_lens, query_start_loc, num_seqs, *, group: int, tiles: int):
+  """Per tile (5, tiles) int32 rows ``_META_FIELDS``, and per request tile starts (S + 1,).
+
+  req: the tile's request; row_off: its first row relative to the request's first row (rows
+  are ``token * G + g``); pos_base: kv_len - q_len (position of the request's first query
+  token); kv_len; kv_end: slots the tile reads (its last row's position + 1).  Tiles past the
+  real ones get kv_len = kv_end = 0: they read nothing.
+  """
+  s = kv_lens.shape[0]
+  q_lens = query_start_loc[1:] - query_start_loc[:-1]                       # (S,)
+  q_lens = jnp.where(jnp.arange(s) < num_seqs, q_lens, 0)
+  rows = q_lens * group
+  tile_start = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                jnp.cumsum(pl.cdiv(rows, TILE_ROWS)).astype(jnp.int32)])
+  tid = jnp.arange(tiles, dtype=jnp.int32)
+  req = jnp.clip(jnp.searchsorted(tile_start[1:], tid, side="right"), 0, s - 1).astype(jnp.int32)
+  live = tid < tile_start[s]
+  row_off = (tid - tile_start[req]) * TILE_ROWS
+  pos_base = kv_lens[req] - q_lens[req]
+  last_row = row_off + jnp.minimum(TILE_ROWS, rows[req] - row_off) - 1
+  kv_end = jnp.minimum(kv_lens[req], pos_base + last_row // group + 1)
+  zero = jnp.zeros_like(tid)
+  meta = jnp.stack([req, row_off, pos_base, jnp.where(live, kv_lens[req], zero),
+                    jnp.where(live, kv_end, zero)])
+  return meta.astype(jnp.int32), tile_start
+
+
+def _num_stages(bkv: int, d: int) -> int:
+  """Ring depth: 3 when K + V of three steps fit next to Q in ~200 KiB of SMEM, else 2."""
+  return 3 if 3 * 2 * bkv * d * 2 <= 160 * 1024 else 2
+
+
+def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *rest, group, page, sm_scale,
+            num_splits, stages):
+  """One CTA: tile ``axis_index('tile')``, kv head ``axis_index('head')``, split
+  ``axis_index('split')``.  See the module docstring for the protocol."""
+  if num_splits > 1:
+    lse_ref, q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar = rest
+  else:
+    lse_ref = lse_smem = None
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar = rest
+  tile, head, split = (lax.axis_index(a) for a in ("tile", "head", "split"))
+  req, row_off, pos_base, kv_len, kv_end = (meta_ref[f, tile]
+                                                  for f in range(len(_META_FIELDS)))
+  bkv, d = k_smem.shape[1], k_smem.shape[2]
+  pages_per_step = bkv // page
+  dtype = q_smem.dtype
+
+  n_steps = pl.cdiv(kv_end, jnp.int32(bkv))
+  per_split = pl.cdiv(n_steps, jnp.int32(num_splits))
+  first = jnp.minimum(split * per_split, n_steps)
+  last = jnp.minimum(first + per_split, n_steps)
+  used_pages = pl.cdiv(kv_len, jnp.int32(page))
+
+  rows = pl.ds(tile * TILE_ROWS, TILE_ROWS)
+  plgpu.copy_gmem_to_smem(q_ref.at[head, rows], q_smem, q_bar)
+
+  def issue(step, slot):
+    for p in range(pages_per_step):
+      # Never past the request's last used page: later slots of the step are masked anyway.
+      idx = jnp.minimum(step * pages_per_step + p, used_pages - 1)
+      page_id = bt_ref[req, idx]
+      rows = pl.ds(p * page, page)
+      plgpu.copy_gmem_to_smem(k_ref.at[page_id, :, head], k_smem.at[slot, rows], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[page_id, :, head], v_smem.at[slot, rows], v_bar.at[slot])
+
+  for i in range(stages):
+    pl.when(first + i < last)(functools.partial(issue, first + i, i))
+  plgpu.barrier_wait(q_bar)
+
+  def scores(slot):
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+      return acc_ref[...]
+    return pl.run_scoped(qk, plgpu.ACC((TILE_ROWS, bkv), jnp.float32))
+
+  def allowed(step):
+    rows = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bkv), 0, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, (TILE_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
+    token = rows + row_off if group == 1 else lax.div(rows + row_off, jnp.int32(group))
+    key = cols + step * bkv
+    return (key <= token + pos_base) & (key < kv_len)
+
+  def zero_dead_values(step, slot):
+    # Slots >= kv_len may hold NaN; P is 0 there, but 0 * NaN is NaN inside the wgmma.
+    v = v_smem.at[slot][...]
+    rows = plgpu.broadcasted_iota(jnp.int32, (bkv, d), 0, layout=plgpu.Layout.WGMMA)
+    v_smem.at[slot][...] = jnp.where(rows + step * bkv < kv_len, v, jnp.zeros_like(v))
+    plgpu.commit_smem()
+
+  def body(step, carry):
+    acc, m_i, l_i = carry
+    slot = lax.rem(step - first, jnp.int32(stages))
+    plgpu.barrier_wait(k_bar.at[slot])
+    mask = allowed(step)
+    s = jnp.where(mask, scores(slot) * (sm_scale * _LOG2E), -jnp.inf)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)            # fully masked row so far
+    alpha = jnp.exp2(m_i - m_safe)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    p = jnp.where(mask, p, 0.0)
+    l_i = l_i * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    plgpu.barrier_wait(v_bar.at[slot])
+    pl.when((step + 1) * bkv > kv_len)(functools.partial(zero_dead_values, step, slot))
+
+    def pv(acc_ref):
+      plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    pl.when(step + stages < last)(functools.partial(issue, step + stages, slot))
+    return acc, m_new, l_i
+
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  acc = plgpu.layout_cast(jnp.zeros((TILE_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+  m_i = plgpu.layout_cast(jnp.full((TILE_ROWS,), -jnp.inf, jnp.float32), row_layout)
+  l_i = plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), row_layout)
+  acc, m_i, l_i = lax.fori_loop(first, last, body, (acc, m_i, l_i))
+
+  empty = l_i == 0.0
+  inv_l = 1.0 / jnp.where(empty, 1.0, l_i)
+  q_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+  if lse_smem is not None:
+    lse_smem[...] = jnp.where(empty, -jnp.inf, m_i + jnp.log2(jnp.where(empty, 1.0, l_i)))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[split, head, rows])
+  if lse_smem is not None:
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[split, head, rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "interpret"))
+def _attention(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
+               sm_scale: float, num_splits: int, interpret: bool):
+  t, n, d = q.shape
+  _, page, k, _ = k_pages.shape
+  s = block_tables.shape[0]
+  group = n // k
+  tiles = num_tiles(t, group, s)
+  bkv = kv_step(page)
+  stages = _num_stages(bkv, d)
+  meta, tile_start = _tile_metadata(kv_lens, query_start_loc, num_seqs, group=group, tiles=tiles)
+  q_tiles = _tile_rows(q, meta, query_start_loc, group=group, tiles=tiles)
+
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  out_type = [jax.ShapeDtypeStruct((num_splits, k, tiles * TILE_ROWS, d), q.dtype)]
+  scratch = [plgpu.SMEM((TILE_ROWS, d), q.dtype, transforms=swizzled),
+             plgpu.SMEM((stages, bkv, d), q.dtype, transforms=swizzled),
+             plgpu.SMEM((stages, bkv, d), q.dtype, transforms=swizzled)]
+  if num_splits > 1:
+    out_type.append(jax.ShapeDtypeStruct((num_splits, k, tiles * TILE_ROWS), jnp.float32))
+    scratch.append(plgpu.SMEM((TILE_ROWS,), jnp.float32))
+  pages_per_step = bkv // page
+  scratch += [plgpu.Barrier(num_arrivals=1),
+              plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages),
+              plgpu.Barrier(num_arrivals=pages_per_step, num_barriers=stages)]
+  kernel = functools.partial(_kernel, group=group, page=page, sm_scale=sm_scale,
+                             num_splits=num_splits, stages=stages)
+  outs = plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(tiles, k, num_splits), grid_names=("tile", "head", "split"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      # The Mosaic GPU interpreter (simulated SMEM, TMA and barriers); plain True would pick
+      # the generic Pallas interpreter, which cannot run TMA copies.
+      interpret=plgpu.InterpretGPUParams() if interpret else False,
+  )(meta, block_tables, q_tiles, k_pages, v_pages)
+  return _gather_rows(outs, tile_start, query_start_loc, num_seqs, q.shape)
+
+
+def _tile_rows(q, meta, query_start_loc, *, group: int, tiles: int):
+  """(T, N, D) -> (K, tiles * 64, D): row r of tile j holds query row ``row_off_j + r`` of the
+  tile's request (token ``(row_off_j + r) // G``, head ``g = (row_off_j + r) % G`` of each kv
+  head); rows past the request are 0.  Every tile starts at a multiple of 64 rows, which the
+  TMA copy of a swizzled (8, 64)-tiled SMEM tile needs."""
+  t, n, d = q.shape
+  k = n // group
+  req, row_off = meta[0], meta[1]                                              # (tiles,)
+  local = row_off[:, None] + jnp.arange(TILE_ROWS)[None, :]                    # (tiles, 64)
+  q_lens = query_start_loc[req + 1] - query_start_loc[req]
+  live = (local < (q_lens * group)[:, None]) & (meta[3] > 0)[:, None]
+  token = jnp.clip(query_start_loc[req][:, None] + local // group, 0, t - 1)
+  g = local % group
+  heads = jnp.arange(k)[:, None, None] * group + g[None]                       # (K, tiles, 64)
+  rows = q[token[None], heads]                                                 # (K, tiles, 64, D)
+  rows = jnp.where(live[None, :, :, None], rows, jnp.zeros((), q.dtype))
+  return rows.reshape(k, tiles * TILE_ROWS, d)
+
+
+def _gather_rows(outs, tile_start, query_start_loc, num_seqs, q_shape):
+  """(splits, K, tiles*64, D) tile rows (+ (splits, K, tiles*64) log2-sum-exp) -> (T, N, D),
+  combining the splits in float32; padding tokens get 0."""
+  t, n, d = q_shape
+  o = outs[0]
+  k = o.shape[1]
+  group = n // k
+  req, offset, valid = ref.token_requests(query_start_loc, num_seqs, t)     # (T,) each
+  local = offset[:, None] * group + jnp.arange(group)[None, :]               # (T, G)
+  row = tile_start[req][:, None] * TILE_ROWS + local
+  row = jnp.clip(row, 0, o.shape[2] - 1)
+  heads = jnp.arange(k)[None, :, None]
+  rows = row[:, None, :]                                                     # (T, 1, G)
+  parts = o[:, heads, rows]                                                  # (splits, T, K, G, D)
+  if len(outs) == 1:
+    out = parts[0].astype(jnp.float32)
+  else:
+    lse = outs[1][:, heads, rows]                                            # (splits, T, K, G)
+    top = jnp.max(lse, axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp2(lse - top)                                                  # -inf -> 0
+    w = w / jnp.maximum(jnp.sum(w, axis=0), jnp.finfo(jnp.float32).tiny)
+    out = jnp.sum(jnp.where(w[..., None] > 0, w[..., None] * parts.astype(jnp.float32), 0.0),
+                  axis=0)
+  out = jnp.where(valid[:, None, None, None], out, 0.0)
+  return out.reshape(t, n, d).astype(o.dtype)

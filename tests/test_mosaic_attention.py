@@ -1,0 +1,202 @@
+"""Mosaic GPU ragged paged attention (``pallas_kernels.ragged_paged_attention_mosaic``)
+against the float32 reference (``paged_attention_ref``).
+
+CPU: input validation before launch; the XLA-side tile row mapping; lowering of the kernel for
+the CUDA platform (the whole Pallas -> Mosaic GPU lowering incl. layout inference runs on the
+host); and the kernel under the Mosaic GPU interpreter (simulated SMEM, TMA, barriers, wgmma)
+against the reference.  GPU (``@pytest.mark.gpu``): the compiled kernel on many layouts.
+
+Every cache page the requests do not use, and every slot of a used page at or beyond the
+request's kv_len, holds NaN: any read of them that reaches the result shows up as NaN.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+
+# The module (its XLA-side helpers), not the function of the same name.
+rpa = importlib.import_module("pallas_kernels.ragged_paged_attention_mosaic")
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+#: Max |kernel - reference| for unit-normal inputs (the reference rounds once, the kernel
+#: feeds P and V to the tensor cores in the input dtype).
+ATOL = {jnp.dtype(BF16): 3e-2, jnp.dtype(F16): 1e-2}
+
+
+def make_inputs(seed, q_lens, kv_lens, *, n, k, d, page, width, dtype=BF16, pad_tokens=3,
+                pad_seqs=1):
+  """A step of ``len(q_lens)`` requests plus ``pad_seqs`` padding rows (kv_len 0) and
+  ``pad_tokens`` padding query rows; pages shuffled; unused pages and dead slots poisoned."""
+  rng = np.random.default_rng(seed)
+  s_live = len(q_lens)
+  s = s_live + pad_seqs
+  kv = np.zeros(s, np.int32)
+  kv[:s_live] = kv_lens
+  qsl = np.zeros(s + 1, np.int32)
+  qsl[1:s_live + 1] = np.cumsum(q_lens)
+  qsl[s_live + 1:] = qsl[s_live]
+  t = int(qsl[-1]) + pad_tokens
+  pool = s_live * width + 2
+  perm = rng.permutation(pool)
+  bt = np.full((s, width), -1, np.int32)
+  used = -(-kv // page)
+  start = 0
+  for i in range(s_live):
+    bt[i, :used[i]] = perm[start:start + used[i]]
+    start += used[i]
+  kp = rng.standard_normal((pool, page, k, d)).astype(np.float32)
+  vp = rng.standard_normal((pool, page, k, d)).astype(np.float32)
+  dead = np.ones(pool, bool)
+  dead[bt[bt >= 0]] = False
+  kp[dead] = vp[dead] = np.nan
+  for i in range(s_live):
+    if kv[i] % page:
+      last = bt[i, kv[i] // page]
+      kp[last, kv[i] % page:] = vp[last, kv[i] % page:] = np.nan
+  q = rng.standard_normal((t, n, d)).astype(np.float32)
+  return (jnp.asarray(q, dtype), jnp.asarray(kp, dtype), jnp.asarray(vp, dtype),
+          jnp.asarray(kv), jnp.asarray(bt), jnp.asarray(qsl), jnp.int32(s_live))
+
+
+def max_error(got, args, **kw):
+  want = ragged_paged_attention_reference(*args, **kw)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  assert not bool(jnp.isnan(got).any()), "NaN leaked from poisoned cache slots"
+  return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+
+
+# (name, q_lens, kv_lens, n, k, d, page, width, dtype, num_splits): chunked prefill next to
+# decodes, GQA ratios 1, 3, 4, 8, 16, every page size, both head dims, both dtypes, split-KV.
+LAYOUTS = [
+    ("mixed_g4_p16", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 1),
+    ("mixed_g4_p16_split4", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 4),
+    ("g1_d128_p32", [70, 1], [100, 40], 2, 2, 128, 32, 4, BF16, None),
+    ("g3_p16_split2", [5, 1, 2], [150, 37, 2], 6, 2, 64, 16, 12, BF16, 2),
+    ("g16_p64_f16", [9, 2], [40, 130], 16, 1, 64, 64, 3, F16, None),
+    ("g8_d128_p128_split3", [1, 1], [300, 129], 8, 1, 128, 128, 3, BF16, 3),
+    ("g8_prefill_long", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None),
+    ("decode_batch_g8_f16", [1] * 24, list(range(7, 7 + 24 * 41, 41)), 32, 4, 64, 32, 32, F16,
+     None),
+]
+
+
+def _layout_args(layout):
+  name, q_lens, kv_lens, n, k, d, page, width, dtype, splits = layout
+  args = make_inputs(len(name), q_lens, kv_lens, n=n, k=k, d=d, page=page, width=width,
+                     dtype=dtype)
+  return args, splits
+
+
+# ---------------------------------------------------------------- CPU: validation
+
+
+def _small(dtype=BF16, d=64, page=16):
+  return make_inputs(0, [3, 1], [20, 9], n=8, k=2, d=d, page=page, width=4, dtype=dtype)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d=96), "head dim 96"),
+    (dict(page=8), "page size 8"),
+    (dict(page=48), "page size 48"),
+    (dict(dtype=jnp.float32), "dtype float32"),
+])
+def test_unsupported_shapes_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ragged_paged_attention_mosaic(*_small(**kwargs))
+
+
+def test_bad_metadata_raises_before_launch():
+  q, kp, vp, kv, bt, qsl, ns = _small()
+  with pytest.raises(ValueError, match=r"kv_lens\[0\]=2 is shorter"):
+    ragged_paged_attention_mosaic(q, kp, vp, kv.at[0].set(2), bt, qsl, ns)
+  with pytest.raises(ValueError, match="block_tables"):
+    ragged_paged_attention_mosaic(q, kp, vp, kv, bt.at[0, 0].set(10_000), qsl, ns)
+  with pytest.raises(ValueError, match="num_splits=0"):
+    ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, num_splits=0)
+  with pytest.raises(ValueError, match="v_pages shape"):
+    ragged_paged_attention_mosaic(q, kp, vp[:, :8], kv, bt, qsl, ns)
+
+
+# ---------------------------------------------------------------- CPU: XLA-side mapping
+
+
+@pytest.mark.parametrize("group", [1, 3, 8, 96])
+def test_tile_rows_round_trip(group):
+  """Regrouping q into 64-row tiles and gathering the tiles back is the identity on live
+  tokens (0 on padding tokens): every query row lands in exactly one tile row."""
+  k, d = 2, 4
+  qsl = jnp.array([0, 37, 38, 38, 45, 45], jnp.int32)          # a 0-token request, 1 padding
+  kv = jnp.array([50, 9, 4, 7, 0], jnp.int32)
+  num_seqs, t = jnp.int32(4), 48
+  q = jax.random.normal(jax.random.key(group), (t, group * k, d), jnp.float32)
+  tiles = rpa.num_tiles(t, group, 5)
+  meta, tile_start = rpa._tile_metadata(kv, qsl, num_seqs, group=group, tiles=tiles)
+  assert int(tile_start[-1]) <= tiles
+  q_tiles = rpa._tile_rows(q, meta, qsl, group=group, tiles=tiles)
+  back = rpa._gather_rows((q_tiles[None],), tile_start, qsl, num_seqs, q.shape)
+  np.testing.assert_array_equal(np.asarray(back[:45]), np.asarray(q[:45]))
+  np.testing.assert_array_equal(np.asarray(back[45:]), 0.0)
+
+
+def test_split_combine_weights_by_lse():
+  """Two splits of one row, one of them empty (lse -inf, output 0): the combine returns the
+  other split's output exactly; equal lse averages."""
+  o = jnp.stack([jnp.full((1, 64, 2), 3.0), jnp.zeros((1, 64, 2))])        # (2, K=1, 64, 2)
+  lse = jnp.stack([jnp.zeros((1, 64)), jnp.full((1, 64), -jnp.inf)])
+  qsl, ns = jnp.array([0, 1], jnp.int32), jnp.int32(1)
+  tile_start = jnp.array([0, 1], jnp.int32)
+  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2))
+  np.testing.assert_array_equal(np.asarray(out), 3.0)
+  lse = jnp.zeros((2, 1, 64))
+  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2))
+  np.testing.assert_allclose(np.asarray(out), 1.5)
+
+
+# ---------------------------------------------------------------- CPU: lowering, interpreter
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[5]], ids=lambda l: l[0])
+def test_lowers_for_cuda(layout):
+  """The full Pallas -> Mosaic GPU lowering (layout inference, TMA/wgmma shapes) succeeds and
+  emits the Mosaic GPU custom call."""
+  args, splits = _layout_args(layout)
+
+  def attention(*a):
+    return rpa._attention(*a, sm_scale=0.1, num_splits=splits or 1, interpret=False)
+
+  text = jax.jit(attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4]], ids=lambda l: l[0])
+def test_interpreter_matches_reference(layout):
+  args, splits = _layout_args(layout)
+  got = ragged_paged_attention_mosaic(*args, num_splits=splits, interpret=True)
+  assert max_error(got, args) < ATOL[jnp.dtype(args[0].dtype)]
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l[0])
+def test_gpu_matches_reference(layout):
+  args, splits = _layout_args(layout)
+  got = ragged_paged_attention_mosaic(*args, num_splits=splits)
+  assert max_error(got, args) < ATOL[jnp.dtype(args[0].dtype)]
+
+
+@pytest.mark.gpu
+def test_gpu_under_jit_with_traced_metadata_and_scale():
+  args, _ = _layout_args(LAYOUTS[0])
+  fn = jax.jit(lambda *a: ragged_paged_attention_mosaic(*a, sm_scale=0.3))
+  got = fn(*args)
+  assert max_error(got, args, sm_scale=0.3) < ATOL[jnp.dtype(BF16)]
