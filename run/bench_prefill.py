@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Prefill benchmark (the TokenWeave paper's Figure 11): ms per forward for each variant.
 
-On a GPU node: a preset model (default Llama-3.3-70B shapes, 4 layers, random weights) with TP
-over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``tiny`` preset on
-8 virtual CPU devices (timings then only show that the harness works).
+Where JAX runs on GPUs: a preset model (default Llama-3.3-70B shapes, 4 layers, random weights)
+with TP over all local GPUs, batch 1, prompts of 1K..16K tokens.  Without a GPU: the ``tiny``
+preset on 8 virtual CPU devices (timings then only show that the harness works).  On a machine
+with an NVIDIA driver where JAX has no GPU (CPU-only jax installed), it refuses to start and
+says what to install, unless --allow-cpu.
 
     python run/bench_prefill.py                          # embedded default
     python run/bench_prefill.py --preset qwen2.5-72b --layers 4 --tokens 1024 4096 16384
     python run/bench_prefill.py --variants baseline nocomm --json out.json --png out.png
     python run/bench_prefill.py --profile traces/        # + trace summary of exposed comm
+    python run/bench_prefill.py --shard-of 2 --layers 16 --variants nocomm nocomm+weave  # one GPU
 
 Variants: baseline (psum, unsplit) | psum+weave | rs_ag | rs_ag+weave | fused | fused+weave |
 fused+tuned (the library default: woven or unsplit per token bucket from the tuning table) |
@@ -19,6 +22,11 @@ fused+weave@8, fused+weave:weave_algorithm=two_shot.
 Per prompt length, every variant is compiled and warmed up, then the variants' calls are timed
 interleaved (round-robin, --iters rounds), so that drift during the run (GPU clocks,
 temperature) affects them alike and their ratios compare like with like.
+
+The nocomm model's FLOP rate is given two ways, labelled: as a share of the card's datasheet
+dense bf16 peak (H100 SXM and H200: 989.5 TFLOP/s), and as a share of the bf16 matmul rate
+measured on the same device in the same run (an 8192^3 jnp.dot).  The second can exceed 100%
+(the model's GEMMs may run faster than that one matmul); the first cannot, for real work.
 """
 from __future__ import annotations
 
@@ -29,8 +37,9 @@ import shutil
 import sys
 import time
 
-HAS_GPU = shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
-if not HAS_GPU and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+NVIDIA_DRIVER = shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+# 8 virtual CPU devices for the CPU path (the flag only shapes the host platform; GPUs unaffected)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -43,6 +52,28 @@ from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_common import VARIANT_HELP, engine_for, is_fused, variant_arg  # noqa: E402
+
+HAS_GPU = jax.default_backend() == "gpu"
+
+# Dense bf16 peak per device from NVIDIA's datasheets (TFLOP/s, without sparsity), by the
+# device_kind JAX reports.  H100 SXM and H200 share the same SMs and clocks, hence one figure.
+DATASHEET_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.5,   # H100 SXM
+    "NVIDIA H100 SXM": 989.5,
+    "NVIDIA H200": 989.5,
+}
+
+CPU_JAX_ON_GPU_HOST = (
+    "this machine has an NVIDIA driver but JAX runs on {backend}: the GPU defaults "
+    "(Llama-3.3-70B shapes, 1K-16K tokens) would run on the CPU for hours.  Install JAX's CUDA "
+    "plugin: `bash run/bench.sh` does it, or pip install -e '.[bench,cuda12]' "
+    "(cuda13 where the CUDA toolkit is 13).  --allow-cpu runs the CPU defaults (tiny preset) "
+    "anyway.")
+
+
+def datasheet_tflops(device_kind: str) -> float | None:
+  """The datasheet dense bf16 peak of ``device_kind`` (TFLOP/s), or None if not in the table."""
+  return DATASHEET_BF16_TFLOPS.get(device_kind)
 
 
 
@@ -73,8 +104,16 @@ def parse_args(argv=None):
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="capture a trace per variant at --profile-tokens and print its summary")
   p.add_argument("--profile-tokens", type=int, default=None)
-  p.add_argument("--no-matmul-peak", action="store_true")
+  p.add_argument("--no-matmul-peak", action="store_true",
+                 help="skip measuring the device's bf16 matmul rate (the second utilization figure)")
+  p.add_argument("--datasheet-tflops", type=float, default=None, metavar="TFLOPS",
+                 help="the device's dense bf16 datasheet peak per device (default: from its name; "
+                      "H100 SXM and H200: 989.5)")
+  p.add_argument("--allow-cpu", action="store_true",
+                 help="run on the CPU even where an NVIDIA driver is present but JAX has no GPU")
   args = p.parse_args(argv)
+  if NVIDIA_DRIVER and not gpu and not args.allow_cpu:
+    p.error(CPU_JAX_ON_GPU_HOST.format(backend=jax.default_backend()))
   if args.variants and len(set(args.variants)) != len(args.variants):
     p.error(f"--variants names a variant twice: {args.variants}")
   if args.shard_of is not None:
@@ -140,10 +179,17 @@ def run(args, cfg, mesh, model) -> dict:
   shapes = f", one TP={args.shard_of} rank's shapes" if args.shard_of else ""
   progress(f"{args.preset}: {layers} of {cfg0.num_layers} layers{shapes}, TP={tp} on "
            f"{getattr(dev, 'device_kind', dev.platform)}, variants {variants}")
-  peak = None
-  if HAS_GPU and not args.no_matmul_peak:
-    peak = matmul_tflops()
-    progress(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s per device")
+  kind = getattr(dev, "device_kind", dev.platform)
+  sheet = args.datasheet_tflops or datasheet_tflops(kind)
+  if sheet:
+    progress(f"datasheet dense bf16 peak: {sheet:.1f} TFLOP/s per device ({kind})")
+  elif HAS_GPU:
+    progress(f"no datasheet bf16 peak known for {kind!r}: pass --datasheet-tflops")
+  measured = None
+  if not args.no_matmul_peak:
+    # on CPU a small matmul: the figure then only shows that the reporting works
+    measured = matmul_tflops() if HAS_GPU else matmul_tflops(n=256, iters=5)
+    progress(f"bf16 matmul rate measured in this run: {measured:.1f} TFLOP/s per device")
   rng = np.random.default_rng(0)
   batches = {n: rng.integers(0, cfg.vocab_size, n) for n in args.tokens}
   rows = {n: {"tokens": n} for n in args.tokens}
@@ -174,15 +220,32 @@ def run(args, cfg, mesh, model) -> dict:
       progress(f"{n:6d} tokens  {v:12s} {t.median_ms:9.3f} ms  (spread {t.spread:.1%})")
   rows = [rows[n] for n in args.tokens]
   for row in rows:
-    flops = layers * layer_flops_per_rank(cfg, row["tokens"], tp)
-    if peak and "ms" in row.get("nocomm", {}):
-      row["nocomm_mfu"] = flops / (row["nocomm"]["ms"] * 1e-3) / (peak * 1e12)
+    if "ms" in row.get("nocomm", {}):
+      flops = layers * layer_flops_per_rank(cfg, row["tokens"], tp)
+      row["nocomm_tflops"] = flops / (row["nocomm"]["ms"] * 1e-3) / 1e12
+      if sheet:
+        row["nocomm_of_datasheet"] = row["nocomm_tflops"] / sheet
+      if measured:
+        row["nocomm_of_matmul"] = row["nocomm_tflops"] / measured
   return {"preset": args.preset, "layers": layers, "tp": tp, "variants": variants,
-          "shard_of": args.shard_of,
-          "device": getattr(dev, "device_kind", dev.platform), "devices": mesh.devices.size,
+          "shard_of": args.shard_of, "device": kind, "devices": mesh.devices.size,
           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-          "matmul_peak_tflops": peak, "rows": rows,
+          "datasheet_tflops": sheet, "matmul_measured_tflops": measured, "rows": rows,
           "command": "python " + " ".join(sys.argv)}
+
+
+def utilization_columns(res: dict) -> list[tuple[str, str]]:
+  """(header, row key) of the nocomm utilization columns this result has, each labelled with
+  what it divides by."""
+  cols = []
+  if any("nocomm_tflops" in r for r in res["rows"]):
+    cols.append(("nocomm TFLOP/s per device", "nocomm_tflops"))
+  if res.get("datasheet_tflops"):
+    cols.append((f"nocomm / datasheet peak ({res['datasheet_tflops']:.1f})", "nocomm_of_datasheet"))
+  if res.get("matmul_measured_tflops"):
+    cols.append((f"nocomm / matmul measured this run ({res['matmul_measured_tflops']:.1f})",
+                 "nocomm_of_matmul"))
+  return cols
 
 
 def table(res: dict) -> str:
@@ -196,7 +259,8 @@ def table(res: dict) -> str:
       ratios.append(f"speedup {v}")
     if v not in ("baseline", "nocomm") and "nocomm" in vs:
       ratios.append(f"{v}/nocomm")
-  head += "".join(f" | {r}" for r in ratios) + (" | nocomm MFU" if res["matmul_peak_tflops"] else "") + " |"
+  util = utilization_columns(res)
+  head += "".join(f" | {r}" for r in ratios) + "".join(f" | {h}" for h, _ in util) + " |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   ms = lambda row, v: row.get(v, {}).get("ms")
   for row in res["rows"]:
@@ -210,8 +274,10 @@ def table(res: dict) -> str:
       else:
         a, b = ms(row, r.split("/")[0]), ms(row, "nocomm")
       cells.append(f"{a / b:.3f}" if a and b else "-")
-    if res["matmul_peak_tflops"]:
-      cells.append(f"{row.get('nocomm_mfu', float('nan')):.1%}")
+    for _, key in util:
+      value = row.get(key)
+      cells.append("-" if value is None else f"{value:.1f}" if key == "nocomm_tflops"
+                   else f"{value:.1%}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -1,10 +1,14 @@
-"""The main job (run/bench_prefill.py) end to end on the tiny preset and 8 virtual CPU devices,
+"""The main job (run/bench_prefill.py) end to end on the tiny preset and 8 virtual CPU devices
+(run on JAX's CPU backend on any host), its refusal of the GPU defaults where JAX has no GPU,
 and the interleaved timing it uses.  Timings themselves are never asserted."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -27,26 +31,45 @@ def bench_prefill():
   spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "run" / "bench_prefill.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  if mod.HAS_GPU:
-    pytest.skip("this test runs the CPU (tiny preset) path")
   return mod
 
 
-def test_main_job_on_cpu_writes_table_json_and_chart(bench_prefill, tmp_path, capsys):
+def run_on_cpu(*args: str) -> subprocess.CompletedProcess:
+  """run/bench_prefill.py on JAX's CPU backend (8 virtual devices), on any host: where an NVIDIA
+  driver is present, --allow-cpu says that the CPU run is meant."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, str(ROOT / "run" / "bench_prefill.py"), "--allow-cpu",
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_main_job_on_cpu_writes_table_json_and_chart(tmp_path):
+  """The tiny preset end to end, with both utilization figures labelled by what they divide by
+  (a given datasheet peak, and the matmul rate measured in the same run)."""
   out, png = tmp_path / "prefill.json", tmp_path / "prefill.png"
-  bench_prefill.main(["--tokens", "64", "96", "--variants", "baseline", "rs_ag+weave", "nocomm",
-                      "nocomm+weave",
-                      "--iters", "2", "--warmup", "1", "--json", str(out), "--png", str(png)])
+  proc = run_on_cpu("--tokens", "64", "96", "--variants", "baseline", "rs_ag+weave", "nocomm",
+                    "nocomm+weave", "--iters", "2", "--warmup", "1", "--datasheet-tflops", "2.5",
+                    "--json", str(out), "--png", str(png))
   res = json.loads(out.read_text())
-  assert res["preset"] == "tiny" and res["tp"] == 8
+  assert res["preset"] == "tiny" and res["tp"] == 8 and res["device"] == "cpu"
   assert [r["tokens"] for r in res["rows"]] == [64, 96]
   for row in res["rows"]:
     for v in ("baseline", "rs_ag+weave", "nocomm", "nocomm+weave"):
       assert row[v]["ms"] > 0, (row["tokens"], v, row[v])
     assert row["rs_ag+weave"]["split"] is not None and row["baseline"]["split"] is None
     assert row["nocomm+weave"]["split"] is not None
-  table = capsys.readouterr().out
+    assert row["nocomm_of_datasheet"] == pytest.approx(row["nocomm_tflops"] / 2.5)
+    assert row["nocomm_of_matmul"] == pytest.approx(
+        row["nocomm_tflops"] / res["matmul_measured_tflops"])
+  assert res["datasheet_tflops"] == 2.5 and res["matmul_measured_tflops"] > 0
+  table = proc.stdout
   assert "| tokens | baseline ms/layer" in table and "speedup rs_ag+weave" in table
+  assert "nocomm / datasheet peak (2.5)" in table
+  assert f"nocomm / matmul measured this run ({res['matmul_measured_tflops']:.1f})" in table
+  assert "datasheet dense bf16 peak: 2.5 TFLOP/s" in proc.stderr
+  assert "bf16 matmul rate measured in this run" in proc.stderr
   assert png.stat().st_size > 0
 
 
@@ -64,14 +87,38 @@ def test_shard_of_runs_one_ranks_shapes(bench_prefill, tmp_path):
               ["--shard-of", "3", "--variants", "nocomm"],
               ["--shard-of", "2", "--tp", "2", "--variants", "nocomm"]):
     with pytest.raises(SystemExit):
-      bench_prefill.parse_args(bad)
+      bench_prefill.parse_args(bad + ["--allow-cpu"])
   out = tmp_path / "shard.json"
-  bench_prefill.main(["--shard-of", "2", "--tokens", "64", "--variants", "nocomm", "nocomm+weave",
-                      "--iters", "1", "--warmup", "1", "--json", str(out)])
+  proc = run_on_cpu("--shard-of", "2", "--tokens", "64", "--variants", "nocomm", "nocomm+weave",
+                    "--iters", "1", "--warmup", "1", "--no-matmul-peak", "--json", str(out))
   res = json.loads(out.read_text())
   assert res["tp"] == 1 and res["shard_of"] == 2
   assert res["rows"][0]["nocomm+weave"]["split"] is not None
   assert res["rows"][0]["nocomm"]["ms"] > 0
+  # no datasheet figure for a CPU and no matmul measured: neither utilization column is printed
+  assert res["datasheet_tflops"] is None and res["matmul_measured_tflops"] is None
+  assert "datasheet" not in proc.stdout and "matmul measured" not in proc.stdout
+
+
+def test_gpu_host_with_cpu_jax_refuses_the_gpu_defaults(bench_prefill, monkeypatch, capsys):
+  """An NVIDIA driver but CPU-only JAX: one clear message naming what to install, before any
+  model is built; --allow-cpu runs the CPU defaults on purpose."""
+  monkeypatch.setattr(bench_prefill, "NVIDIA_DRIVER", True)
+  monkeypatch.setattr(bench_prefill, "HAS_GPU", False)
+  with pytest.raises(SystemExit):
+    bench_prefill.parse_args([])
+  err = capsys.readouterr().err
+  assert "NVIDIA driver but JAX runs on" in err and "pip install -e '.[bench,cuda12]'" in err
+  args = bench_prefill.parse_args(["--allow-cpu"])
+  assert args.preset == "tiny" and args.tokens == [128, 1024]
+
+
+def test_datasheet_peaks(bench_prefill):
+  """H100 SXM and H200: 989.5 dense bf16 TFLOP/s; unknown cards have none (never a guess)."""
+  assert bench_prefill.datasheet_tflops("NVIDIA H100 80GB HBM3") == 989.5
+  assert bench_prefill.datasheet_tflops("NVIDIA H200") == 989.5
+  assert bench_prefill.datasheet_tflops("NVIDIA A100-SXM4-80GB") is None
+  assert bench_prefill.datasheet_tflops("cpu") is None
 
 
 def test_variant_names(bench_prefill):
@@ -86,10 +133,10 @@ def test_variant_names(bench_prefill):
     with pytest.raises(ValueError):
       run_common.parse_variant(bad)
   with pytest.raises(SystemExit):   # argparse usage errors, before any model is built
-    bench_prefill.parse_args(["--variants", "baseline@8"])
+    bench_prefill.parse_args(["--variants", "baseline@8", "--allow-cpu"])
   with pytest.raises(SystemExit):
-    bench_prefill.parse_args(["--variants", "nocomm", "nocomm"])
-  args = bench_prefill.parse_args(["--variants", "fused@16", "nocomm+weave"])
+    bench_prefill.parse_args(["--variants", "nocomm", "nocomm", "--allow-cpu"])
+  args = bench_prefill.parse_args(["--variants", "fused@16", "nocomm+weave", "--allow-cpu"])
   assert args.variants == ["fused@16", "nocomm+weave"]
 
 

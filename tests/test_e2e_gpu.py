@@ -50,11 +50,14 @@ def mesh():
   return make_mesh(gpu_tp())
 
 
-def _variants():
-  out = [("rs_ag", True), ("psum", True)]
-  if gpu_count() >= 2 and fused_available()[0]:
-    out += [("fused_p2p", False), ("fused_p2p", True)]
-  return out
+# Every backend that runs on GPUs, the fused one included: on a GPU machine without the fused
+# library this test fails (test_fused_library_is_built says why) rather than passing without it.
+VARIANTS = [("rs_ag", True), ("psum", True), ("fused_p2p", False), ("fused_p2p", True)]
+
+
+def test_fused_library_is_built(mesh):
+  ok, why = fused_available()
+  assert ok, f"the fused backends cannot run on this GPU machine: {why}"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -69,7 +72,7 @@ def test_woven_equals_baseline(mesh, family):
   assert np.isfinite(ref).all()
   ref1 = np.asarray(Engine(model, mesh, RunConfig(backend="psum"))(tokens[:3000]))
   failures = []
-  for backend, weave in _variants():
+  for backend, weave in VARIANTS:
     eng = Engine(model, mesh, RunConfig(backend=backend, weave=weave, weave_min_tokens=1024))
     for what, out, want in (
         ((family, backend, weave, "packed"), eng(tokens, segment_ids=segments), ref),

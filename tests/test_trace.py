@@ -195,8 +195,6 @@ def test_real_gpu_fixture_without_sidecar(tmp_path):
   assert r.layers["other"].collective_us > 0  # NCCL kernels have no scope arg on GPU
 
 
-@pytest.mark.skipif(not GPU_SMALL.exists(),
-                    reason=f"{GPU_SMALL.name} not committed yet (team lead adds a real GPU trace)")
 def test_gpu_trace_small_fixture():
   """Woven Llama-70B-shaped layers (2 of them, 4096 tokens, rs_ag) on 2xH200: NCCL runs on its
   own stream beside the GEMMs, so a large part of the collective time is hidden."""

@@ -1,0 +1,115 @@
+"""run/setup_env.sh picks the install from the machine: JAX's CUDA plugin where an NVIDIA driver is
+present (cuda12 by default, cuda13 with a CUDA 13 toolkit or on request), none without one, and the
+extra of the job (bench or test).  Checked on CPU with fake nvidia-smi and nvcc on PATH and the
+script's dry run, which prints the commands instead of running them."""
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SETUP = ROOT / "run" / "setup_env.sh"
+
+NVIDIA_SMI = """#!/bin/sh
+[ -n "$FAKE_GPU" ] || exit 9
+if [ "$1" = "-L" ]; then echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"; exit 0; fi
+echo "| NVIDIA-SMI 580.95.05   Driver Version: 580.95.05   CUDA Version: $FAKE_DRIVER_CUDA |"
+"""
+NVCC = """#!/bin/sh
+[ -n "$FAKE_NVCC" ] || exit 1
+echo "Cuda compilation tools, release $FAKE_NVCC, V$FAKE_NVCC.88"
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_bin(tmp_path_factory):
+  """A directory with fake nvidia-smi and nvcc, driven by FAKE_* variables."""
+  d = tmp_path_factory.mktemp("fake_bin")
+  for name, text in (("nvidia-smi", NVIDIA_SMI), ("nvcc", NVCC)):
+    (d / name).write_text(text)
+    (d / name).chmod(stat.S_IRWXU)
+  return d
+
+
+def setup(fake_bin, tmp_path, extra, *, gpu=False, driver="13.0", nvcc="", cuda=None):
+  """Runs the dry run; returns (exit status, the pip install line or None, stderr)."""
+  env = dict(os.environ, PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+             WEAVE_SETUP_DRY_RUN="1", WEAVE_VENV=str(tmp_path / "venv"), PYTHON=sys.executable,
+             FAKE_GPU="1" if gpu else "", FAKE_DRIVER_CUDA=driver, FAKE_NVCC=nvcc)
+  env.pop("WEAVE_CUDA", None)
+  env.pop("WEAVE_SETUP", None)
+  if cuda is not None:
+    env["WEAVE_CUDA"] = cuda
+  proc = subprocess.run(["bash", str(SETUP), extra], env=env, capture_output=True, text=True,
+                        timeout=60)
+  out = proc.stdout + proc.stderr
+  installs = [line for line in out.splitlines() if " -m pip install -q -e " in line]
+  assert len(installs) <= 1, out
+  return proc.returncode, (installs[0] if installs else None), out
+
+
+@pytest.mark.parametrize("extra", ["test", "bench"])
+def test_no_gpu_installs_the_job_extra_only(fake_bin, tmp_path, extra):
+  rc, pip, out = setup(fake_bin, tmp_path, extra)
+  assert rc == 0, out
+  assert pip.startswith("[dry-run] ") and pip.endswith(f"-m pip install -q -e {ROOT}[{extra}]")
+  assert not (tmp_path / "venv").exists()   # a dry run creates nothing
+
+
+def test_gpu_installs_cuda12_by_default(fake_bin, tmp_path):
+  rc, pip, out = setup(fake_bin, tmp_path, "bench", gpu=True, driver="12.8")
+  assert rc == 0, out
+  assert pip.endswith("[bench,cuda12]"), pip
+
+
+def test_cuda13_toolkit_gets_the_cuda13_plugin(fake_bin, tmp_path):
+  rc, pip, out = setup(fake_bin, tmp_path, "test", gpu=True, driver="13.0", nvcc="13.0")
+  assert rc == 0, out
+  assert pip.endswith("[test,cuda13]"), pip
+  rc, pip, out = setup(fake_bin, tmp_path, "test", gpu=True, driver="13.0", nvcc="12.9")
+  assert rc == 0 and pip.endswith("[test,cuda12]"), out
+
+
+@pytest.mark.parametrize("cuda, want", [("12", "[bench,cuda12]"), ("13", "[bench,cuda13]"),
+                                        ("none", "[bench]")])
+def test_weave_cuda_chooses(fake_bin, tmp_path, cuda, want):
+  rc, pip, out = setup(fake_bin, tmp_path, "bench", gpu=True, nvcc="13.0", cuda=cuda)
+  assert rc == 0, out
+  assert pip.endswith(want), pip
+
+
+def test_driver_too_old_for_the_plugin_is_refused(fake_bin, tmp_path):
+  rc, pip, out = setup(fake_bin, tmp_path, "bench", gpu=True, driver="12.4", cuda="13")
+  assert rc != 0 and pip is None
+  assert "jax[cuda13] needs an NVIDIA driver for CUDA >= 13.0" in out and "CUDA 12" in out
+
+
+def test_bad_weave_cuda_is_refused(fake_bin, tmp_path):
+  rc, pip, out = setup(fake_bin, tmp_path, "bench", gpu=True, cuda="11")
+  assert rc != 0 and pip is None
+  assert "WEAVE_CUDA must be 12, 13 or none, got '11'" in out
+
+
+def test_the_job_scripts_install_their_own_extra():
+  """bench.sh installs the bench extra (no test-only packages), test.sh the test extra."""
+  for script, extra in (("bench.sh", "bench"), ("test.sh", "test")):
+    text = (ROOT / "run" / script).read_text()
+    assert f'setup_env.sh" {extra}\n' in text, script
+
+
+def test_extras():
+  """The benchmark extra holds no test-only package; the CUDA and Triton extras are as the
+  README states them."""
+  extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  names = lambda extra: {req.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+                         for req in extras[extra]}
+  assert not names("bench") & {"torch", "transformers", "pytest", "pytest-timeout"}
+  assert {"torch", "transformers", "pytest"} <= names("test")
+  assert extras["cuda12"] == ["jax[cuda12]>=0.11"] and extras["cuda13"] == ["jax[cuda13]>=0.11"]
+  assert extras["triton"] == ["jax-triton>=0.3.1,<0.5", "triton>=3.6"]
