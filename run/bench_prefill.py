@@ -126,6 +126,11 @@ def parse_args(argv=None):
       p.error(f"--shard-of runs one rank's shapes on one device; --tp {args.tp} would shard "
               "them again")
     args.tp = 1
+  elif (args.tp or jax.device_count()) == 1:
+    p.error("TP=1: with one device there is no communication, so every variant would time the "
+            "same program.  What one GPU can show: --shard-of 2 --layers 16 --variants nocomm "
+            "nocomm+weave (one TP=2 rank's compute, unsplit and woven; bash run/bench.sh runs it "
+            "on a one-GPU machine)")
   return args
 
 

@@ -8,9 +8,11 @@
 #         132 blocks, 2K-16K tokens of H 8192 (microbenchmark)
 #   grid: the woven copy-engine calls' kernel in the model (Llama-3.3-70B shapes, 16 layers, 4K
 #         and 16K tokens): the default 132 load/store blocks against 132 / 32 / 16 TMA blocks and
-#         528 load/store blocks (ffi/NOTES.md, tenth session: one-GPU evidence, checked here)
-# All stages together take longer than one 10-minute device call: the fused-kernel test file
-# alone needs > 5 min at its default size (set WEAVE_TEST_SHAPES=40 to shrink it).
+#         528 load/store blocks (one-GPU evidence of 2026-12-01 in BENCHMARKS.md, checked here)
+# On one GPU the prefill stage runs one TP=2 rank's shapes (--shard-of 2, dense presets): with
+# TP=1 there is no communication to compare.
+# All stages together take more than 10 minutes: the fused-kernel test file alone needs > 5 min
+# at its default size (set WEAVE_TEST_SHAPES=40 to shrink it).
 # Multicast stays off: the NVLS kill switches are exported and WEAVE_ENABLE_MULTIMEM removed.
 set -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -51,9 +53,15 @@ for stage in $stages; do
         --png "$OUT/prefill_grid.png" 2>&1 | quiet | tee "$OUT/prefill_grid.log" || rc=1 ;;
     prefill)
       for p in $PRESETS; do
-        timeout ${PREFILL_TIMEOUT:-300} $PY run/bench_prefill.py --preset "$p" ${PREFILL_ARGS:-} \
-          --json "$OUT/prefill_$p.json" --png "$OUT/prefill_$p.png" 2>&1 | quiet \
-          | tee "$OUT/prefill_$p.log" || rc=1
+        if [ "$gpus" -eq 1 ]; then
+          [ "$p" = mixtral-8x22b ] && continue   # --shard-of takes dense presets
+          one_gpu="--shard-of 2 --layers 16 --variants nocomm nocomm+weave"
+        else
+          one_gpu=""
+        fi
+        timeout ${PREFILL_TIMEOUT:-300} $PY run/bench_prefill.py --preset "$p" $one_gpu \
+          ${PREFILL_ARGS:-} --json "$OUT/prefill_$p.json" --png "$OUT/prefill_$p.png" 2>&1 \
+          | quiet | tee "$OUT/prefill_$p.log" || rc=1
       done ;;
     tune)
       timeout ${TUNE_TIMEOUT:-240} $PY run/tune_split.py ${TUNE_ARGS:-} 2>&1 | quiet \

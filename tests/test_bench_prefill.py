@@ -113,6 +113,15 @@ def test_gpu_host_with_cpu_jax_refuses_the_gpu_defaults(bench_prefill, monkeypat
   assert args.preset == "tiny" and args.tokens == [128, 1024]
 
 
+def test_one_device_refuses_variants_that_would_time_one_program(bench_prefill, capsys):
+  """TP=1 has no communication: the comparison is refused and --shard-of 2 is named instead."""
+  with pytest.raises(SystemExit):
+    bench_prefill.parse_args(["--tp", "1", "--variants", "baseline", "nocomm", "--allow-cpu"])
+  assert "TP=1" in capsys.readouterr().err
+  assert bench_prefill.parse_args(["--shard-of", "2", "--variants", "nocomm", "nocomm+weave",
+                                   "--allow-cpu"]).tp == 1
+
+
 def test_datasheet_peaks(bench_prefill):
   """H100 SXM and H200: 989.5 dense bf16 TFLOP/s; unknown cards have none (never a guess)."""
   assert bench_prefill.datasheet_tflops("NVIDIA H100 80GB HBM3") == 989.5
