@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build libweave_fused, run the fused kernel's GPU tests and/or its microbenchmark.
-#   run/gpu_fused_check.sh [build] [test] [bench]
+#   run/gpu_fused_check.sh [build] [test] [bench] [onegpu]
+# onegpu: the CUDA build checks and every algorithm's kernels with all ranks on one GPU
+# (tests/test_ffi_build.py, tests/test_multicast_gate.py); the other steps need >= 2 GPUs.
 #   (extra pytest args: PYTEST_ARGS, split on spaces; a -k expression with spaces: PYTEST_K)
 # The full GPU test file (~350 shape cases over 2 dtypes at the default WEAVE_TEST_SHAPES=100)
 # needs more than one 10-minute device call on 2xH200; WEAVE_TEST_SHAPES=8 ran in 154 s (90
@@ -38,6 +40,9 @@ for step in $steps; do
     test)
       timeout ${TEST_TIMEOUT:-580} $PY -m pytest --maxfail=4 -q -rs tests/test_fused_gpu.py ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
         -p no:cacheprovider 2>&1 | tee "$OUT/test.log" || rc=1 ;;
+    onegpu)
+      timeout ${TEST_TIMEOUT:-580} $PY -m pytest -q -rs tests/test_ffi_build.py tests/test_multicast_gate.py \
+        -p no:cacheprovider 2>&1 | tee "$OUT/onegpu.log" || rc=1 ;;
     bench)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout ${BENCH_TIMEOUT:-300} $PY run/bench_allreduce_norm.py ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log" || rc=1 ;;

@@ -1,6 +1,8 @@
-"""CI build checks (nvcc, no GPU): the sm_90a kernel holds the multimem instructions, the P2P
-path compiles (sm_90a with its TMA bulk copies, and sm_80), the built library does not link
-libcuda, and nothing experimental (experimental/ffi/) reaches the library."""
+"""Build checks of the CUDA sources.  CI (nvcc, no GPU): the sm_90a kernel holds the multimem
+instructions, the P2P path compiles (sm_90a with its TMA bulk copies, and sm_80), the built
+library does not link libcuda, and nothing experimental (experimental/ffi/) reaches the library.
+On a GPU (one is enough): every algorithm's kernels with all ranks on that GPU
+(ffi/check/ranks_on_one_gpu.cu)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +13,8 @@ import subprocess
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-NVCC = shutil.which("nvcc")
+NVCC = shutil.which("nvcc") or next(
+    (str(p) for p in [pathlib.Path("/usr/local/cuda/bin/nvcc")] if p.exists()), None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 
 INSTANTIATE = """
@@ -141,3 +144,24 @@ def test_experimental_tma_kernel_still_compiles(tmp_path):
                  "    const __grid_constant__ weave::KernelParams);\n")
   ptx = _nvcc(src, tmp_path / "ce_tma.ptx", "90a", "ptx").read_text()
   assert "ce_tma_reduce_add_norm_kernel" in ptx
+
+
+@pytest.mark.gpu
+def test_every_algorithm_with_all_ranks_on_one_gpu(tmp_path):
+  """Two-shot (TMA and 16-byte copies), one-shot and the copy-engine local kernel at TP 2 and 4,
+  every rank's buffers and kernels on one GPU: new residual bitwise equal to the fp32 sum in
+  rank order, normed within tolerance of fp32 RMSNorm and bitwise equal across ranks and
+  algorithms (the harness prints each case)."""
+  assert NVCC is not None, "nvcc not found: the one-GPU kernel check cannot be built"
+  exe = tmp_path / "ranks_on_one_gpu"
+  _nvcc_build(ROOT / "ffi" / "check" / "ranks_on_one_gpu.cu", exe)
+  run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0 and run.stdout.rstrip().endswith("ALL PASSED"), (
+      run.stdout[-6000:] + run.stderr[-2000:])
+
+
+def _nvcc_build(src, exe):
+  build = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=native", "-I", str(ROOT / "ffi"),
+                          str(src), "-o", str(exe)], capture_output=True, text=True)
+  assert build.returncode == 0, build.stderr[-4000:]
+  return exe
