@@ -176,6 +176,7 @@ void run_copy_engine(const Group& g, int64_t T_, int64_t H, int grid) {
           CHECK(cudaMemcpy(at(g.ranks[q].in_slot, p * S + b), at(g.ranks[p].partial, q * S + b),
                            n * row, cudaMemcpyDeviceToDevice));
       }
+    CHECK(cudaDeviceSynchronize());  // device-to-device cudaMemcpy may return before it is done
     for (int p = 0; p < g.world; ++p) {
       weave::KernelParams k = g.params(p, T_, H);
       k.row_begin = b;
