@@ -3,7 +3,8 @@
 
 For each token bucket (powers of two) it times the woven forward at candidate split offsets
 (the wave-aware choice and fractions around the middle) and the unsplit forward, then stores
-in ``weave_jax/tuning/splits.json``, keyed by device kind, model dims, TP and backend:
+in the device's tuning table (``weave_jax/tuning/<device kind>.json``, ``weave_jax.tuned``),
+keyed by model dims, TP and backend:
   - ``splits``: bucket -> best split fraction;
   - ``weave``: bucket -> whether the best woven forward beat the unsplit one (the engine's
     per-bucket choice, which takes precedence over the threshold for measured buckets);
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset  # noqa: E402
 from weave_jax import split as split_mod  # noqa: E402
+from weave_jax import tuned  # noqa: E402
 from weave_jax.bench import progress, time_fn  # noqa: E402
 
 FRACTIONS = (0.375, 0.4375, 0.5, 0.5625, 0.625)
@@ -59,7 +61,7 @@ def tune(args) -> dict:
       progress(f"{n:6d} tokens split {s:6d} ({s / n:.3f}): {ms:8.3f} ms   unsplit {unsplit:8.3f} ms")
       if best is None or ms < best[1]:
         best = (s, ms)
-    splits[str(split_mod.bucket(n))] = round(best[0] / n, 4)
+    splits[str(tuned.bucket(n))] = round(best[0] / n, 4)
     wins[n] = best[1] < unsplit
     progress(f"{n:6d} tokens: best split {best[0]} ({best[1]:.3f} ms) vs unsplit {unsplit:.3f} ms")
   # Weave from the smallest size after which it always wins (None: it never wins).
@@ -68,12 +70,12 @@ def tune(args) -> dict:
     if not wins[n]:
       break
     min_tokens = n
-  key = split_mod.tuning_key(getattr(dev, "device_kind", dev.platform), cfg, tp, args.backend)
+  key = split_mod.model_key(cfg, tp, args.backend)
   entry = {"splits": splits, "min_tokens": min_tokens, "layers": args.layers,
            "preset": args.preset,
-           "weave": {str(split_mod.bucket(n)): bool(w) for n, w in wins.items()}}
-  split_mod.save_entry(key, entry, args.out)
-  progress(f"saved {key} -> {entry} in {args.out}")
+           "weave": {str(tuned.bucket(n)): bool(w) for n, w in wins.items()}}
+  path = tuned.save_model_entry(getattr(dev, "device_kind", dev.platform), key, entry, args.out)
+  progress(f"saved {key} -> {entry} in {path}")
   return entry
 
 
@@ -85,7 +87,8 @@ def main():
   p.add_argument("--tp", type=int, default=None)
   p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--out", default=split_mod.TUNING_FILE)
+  p.add_argument("--out", default=None,
+                 help="directory of the tuning tables (default: weave_jax/tuning/)")
   tune(p.parse_args())
 
 

@@ -283,8 +283,8 @@ def test_woven_start_done_lowers_with_aliasing(monkeypatch):
   stage = (lambda n, half_info, ctx: (n * 2, ctx), jnp.ones((hidden,), jnp.bfloat16), "s")
 
   def local(n_a, n_b, r_a, r_b):
-    (n_a, n_b), (r_a, r_b) = weave.run_woven([stage, stage], (None, None), (n_a, n_b),
-                                             (r_a, r_b), backend, 1e-6)
+    (n_a, n_b), (r_a, r_b), _ = weave.run([stage, stage], (None, None), (r_a, r_b), backend,
+                                          eps=1e-6, normed=(n_a, n_b))
     return n_a, n_b, r_a, r_b
 
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS),) * 4, out_specs=(P(AXIS),) * 4))

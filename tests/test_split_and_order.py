@@ -9,6 +9,7 @@ import pytest
 
 from weave_jax import Engine, RunConfig, hlo_order, init_random, make_mesh, preset
 from weave_jax import split as split_mod
+from weave_jax import tuned
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -34,18 +35,19 @@ def test_wave_aware_split_avoids_partial_waves():
 
 def test_tuned_table_overrides_heuristic(tmp_path):
   cfg = preset("llama-3.3-70b")
-  path = str(tmp_path / "splits.json")
-  key = split_mod.tuning_key("H200", cfg, 2, "rs_ag")
-  split_mod.save_entry(key, {"splits": {"4096": 0.375}, "min_tokens": 2048}, path)
-  assert split_mod.choose_split(4096, cfg, 2, "H200", 132, "rs_ag", path) == 1536
-  assert split_mod.weave_threshold("H200", cfg, 2, "rs_ag", 1024, path) == 2048
-  # Another backend or device is not affected.
-  assert split_mod.weave_threshold("H200", cfg, 2, "psum", 1024, path) == 1024
-  assert split_mod.choose_split(4096, cfg, 2, "H100", 132, "rs_ag", path) != 1536
+  d = str(tmp_path)
+  key = split_mod.model_key(cfg, 2, "rs_ag")
+  tuned.save_model_entry("H200", key, {"splits": {"4096": 0.375}, "min_tokens": 2048}, d)
+  assert split_mod.choose_split(4096, cfg, 2, "H200", 132, "rs_ag", d) == 1536
+  assert split_mod.weave_threshold("H200", cfg, 2, "rs_ag", d) == 2048
+  # Another backend or device is not affected: the fallback model's dense threshold.
+  with pytest.warns(RuntimeWarning, match="no tuned entry for 'H200' at TP=2"):
+    assert split_mod.weave_threshold("H200", cfg, 2, "psum", d) == 1024
+  assert split_mod.choose_split(4096, cfg, 2, "H100", 132, "rs_ag", d) != 1536
   # null: woven was never faster where measured -> never weave
-  never = split_mod.tuning_key("H200", cfg, 2, "fused_p2p")
-  split_mod.save_entry(never, {"min_tokens": None}, path)
-  assert split_mod.weave_threshold("H200", cfg, 2, "fused_p2p", 1024, path) > 10**9
+  tuned.save_model_entry("H200", split_mod.model_key(cfg, 2, "fused_p2p"), {"min_tokens": None},
+                          d)
+  assert split_mod.weave_threshold("H200", cfg, 2, "fused_p2p", d) > 10**9
 
 
 def test_engine_takes_the_tuned_per_bucket_choice(tmp_path, monkeypatch):
@@ -53,14 +55,11 @@ def test_engine_takes_the_tuned_per_bucket_choice(tmp_path, monkeypatch):
   cfg = preset("tiny")
   mesh = make_mesh(4)
   model = init_random(cfg, mesh)
-  path = str(tmp_path / "splits.json")
-  monkeypatch.setattr(split_mod, "TUNING_FILE", path)
+  monkeypatch.setattr(tuned, "DIR", str(tmp_path))
   eng = Engine(model, mesh, RunConfig(backend="rs_ag", weave=True))
-  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "rs_ag")
-  split_mod.save_entry(key, {"min_tokens": 64, "weave": {"128": False, "512": True}}, path)
-  real = split_mod.weave_threshold, split_mod.tuned_weave
-  monkeypatch.setattr(split_mod, "weave_threshold", lambda *a, **k: real[0](*a, path=path))
-  monkeypatch.setattr(split_mod, "tuned_weave", lambda *a, **k: real[1](*a, path=path))
+  key = split_mod.model_key(cfg, 4, "rs_ag")
+  tuned.save_model_entry(eng.device_kind, key, {"min_tokens": 64,
+                                                 "weave": {"128": False, "512": True}})
   assert eng.plan(128).split is None         # measured: unsplit was faster
   assert eng.plan(512).split is not None     # measured: woven was faster
   assert eng.plan(256).split is not None     # not measured: threshold 64 applies
@@ -142,12 +141,11 @@ def test_engine_takes_the_tuned_backend_per_size(tmp_path, monkeypatch):
   cfg = preset("tiny")
   mesh = make_mesh(4)
   model = init_random(cfg, mesh)
-  path = str(tmp_path / "splits.json")
-  real = split_mod.tuned_backend
-  monkeypatch.setattr(split_mod, "tuned_backend", lambda *a, path=path: real(*a, path=path))
+  monkeypatch.setattr(tuned, "DIR", str(tmp_path))
   eng = Engine(model, mesh, RunConfig(backend="rs_ag", logits="last"))
-  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "rs_ag")
-  split_mod.save_entry(key, {"backend_by_bucket": {"16": "psum", "64": "rs_ag"}}, path)
+  key = split_mod.model_key(cfg, 4, "rs_ag")
+  tuned.save_model_entry(eng.device_kind, key,
+                          {"backend_by_bucket": {"16": "psum", "64": "rs_ag"}})
   assert split_mod.tuned_backend(eng.device_kind, cfg, 4, "rs_ag", 13) == "psum"
   assert split_mod.tuned_backend(eng.device_kind, cfg, 4, "rs_ag", 64) is None  # itself
   assert eng.plan(13).backend == "psum" and eng.plan(16).backend == "psum"
@@ -162,16 +160,21 @@ def test_engine_takes_the_tuned_backend_per_size(tmp_path, monkeypatch):
   assert woven.plan(16).split is not None and woven.plan(16).backend == "rs_ag"
 
 
-def test_shipped_tuning_table_is_consistent():
-  """Every entry of weave_jax/tuning/splits.json: its measurements exist in the repo, buckets are
-  powers of two, a measured 'weave' map agrees with its 'min_tokens' (woven from there on), and
-  'backend_by_bucket' names backends that exist."""
+def test_shipped_tuning_tables_are_consistent():
+  """Every model entry of the shipped tables (weave_jax/tuning/*.json): its measurements exist
+  in the repo, buckets are powers of two, a measured 'weave' map agrees with its 'min_tokens'
+  (woven from there on), and 'backend_by_bucket' names backends that exist."""
   from weave_jax.comm import BACKENDS
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(split_mod.TUNING_FILE) as f:
-    table = json.load(f)
+  table = tuned.load("NVIDIA H200")["models"]
   assert any("|tp4|" in key for key in table)  # the TP=4 entries measured on 4 x H200
+  for name in os.listdir(tuned.DIR):
+    if name.endswith(".json"):
+      with open(os.path.join(tuned.DIR, name)) as f:
+        kind = json.load(f)["device_kind"]
+      assert tuned.file_name(kind) == name
+      tuned.load(kind)  # validates the format
   for key, entry in table.items():
     assert os.path.exists(os.path.join(root, entry["source"])), (key, entry["source"])
     for field in ("weave", "splits", "backend_by_bucket"):
@@ -196,13 +199,10 @@ def test_tuned_weave_dropped_where_woven_calls_miss_the_copy_engines(tmp_path, m
   cfg = preset("tiny")
   mesh = make_mesh(4)
   model = init_random(cfg, mesh)
-  path = str(tmp_path / "splits.json")
+  monkeypatch.setattr(tuned, "DIR", str(tmp_path))
   eng = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True))
-  key = split_mod.tuning_key(eng.device_kind, cfg, 4, "fused_p2p")
-  split_mod.save_entry(key, {"min_tokens": 64, "weave": {"512": True}}, path)
-  real = split_mod.weave_threshold, split_mod.tuned_weave
-  monkeypatch.setattr(split_mod, "weave_threshold", lambda *a, **k: real[0](*a, path=path))
-  monkeypatch.setattr(split_mod, "tuned_weave", lambda *a, **k: real[1](*a, path=path))
+  key = split_mod.model_key(cfg, 4, "fused_p2p")
+  tuned.save_model_entry(eng.device_kind, key, {"min_tokens": 64, "weave": {"512": True}})
 
   def workspace(mode):
     return ws_lib.Workspace(ordinals=(0,), ranks=(0,), world=4, max_tokens=1024, hidden=64,

@@ -26,9 +26,7 @@ from weave_jax.model import Transformer
 from weave_jax.sharding import state_specs
 
 
-# Batches below this many tokens run unsplit when neither RunConfig nor the tuning table says
-# otherwise (the splits of smaller batches are too short to hide anything; BENCHMARKS.md).
-DEFAULT_WEAVE_MIN_TOKENS = 1024
+PAGED_ATTENTION_IMPLS = ("auto", "reference", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +38,13 @@ class RunConfig:
   weave: split batches into two halves and overlap their communication.
   weave_min_tokens: batches smaller than this run unsplit.  None = what ``run/tune_split.py``
     measured for this device/model/TP/backend: the per-bucket verdict (woven faster or not)
-    for measured buckets, its threshold for the others, else ``DEFAULT_WEAVE_MIN_TOKENS``.
+    for measured buckets, its threshold for the others, else the device's dense / MoE
+    threshold (``weave_jax.tuned``).
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
+  paged_attention: the serving attention kernel (``pallas_kernels.attention``): "auto" (the
+    best available for the device), "reference", "triton" or "mosaic".
   backend_by_size: let the tuning table pick another backend for the token buckets where it
     measured that backend faster in this engine's unsplit forward (e.g. XLA's psum for
     Mixtral-8x22B's 1K bucket under ``fused_p2p``; ``weave_jax.split.tuned_backend``).  False runs
@@ -57,8 +58,12 @@ class RunConfig:
   attn_impl: str | None = None
   logits: str = "all"
   backend_by_size: bool = True
+  paged_attention: str = "auto"
 
   def __post_init__(self):
+    if self.paged_attention not in PAGED_ATTENTION_IMPLS:
+      raise ValueError(f"RunConfig: paged_attention must be one of {PAGED_ATTENTION_IMPLS}, got "
+                       f"{self.paged_attention!r}")
     if self.logits not in ("all", "last"):
       raise ValueError(f"RunConfig: logits must be 'all' or 'last', got {self.logits!r}")
 
@@ -122,7 +127,7 @@ class Engine:
     measured = None  # the tuned per-bucket verdict, used only when no threshold is given
     if min_tokens is None:
       min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend,
-                                             DEFAULT_WEAVE_MIN_TOKENS)
+                                             sms=self.sms)
       measured = split_mod.tuned_weave(self.device_kind, self.cfg, tp, run.backend, n_tokens)
       if run.weave and not self._woven_as_tuned():
         measured = False

@@ -10,11 +10,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from weave_jax import layers
+from weave_jax import layers, weave
 from weave_jax.comm.base import CommBackend
 from weave_jax.config import ModelConfig
 from weave_jax.model import Transformer, lm_logits
-from weave_jax.weave import Stage, run_unsplit, run_woven
+from weave_jax.weave import Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def forward_rank(model: Transformer, tokens, positions, segments, *, backend: Co
   if split is None:
     half = make_half(cfg, tokens, positions, segments, 0, t)
     residual = jnp.zeros(backend.residual_shape(t, h, tp), cfg.dtype)
-    normed, _ = run_unsplit(stages, half, None, residual, backend, eps)
+    normed = weave.run(stages, (half,), (residual,), backend, eps=eps).normed[0]
     if logits_at is not None:
       normed = normed[logits_at:logits_at + 1]
   else:
@@ -75,7 +75,7 @@ def forward_rank(model: Transformer, tokens, positions, segments, *, backend: Co
               make_half(cfg, tokens, positions, segments, split, t))
     residuals = tuple(jnp.zeros(backend.residual_shape(x.tokens.shape[0], h, tp), cfg.dtype)
                       for x in halves)
-    (n_a, n_b), _ = run_woven(stages, halves, (None, None), residuals, backend, eps)
+    n_a, n_b = weave.run(stages, halves, residuals, backend, eps=eps).normed
     if logits_at is None:
       normed = jnp.concatenate([n_a, n_b], axis=0)
     else:

@@ -5,22 +5,19 @@ Wave-aware default: a GEMM over M tokens runs ceil(M / tile_m) * ceil(N / tile_n
 full wave wastes the least.  We score candidate offsets by the waves of every GEMM of a layer,
 weighted by its K (work per tile), and take the best offset closest to the middle.
 
-Tuned offsets (``run/tune_split.py``) override the heuristic; they live in
-``weave_jax/tuning/splits.json`` keyed by device kind, model dims, TP and token bucket.
+Tuned offsets (``run/tune_split.py``) override the heuristic; they live in the device's tuning
+table (``weave_jax.tuned``), keyed by model dims, TP, backend and token bucket.
 """
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import sys
 
+from weave_jax import tuned
 from weave_jax.config import ModelConfig
 
 TILE_M = 128          # row tile of the large Hopper GEMM kernels (cuBLAS / XLA Triton: 128)
 TILE_N = 256
-TUNING_FILE = os.path.join(os.path.dirname(__file__), "tuning", "splits.json")
 
 
 def layer_gemms(cfg: ModelConfig, tp: int) -> list[tuple[int, int]]:
@@ -64,53 +61,28 @@ def wave_aware_split(n_tokens: int, cfg: ModelConfig, tp: int, sms: int | None,
                                   abs(s - middle)))
 
 
-def tuning_key(device_kind: str, cfg: ModelConfig, tp: int, backend: str) -> str:
-  return (f"{device_kind}|H{cfg.hidden_size}|F{cfg.intermediate_size}|E{cfg.num_experts}"
+def model_key(cfg: ModelConfig, tp: int, backend: str) -> str:
+  """Key of a model's entry in a device's tuning table (``weave_jax.tuned``)."""
+  return (f"H{cfg.hidden_size}|F{cfg.intermediate_size}|E{cfg.num_experts}"
           f"|heads{cfg.num_heads}/{cfg.num_kv_heads}|tp{tp}|{backend}")
 
 
-def bucket(n_tokens: int) -> int:
-  """Token bucket: the next power of two (tuned offsets are stored per bucket)."""
-  return 1 << max(0, (n_tokens - 1).bit_length())
-
-
-def _load_table(path: str) -> dict:
-  """The tuning table (re-read when the file changes, so a fresh tune takes effect)."""
-  if not os.path.exists(path):
-    return {}
-  return _read_table(path, os.path.getmtime(path))
-
-
-@functools.cache
-def _read_table(path: str, mtime: float) -> dict:
-  del mtime  # part of the cache key only
-  with open(path) as f:
-    return json.load(f)
-
-
-def save_entry(key: str, entry: dict, path: str = TUNING_FILE) -> None:
-  """Merge one tuned entry into the table (atomic replace)."""
-  table = dict(_load_table(path))
-  table[key] = entry
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(table, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+def _entry(device_kind: str, cfg: ModelConfig, tp: int, backend: str, directory) -> dict:
+  return tuned.model_entry(device_kind, model_key(cfg, tp, backend), directory)
 
 
 def tuned_fraction(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
-                   path: str = TUNING_FILE) -> float | None:
+                   directory: str | None = None) -> float | None:
   """The tuned split, as a fraction of the batch, for this bucket (None if not tuned)."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
-  return entry.get("splits", {}).get(str(bucket(n_tokens)))
+  entry = _entry(device_kind, cfg, tp, backend, directory)
+  return entry.get("splits", {}).get(str(tuned.bucket(n_tokens)))
 
 
 def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = "",
-                 sms: int | None = None, backend: str = "", path: str = TUNING_FILE) -> int:
-  """Tuned offset when the cache has one for this device/model/TP/backend/bucket, else
+                 sms: int | None = None, backend: str = "", directory: str | None = None) -> int:
+  """Tuned offset when the device's table has one for this model/TP/backend/bucket, else
   wave-aware."""
-  frac = tuned_fraction(device_kind, cfg, tp, backend, n_tokens, path)
+  frac = tuned_fraction(device_kind, cfg, tp, backend, n_tokens, directory)
   if frac is not None:
     step = split_step(n_tokens, tp)
     s = round(n_tokens * frac / step) * step
@@ -119,30 +91,31 @@ def choose_split(n_tokens: int, cfg: ModelConfig, tp: int, device_kind: str = ""
 
 
 def tuned_weave(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
-                path: str = TUNING_FILE) -> bool | None:
+                directory: str | None = None) -> bool | None:
   """Whether the woven forward beat the unsplit one in this token bucket when tuned (the
   entry's ``weave``: bucket -> bool), or None when this bucket was not measured."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
-  return entry.get("weave", {}).get(str(bucket(n_tokens)))
+  entry = _entry(device_kind, cfg, tp, backend, directory)
+  return entry.get("weave", {}).get(str(tuned.bucket(n_tokens)))
 
 
 def tuned_backend(device_kind: str, cfg: ModelConfig, tp: int, backend: str, n_tokens: int,
-                  path: str = TUNING_FILE) -> str | None:
+                  directory: str | None = None) -> str | None:
   """The backend measured fastest for this token bucket when it is not ``backend`` itself (the
-  entry's ``backend_by_bucket``: bucket -> backend name), else None.  E.g. XLA's psum for
-  decode-sized batches, where the fused kernel's model was slower (BENCHMARKS.md)."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
-  chosen = entry.get("backend_by_bucket", {}).get(str(bucket(n_tokens)))
+  entry's ``backend_by_bucket``: bucket -> backend name), else None."""
+  entry = _entry(device_kind, cfg, tp, backend, directory)
+  chosen = entry.get("backend_by_bucket", {}).get(str(tuned.bucket(n_tokens)))
   return chosen if chosen and chosen != backend else None
 
 
-def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str, default: int,
-                    path: str = TUNING_FILE) -> int:
-  """Smallest token count that is woven (tuned per model and backend; ``default`` otherwise).
+def weave_threshold(device_kind: str, cfg: ModelConfig, tp: int, backend: str,
+                    directory: str | None = None, sms: int | None = None) -> int:
+  """Smallest token count that is woven: the model's tuned ``min_tokens``, else the device's
+  dense / MoE threshold (``weave_jax.tuned.kernel_params``).
 
   A tuned ``"min_tokens": null`` means the woven layer was slower than the unsplit one at every
   measured size: never weave (returns ``sys.maxsize``)."""
-  entry = _load_table(path).get(tuning_key(device_kind, cfg, tp, backend), {})
-  if "min_tokens" not in entry:
-    return default
-  return sys.maxsize if entry["min_tokens"] is None else int(entry["min_tokens"])
+  entry = _entry(device_kind, cfg, tp, backend, directory)
+  if "min_tokens" in entry:
+    return sys.maxsize if entry["min_tokens"] is None else int(entry["min_tokens"])
+  params = tuned.kernel_params(device_kind, tp, 0, sms=sms, directory=directory)
+  return params.weave_min_tokens_moe if cfg.is_moe else params.weave_min_tokens_dense

@@ -1,9 +1,10 @@
 """The token-weaving schedule: run a chain of sublayers over two halves of the batch so that one
 half's ``reduce_add_norm`` overlaps the other half's compute.
 
-A *stage* is one row-parallel sublayer: ``stage(normed, half, ctx) -> (partial, ctx')`` followed
-by ``reduce_add_norm`` with that stage's norm weight.  ``ctx`` carries what half B needs from
-half A at the same stage (the attention keys/values of the earlier tokens).
+A *stage* is one row-parallel sublayer ``(fn, norm_weight, scope)``:
+``fn(normed, half, ctx) -> (partial, ctx')`` followed by ``reduce_add_norm`` with that stage's
+norm weight.  ``ctx`` carries what half B needs from half A at the same stage (e.g. the
+attention cache A wrote).
 
 Unsplit (one half):       p = f_k(n);  n, r = comm(p, r, w_k)           for k = 0..S-1
 
@@ -23,7 +24,8 @@ For XLA backends ``start`` is the whole collective, so the "[async]" barriers ar
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 
@@ -34,23 +36,75 @@ Stage = tuple[Callable[..., tuple[jax.Array, Any]], jax.Array, str]   # (fn, nor
 _barrier = jax.lax.optimization_barrier
 
 
-def run_unsplit(stages: Sequence[Stage], half, normed, residual, backend: CommBackend, eps):
-  """Stages back to back on one chunk of tokens.  Returns (normed, residual)."""
+class Result(NamedTuple):
+  """What ``run`` returns; one entry per half in ``normed`` and ``residuals``."""
+  normed: tuple            # per half: (T_half, H) replicated output of the last stage's norm
+  residuals: tuple         # per half: the residual stream in the backend's layout
+  ctxs: list               # per stage: its final ctx (half B's when woven, else the half's)
+
+
+def run(stages: Sequence[Stage], halves: Sequence, residuals: Sequence, backend: CommBackend, *,
+        eps: float, normed: Sequence | None = None) -> Result:
+  """Runs ``stages`` over one half (unsplit) or two halves (woven, module docstring).
+
+  Contract (runs inside ``jax.shard_map``; shapes per rank):
+
+  - ``stages``: a sequence of ``(fn, weight, scope)``.  ``fn(normed, half, ctx)`` returns
+    ``(partial (T_half, H), ctx')``: this rank's row-parallel partial sum for the half's tokens
+    and whatever half B needs from half A at this stage.  For half A (and unsplit) ``ctx`` is
+    None; for half B it is half A's ``ctx'`` of the same stage.  ``weight`` (H,) is the RMSNorm
+    scale applied after the stage's reduction; ``scope`` names the stage in profiles.
+  - ``halves``: one or two opaque objects handed to ``fn`` (the tokens, positions, metadata of
+    each half; ``fn`` reads its own).  The caller splits the batch: half A is tokens [0, s),
+    half B tokens [s, T), and pads each half to a multiple of the TP size (the residual shards
+    of the ``*rs_ag``/fused backends are 1/TP of a half).
+  - ``residuals``: one per half, in the backend's layout:
+    ``backend.residual_shape(T_half, H, tp)`` (zeros before the first stage).
+  - ``normed``: the first stage's input per half (None: the first stage ignores it, e.g. an
+    embedding).
+  - ``eps``: RMSNorm epsilon.
+
+  Returns ``Result(normed, residuals, ctxs)``.
+  """
+  if not stages:
+    raise ValueError("weave.run: stages is empty")
+  if len(halves) not in (1, 2):
+    raise ValueError(f"weave.run: halves must hold 1 (unsplit) or 2 (woven) halves, got "
+                     f"{len(halves)}")
+  if len(residuals) != len(halves):
+    raise ValueError(f"weave.run: {len(residuals)} residuals for {len(halves)} halves")
+  if normed is None:
+    normed = (None,) * len(halves)
+  if len(normed) != len(halves):
+    raise ValueError(f"weave.run: {len(normed)} normed inputs for {len(halves)} halves")
+  for k, stage in enumerate(stages):
+    if not (isinstance(stage, (tuple, list)) and len(stage) == 3 and callable(stage[0])):
+      raise TypeError(f"weave.run: stages[{k}] must be (fn, weight, scope), got {stage!r}")
+  if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
+    raise ValueError(f"weave.run: eps={eps!r} must be a positive number")
+  if len(halves) == 1:
+    n, r, ctxs = _unsplit(stages, halves[0], normed[0], residuals[0], backend, eps)
+    return Result((n,), (r,), ctxs)
+  return _woven(stages, tuple(halves), tuple(normed), tuple(residuals), backend, eps)
+
+
+def _unsplit(stages, half, normed, residual, backend: CommBackend, eps):
+  """Stages back to back on one chunk of tokens.  Returns (normed, residual, ctxs)."""
+  ctxs = []
   for fn, weight, scope in stages:
     with jax.named_scope(scope):
-      partial, _ = fn(normed, half, None)
+      partial, ctx = fn(normed, half, None)
+      ctxs.append(ctx)
       normed, residual = backend.reduce_add_norm(partial, residual, weight, eps=eps)
-  return normed, residual
+  return normed, residual, ctxs
 
 
-def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBackend, eps):
-  """Stages over halves (A, B), interleaved as in the module docstring.
-
-  ``normed`` / ``residual`` are pairs (A, B).  Returns the final pairs.
-  """
+def _woven(stages, halves, normed, residual, backend: CommBackend, eps) -> Result:
+  """Stages over halves (A, B), interleaved as in the module docstring."""
   (half_a, half_b), (n_a, n_b), (r_a, r_b) = halves, normed, residual
   h_b = None
-  for k, (fn, weight, scope) in enumerate(stages):
+  ctxs = []
+  for fn, weight, scope in stages:
     with jax.named_scope(scope):
       with jax.named_scope("half_A"):
         p_a, ctx = fn(n_a, half_a, None)
@@ -64,7 +118,8 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
       if backend.async_start:
         h_a, n_b = _barrier((h_a, n_b))
       with jax.named_scope("half_B"):
-        p_b, _ = fn(n_b, half_b, ctx)
+        p_b, ctx = fn(n_b, half_b, ctx)
+      ctxs.append(ctx)
       h_a, p_b = _barrier((h_a, p_b))          # done(A) after f_k(B)
       with jax.named_scope("comm_A"):
         n_a, r_a = backend.done(h_a)
@@ -74,4 +129,4 @@ def run_woven(stages: Sequence[Stage], halves, normed, residual, backend: CommBa
         h_b, n_a = _barrier((h_b, n_a))
   with jax.named_scope("comm_B"):
     n_b, r_b = backend.done(h_b)
-  return (n_a, n_b), (r_a, r_b)
+  return Result((n_a, n_b), (r_a, r_b), ctxs)
