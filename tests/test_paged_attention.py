@@ -207,6 +207,44 @@ def test_input_checks_kv_lens_shorter_than_queries():
     _call(args, meta, kv_lens=kv)
 
 
+def _compile_for_gpu(cc: int, *, dtype: str, head_dim: int, page: int, group: int, kv_heads: int,
+                     decode: bool):
+  """Compile the kernel for an NVIDIA target with the launch parameters ``make_plan`` picks
+  (needs only the ptxas bundled with triton, no GPU)."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  from triton.compiler import ASTSource
+  from pallas_kernels import ragged_paged_attention_triton as rpa
+  t, s, m = (256, 256, 4096 // page) if decode else (2048, 64, 4096 // page)
+  plan = rpa.make_plan(t, s, kv_heads * group, kv_heads, head_dim, page, m, compute_capability=cc)
+  block_m = plan.decode_block_m if decode else plan.prefill_block_m
+  splits = plan.num_splits if decode else 1
+  ptr = "*" + dtype
+  names = ["q", "k", "v", "kv_lens", "block_tables", "qsl", "blk_req", "blk_qb", "splits",
+           "o_init", "o", "lse"]
+  types = [ptr] * 3 + ["*i32"] * 6 + [ptr, ptr if splits == 1 else "*fp32", "*fp32"]
+  signature = {f"{n}_ptr": ty for n, ty in zip(names, types)}
+  consts = dict(scale_log2=0.18, NUM_TOKENS=t, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
+                PAGE=page, MAX_PAGES=m, BLOCK_M=block_m, BLOCK_Q=block_m // group,
+                BLOCK_N=plan.block_n, NUM_SPLITS=splits)
+  signature.update({name: "constexpr" for name in consts})
+  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}   # as jax_triton passes
+  src = ASTSource(fn=rpa._rpa_kernel, signature=signature, constexprs=consts, attrs=attrs)
+  warps = plan.decode_warps if decode else plan.prefill_warps
+  return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                        options=dict(num_warps=warps, num_stages=plan.num_stages))
+
+
+@pytest.mark.parametrize("cc,decode,dtype,head_dim,page,group,kv_heads", [
+    (90, True, "bf16", 128, 16, 4, 8), (90, False, "bf16", 128, 16, 4, 8),
+    (80, False, "fp16", 64, 64, 8, 4)], ids=["sm90-decode", "sm90-prefill", "sm80-prefill"])
+def test_triton_kernel_compiles_for_gpu(cc, decode, dtype, head_dim, page, group, kv_heads):
+  """What the interpreter cannot catch: tl.dot shape/dtype rules, layouts, shared memory."""
+  kernel = _compile_for_gpu(cc, dtype=dtype, head_dim=head_dim, page=page, group=group,
+                            kv_heads=kv_heads, decode=decode)
+  assert kernel.asm["cubin"] and kernel.metadata.shared <= 160 * 1024
+
+
 # ---------------------------------------------------------------------------------------------
 # The Triton kernel's math in Triton's interpreter (subprocess: TRITON_INTERPRET must be set
 # before triton decorates the kernel, and must not leak into GPU tests of the same process).
