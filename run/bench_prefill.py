@@ -99,7 +99,9 @@ def parse_args(argv=None):
   p.add_argument("--weave-min-tokens", type=int, default=None,
                  help="smallest woven batch for the +weave variants (default: 1, always weave)")
   p.add_argument("--ctas", type=int, default=None, help="CTAs of the fused kernel")
-  p.add_argument("--json", default=None, help="write results here (default under benchmarks/results/)")
+  p.add_argument("--json", default=None,
+                 help="write results here (default: benchmarks/results/"
+                      "prefill_PRESET_DEVICE_tpN_DATE.json)")
   p.add_argument("--png", default=None, help="write a bar chart here")
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="capture a trace per variant at --profile-tokens and print its summary")
@@ -329,7 +331,7 @@ def main(argv=None):
   out = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
       f"prefill_{res['preset']}_{res['device'].replace(' ', '_')}_tp{res['tp']}"
-      + (f"_shard-of-{res['shard_of']}" if res["shard_of"] else "") + ".json")
+      + (f"_shard-of-{res['shard_of']}" if res["shard_of"] else "") + f"_{res['date']}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(res, f, indent=1)

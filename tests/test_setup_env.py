@@ -1,7 +1,8 @@
 """run/setup_env.sh picks the install from the machine: JAX's CUDA plugin where an NVIDIA driver is
 present (cuda12 by default, cuda13 with a CUDA 13 toolkit or on request), none without one, and the
 extra of the job (bench or test).  Checked on CPU with fake nvidia-smi and nvcc on PATH and the
-script's dry run, which prints the commands instead of running them."""
+script's dry run, which prints the commands instead of running them; and run/bench.sh picks the
+job for the machine's GPU count (fake nvidia-smi, a python that records its calls)."""
 from __future__ import annotations
 
 import os
@@ -113,3 +114,39 @@ def test_extras():
   assert {"torch", "transformers", "pytest"} <= names("test")
   assert extras["cuda12"] == ["jax[cuda12]>=0.11"] and extras["cuda13"] == ["jax[cuda13]>=0.11"]
   assert extras["triton"] == ["jax-triton>=0.3.1,<0.5", "triton>=3.6"]
+
+
+PYTHON_RECORDER = """#!/bin/sh
+echo "python $*" >> "$CALLS"
+"""
+GPU_LIST = """#!/bin/sh
+i=0
+while [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; i=$((i+1)); done
+"""
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+def test_bench_fits_the_machine(tmp_path, gpus):
+  """bash run/bench.sh: the prefill benchmark with several GPUs or none; with one GPU the split's
+  compute at one TP=2 rank's shapes, then the single-GPU benchmarks that exist."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, text in (("python", PYTHON_RECORDER), ("nvidia-smi", GPU_LIST)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(stat.S_IRWXU)
+  calls = tmp_path / "calls"
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WEAVE_SETUP="none",
+             FAKE_GPUS=str(gpus), CALLS=str(calls))
+  proc = subprocess.run(["bash", str(ROOT / "run" / "bench.sh"), "--iters", "3"], env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  ran = calls.read_text().splitlines()
+  if gpus != 1:
+    assert ran == ["python run/bench_prefill.py --iters 3"]
+    return
+  assert ran[0] == ("python run/bench_prefill.py --shard-of 2 --layers 16 --variants nocomm "
+                    "nocomm+weave --iters 3")
+  extras = [f"python {s}" for s in ("run/bench_attention.py", "run/bench_serve.py")
+            if (ROOT / s).is_file()]
+  assert ran[1:] == extras
+  assert "tensor parallelism needs >= 2 GPUs" in proc.stderr
