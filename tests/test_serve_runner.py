@@ -1,0 +1,179 @@
+"""ModelRunner: a step over a flat batch on the paged cache equals the prefill Engine.
+
+- chunked prefill (three steps) gives the one-shot prefill's logits;
+- a step mixing a decode, a prefill continuation and a new prompt equals each request's dense
+  recomputation, at TP 1/2/4, woven (a request cut by the split) and unsplit, psum and rs_ag;
+- decode-only steps run their own unsplit program; nocomm runs and differs;
+- bad chunks raise ValueError before anything launches.
+
+One 1-layer tiny model, float32, 32-token steps (one bucket per runner: one compile each).
+"""
+import numpy as np
+import pytest
+from flax import nnx
+
+from weave_jax import Engine, RunConfig, init_random, make_mesh, preset
+from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk
+from weave_jax.sharding import shard_state
+
+CFG = preset("tiny", num_layers=1)
+GREEDY = SamplingParams(temperature=0.0)
+_rng = np.random.RandomState(0)
+SEQS = [_rng.randint(0, CFG.vocab_size, n) for n in (21, 20, 15)]
+# Scattered page ids, so that a wrong slot mapping reads someone else's keys.
+TABLES = [np.array([5, 9], np.int32), np.array([2, 7], np.int32), np.array([11, 3], np.int32)]
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def base():
+  return init_random(CFG, make_mesh(1), seed=1)
+
+
+@pytest.fixture(scope="module")
+def model_at(base):
+  cache = {}
+
+  def get(tp):
+    if tp not in cache:
+      graphdef, state = nnx.split(base)
+      cache[tp] = nnx.merge(graphdef, shard_state(state, make_mesh(tp)))
+    return cache[tp]
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def dense(base):
+  """Each request's full-sequence logits from the prefill Engine at TP 1 (the reference)."""
+  eng = Engine(base, make_mesh(1), RunConfig())
+  return [np.asarray(eng(s)) for s in SEQS]
+
+
+def make_runner(model_at, tp, run, **kw):
+  opts = dict(num_pages=16, max_model_len=32, max_num_batched_tokens=32, max_num_seqs=4,
+              compile_ahead=False)
+  opts.update(kw)
+  return ModelRunner(model_at(tp), make_mesh(tp), run, **opts)
+
+
+def chunk(i, lo, hi, sample=True, params=GREEDY, rng_step=0):
+  return ScheduledChunk(i, SEQS[i][lo:hi], lo, TABLES[i], sample, params, rng_step)
+
+
+def mixed_steps(runner):
+  """Step 1: request 0's prompt (20) + request 1's first chunk (10): 30 tokens.  Step 2: request
+  0 decodes its 21st token, request 1's last 10, request 2's whole prompt (15): 26 tokens, split
+  at 13 when woven (request 2 is cut)."""
+  first = runner.execute([chunk(0, 0, 20), chunk(1, 0, 10, sample=False)], return_logits=True)
+  second = runner.execute([chunk(0, 20, 21), chunk(1, 10, 20), chunk(2, 0, 15)],
+                          return_logits=True)
+  return first, second
+
+
+@pytest.fixture(scope="module")
+def after_mixed(model_at):
+  """(tp, backend, woven) -> (runner, first, second): a runner after ``mixed_steps`` (one per
+  config for the module, so that every program compiles once)."""
+  done = {}
+
+  def get(tp, backend, woven):
+    if (tp, backend, woven) not in done:
+      runner = make_runner(model_at, tp, RunConfig(backend=backend, weave=woven,
+                                                   weave_min_tokens=16))
+      done[(tp, backend, woven)] = (runner, *mixed_steps(runner))
+    return done[(tp, backend, woven)]
+
+  return get
+
+
+def test_chunked_prefill_equals_one_shot(model_at, dense):
+  runner = make_runner(model_at, 2, RunConfig())
+  for lo, hi in ((0, 7), (7, 16), (16, 21)):              # crosses the page boundary at 16
+    res = runner.execute([chunk(0, lo, hi)], return_logits=True)
+    assert res.kind == "unsplit"
+    assert rel_err(res.logits[0], dense[0][hi - 1]) < 1e-5
+    assert res.tokens[0] == dense[0][hi - 1].argmax()
+
+
+CONFIGS = [(1, "psum", False), (2, "psum", True), (2, "rs_ag", False), (2, "rs_ag", True),
+           (4, "rs_ag", True), (4, "psum", False)]
+
+
+@pytest.mark.parametrize("tp,backend,woven", CONFIGS)
+def test_mixed_step_equals_dense(after_mixed, dense, tp, backend, woven):
+  runner, first, second = after_mixed(tp, backend, woven)
+  assert (first.kind, second.kind) == (("woven",) * 2 if woven else ("unsplit",) * 2)
+  assert rel_err(first.logits[0], dense[0][19]) < 1e-5
+  for i in range(3):
+    assert rel_err(second.logits[i], dense[i][-1]) < 1e-5, f"request {i}"
+  np.testing.assert_array_equal(second.tokens, [d[-1].argmax() for d in dense])
+  if woven:
+    assert runner.real_split(runner.shape(32, decode=False), 26) == 13  # request 2: rows 11..25
+
+
+def test_decode_steps_run_unsplit(after_mixed, base):
+  """After the mixed steps, request 2 decodes alone: the unsplit decode program, while its
+  bucket's mixed program is woven."""
+  runner, _, _ = after_mixed(2, "rs_ag", True)
+  seq = np.concatenate([SEQS[2], [7, 300]])
+  for pos in (15, 16):                                     # the second token opens page 3
+    res = runner.execute([ScheduledChunk(2, seq[pos:pos + 1], pos, TABLES[2], True, GREEDY)],
+                         return_logits=True)
+    assert res.kind == "decode"
+  assert runner.shape(16, decode=False).split is not None
+  ref = np.asarray(Engine(base, make_mesh(1), RunConfig())(seq))[-1]
+  assert rel_err(res.logits[0], ref) < 1e-5
+
+
+def test_nocomm_runs_and_differs(after_mixed, dense):
+  _, _, second = after_mixed(2, "nocomm", True)
+  assert second.kind == "woven" and np.isfinite(second.logits).all()
+  assert rel_err(second.logits[2], dense[2][-1]) > 1e-2
+
+
+def test_sampling_through_the_runner(after_mixed):
+  """Same seed, same tokens; the logprob returned is the sampled token's."""
+  params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+  runner, _, _ = after_mixed(1, "psum", False)
+  outs = [runner.execute([chunk(0, 0, 20, params=params, rng_step=3)], return_logits=True)
+          for _ in range(2)]
+  assert outs[0].tokens[0] == outs[1].tokens[0]
+  logits = outs[0].logits[0] / 0.8
+  logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+  assert abs(outs[0].logprobs[0] - logp[outs[0].tokens[0]]) < 1e-4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: [ScheduledChunk(0, np.array([1, CFG.vocab_size]), 0, TABLES[0], True)],
+     "token id 512 outside the vocabulary"),
+    (lambda: [ScheduledChunk(0, np.array([1, 2]), 31, np.arange(2), True)],
+     "exceeds max_model_len=32"),
+    (lambda: [ScheduledChunk(0, np.arange(17), 0, np.array([3]), True)],
+     "block_table is too short"),
+    (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([16]), True)],
+     "page ids outside the pool"),
+    (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([1]), True),
+              ScheduledChunk(0, np.arange(4), 4, np.array([1]), True)], "appears twice"),
+    (lambda: [], "chunks is empty"),
+])
+def test_bad_input_raises_before_launch(model_at, bad, match):
+  runner = make_runner(model_at, 1, RunConfig())
+  with pytest.raises(ValueError, match=match):
+    runner.execute(bad())
+  assert not runner._programs                               # nothing compiled, nothing ran
+  assert not any(a.is_deleted() for kv in runner.cache for a in kv)
+
+
+def test_bucket_plan(model_at):
+  runner = make_runner(model_at, 2, RunConfig(backend="rs_ag", weave=True, weave_min_tokens=32),
+                       max_num_batched_tokens=100, max_num_seqs=20)
+  assert runner.buckets == [16, 32, 64, 112]
+  shapes = runner.program_shapes()
+  assert [(s.bucket, s.split is not None) for s in shapes] == [
+      (16, False), (32, True), (64, True), (112, True), (32, False)]
+  assert [s.sample_rows for s in shapes] == [16, 20, 20, 20, 20]
