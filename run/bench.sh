@@ -9,18 +9,18 @@
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" bench
 gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 if [ "${gpus:-0}" -ne 1 ]; then
-  exec python run/bench_prefill.py "$@"
+  exec "$WEAVE_PY" run/bench_prefill.py "$@"
 fi
 echo "[bench] one GPU: tensor parallelism needs >= 2 GPUs, so the woven model against the psum" \
      "baseline, the fused AllReduce + RMSNorm kernel and TP decode need more GPUs (there:" \
      "bash run/bench.sh, or bash run/gpu_all.sh). Here: the split's compute cost at one TP=2" \
      "rank's shapes, and the single-GPU benchmarks." >&2
 rc=0
-python run/bench_prefill.py --shard-of 2 --layers 16 --variants nocomm nocomm+weave "$@" || rc=1
+"$WEAVE_PY" run/bench_prefill.py --shard-of 2 --layers 16 --variants nocomm nocomm+weave "$@" || rc=1
 for extra in run/bench_attention.py run/bench_serve.py; do
   if [ -f "$extra" ]; then
     echo "[bench] $extra" >&2
-    python "$extra" || rc=1
+    "$WEAVE_PY" "$extra" || rc=1
   fi
 done
 exit $rc

@@ -1,7 +1,8 @@
 # Sourced by run/test.sh and run/bench.sh as `source run/setup_env.sh EXTRA` (EXTRA: test or
 # bench): finds Python >= 3.12, creates .venv and installs weave_jax[EXTRA] in editable mode,
 # plus JAX's CUDA plugin on a machine with an NVIDIA driver (without it the plain jax
-# dependency is CPU-only, and a GPU node would run everything on its CPU).
+# dependency is CPU-only, and a GPU node would run everything on its CPU).  Leaves the
+# interpreter to use in WEAVE_PY.
 #
 #   WEAVE_CUDA=12|13|none   which CUDA plugin. Default: none without an NVIDIA driver; 13 where
 #                           the CUDA toolkit (nvcc, which builds the FFI library) is CUDA 13, so
@@ -81,7 +82,8 @@ run_step() {   # a command, or its printout under WEAVE_SETUP_DRY_RUN=1
 }
 
 if [ "${WEAVE_SETUP:-}" = none ]; then
-  echo "[setup] WEAVE_SETUP=none: using $(command -v python3) as it is" >&2
+  WEAVE_PY="$(command -v python3)"
+  echo "[setup] WEAVE_SETUP=none: using $WEAVE_PY as it is" >&2
   cd "$ROOT"
   return 0 2>/dev/null || exit 0
 fi
@@ -101,4 +103,5 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   run_step touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+WEAVE_PY="$VENV/bin/python"
 cd "$ROOT"

@@ -131,7 +131,7 @@ def test_bench_fits_the_machine(tmp_path, gpus):
   compute at one TP=2 rank's shapes, then the single-GPU benchmarks that exist."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for name, text in (("python", PYTHON_RECORDER), ("nvidia-smi", GPU_LIST)):
+  for name, text in (("python3", PYTHON_RECORDER), ("nvidia-smi", GPU_LIST)):
     (bin_dir / name).write_text(text)
     (bin_dir / name).chmod(stat.S_IRWXU)
   calls = tmp_path / "calls"
