@@ -66,7 +66,7 @@ for stage in $stages; do
     tune)
       timeout ${TUNE_TIMEOUT:-240} $PY run/tune_split.py ${TUNE_ARGS:-} 2>&1 | quiet \
         | tee "$OUT/tune.log" || rc=1
-      cp weave_jax/tuning/splits.json "$OUT/" 2>/dev/null ;;
+      cp weave_jax/tuning/*.json "$OUT/" 2>/dev/null ;;
     *) echo "unknown stage $stage (build test fused ce grid prefill tune)"; rc=2 ;;
   esac
 done

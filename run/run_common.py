@@ -12,7 +12,8 @@ VARIANTS = {
     "fused": ("fused_p2p", False),
     "fused+weave": ("fused_p2p", True),
     # what RunConfig(backend="fused_p2p", weave=True) gives library users: per token bucket the
-    # tuning table (weave_jax/tuning/splits.json) picks woven or unsplit, and maybe the backend
+    # device's tuning table (weave_jax/tuning/<device kind>.json) picks woven or unsplit, and
+    # maybe the backend
     "fused+tuned": ("fused_p2p", True),
     "nocomm": ("nocomm", False),
     # the split and its schedule without communication: what weaving costs in compute alone
@@ -74,7 +75,7 @@ def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
   tuned = base == TUNED
   # A "+weave" variant always weaves (threshold 1) unless told otherwise: it measures the woven
   # layer.  What library users get by default ("fused+tuned") is the engine's tuned choice,
-  # which may decide not to weave (weave_jax/tuning/splits.json).
+  # which may decide not to weave (weave_jax/tuning/<device kind>.json).
   if weave_min_tokens is None and weave and not tuned:
     weave_min_tokens = 1
   kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
