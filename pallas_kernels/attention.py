@@ -7,7 +7,7 @@ Implementations (layout and semantics: ``pallas_kernels.paged_attention_ref``):
 
     "reference"  float32 jnp on gathered pages, any device; O(T x S x M x page) memory
     "triton"     Triton kernel through jax-triton (``ragged_paged_attention_triton``), NVIDIA GPUs
-    "mosaic"     Pallas Mosaic GPU kernel (``ragged_paged_attention``), Hopper (sm_90)
+    "mosaic"     Pallas Mosaic GPU kernel (``ragged_paged_attention_mosaic``), Hopper (sm_90)
     "auto"       CPU -> reference; GPU -> the first kernel of the device's preference order that
                  is listed in ``VERIFIED`` for its architecture and can run here; none -> the
                  reference, with one loud warning.
@@ -46,6 +46,10 @@ VERIFIED: dict[str, tuple[str, ...]] = {
     "sm_80": (),
 }
 
+#: Where the Mosaic GPU kernel ``ragged_paged_attention_mosaic`` lives (first importable wins).
+MOSAIC_MODULES = ("pallas_kernels.ragged_paged_attention_mosaic",
+                  "pallas_kernels.ragged_paged_attention")
+
 #: impl="auto" on a GPU: preference order by architecture (fastest expected first).
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "sm_90": ("mosaic", "triton"),
@@ -72,23 +76,35 @@ def unavailable_reason(impl: str, arch: str, dtype: str = "bfloat16") -> str | N
   if impl == "triton":
     if int(arch[3:]) < 80:
       return f"it needs sm_80 or newer, the device is {arch}"
-    if dtype not in ("bfloat16", "float16"):
-      return f"it supports bfloat16/float16, the inputs are {dtype}"
     for module in ("triton", "jax_triton"):
       if importlib.util.find_spec(module) is None:
         return f"{module} is not installed (`pip install weave_jax[triton]`)"
-    return None
-  if impl == "mosaic":
+  elif impl == "mosaic":
     if arch != "sm_90":
       return f"Mosaic GPU (TMA, wgmma) needs Hopper sm_90, the device is {arch}"
     try:
-      module = importlib.import_module("pallas_kernels.ragged_paged_attention")
+      mosaic_kernel()
     except ImportError as err:
-      return f"pallas_kernels.ragged_paged_attention does not import ({err})"
-    if not hasattr(module, "ragged_paged_attention_mosaic"):
-      return "pallas_kernels.ragged_paged_attention has no ragged_paged_attention_mosaic"
-    return None
-  raise ValueError(f"{_OP}: impl={impl!r} is not one of {IMPLS}")
+      return str(err)
+  else:
+    raise ValueError(f"{_OP}: impl={impl!r} is not one of {IMPLS}")
+  if dtype not in ("bfloat16", "float16"):
+    return f"it supports bfloat16/float16, the inputs are {dtype}"
+  return None
+
+
+def mosaic_kernel():
+  """``ragged_paged_attention_mosaic`` from the first of MOSAIC_MODULES that provides it."""
+  errors = []
+  for name in MOSAIC_MODULES:
+    if importlib.util.find_spec(name) is None:
+      continue
+    try:
+      return importlib.import_module(name).ragged_paged_attention_mosaic
+    except (ImportError, AttributeError) as err:
+      errors.append(f"{name}: {err}")
+  raise ImportError("no importable ragged_paged_attention_mosaic in "
+                    f"{' or '.join(MOSAIC_MODULES)}" + (f" ({'; '.join(errors)})" if errors else ""))
 
 
 @functools.cache
@@ -120,8 +136,7 @@ def _kernel(impl: str):
   if impl == "triton":
     from pallas_kernels.ragged_paged_attention_triton import ragged_paged_attention_triton
     return ragged_paged_attention_triton
-  from pallas_kernels.ragged_paged_attention import ragged_paged_attention_mosaic
-  return ragged_paged_attention_mosaic
+  return mosaic_kernel()
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs,

@@ -311,6 +311,10 @@ def ragged_paged_attention_triton(q, k_pages, v_pages, kv_lens, block_tables, qu
     raise ValueError(f"{_OP}: head dim D={d} not supported (one of {HEAD_DIMS})")
   if page < 16 or page & (page - 1):
     raise ValueError(f"{_OP}: page size {page} not supported (a power of two >= 16)")
+  if sm_scale is not None and not math.isfinite(sm_scale):
+    raise ValueError(f"{_OP}: sm_scale={sm_scale} must be finite")
+  if t == 0 or s == 0:
+    return jnp.zeros_like(q)
   group = n // k
   num_sms, cc = _device_traits()
   plan = make_plan(t, s, n, k, d, page, m, num_sms=num_sms, compute_capability=cc,

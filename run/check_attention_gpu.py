@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import math
 import sys
 import time
@@ -221,15 +220,9 @@ def compare(out, ref, query_start_loc, num_seqs):
 
 def impls_present(arch: str) -> tuple[list[str], list[str]]:
   """(kernels to check, notes on those left out).  Triton is always checked on a GPU (a missing
-  jax-triton is a failure, not a skip); Mosaic when its module exists."""
-  impls, notes = ["triton"], []
-  if importlib.util.find_spec("pallas_kernels.ragged_paged_attention") is None:
-    notes.append("mosaic: pallas_kernels/ragged_paged_attention.py not present")
-  elif arch != "sm_90":
-    notes.append(f"mosaic: needs sm_90, device is {arch}")
-  else:
-    impls.append("mosaic")
-  return impls, notes
+  jax-triton is a failure, not a skip); Mosaic when its module imports and the GPU is sm_90."""
+  reason = attention.unavailable_reason("mosaic", arch)
+  return (["triton"], [f"mosaic: not checked ({reason})"]) if reason else (["triton", "mosaic"], [])
 
 
 def run_check(num_layouts: int = 216, impls: list[str] | None = None, seed: int = 0,
