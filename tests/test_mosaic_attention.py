@@ -128,7 +128,7 @@ def test_bad_metadata_raises_before_launch():
 # ---------------------------------------------------------------- CPU: XLA-side mapping
 
 
-@pytest.mark.parametrize("group", [1, 3, 8, 96])
+@pytest.mark.parametrize("group", [1, 3, 96])
 def test_tile_rows_round_trip(group):
   """Regrouping q into 64-row tiles and gathering the tiles back is the identity on live
   tokens (0 on padding tokens): every query row lands in exactly one tile row."""
@@ -138,10 +138,15 @@ def test_tile_rows_round_trip(group):
   num_seqs, t = jnp.int32(4), 48
   q = jax.random.normal(jax.random.key(group), (t, group * k, d), jnp.float32)
   tiles = rpa.num_tiles(t, group, 5)
-  meta, tile_start = rpa._tile_metadata(kv, qsl, num_seqs, group=group, tiles=tiles)
+
+  @jax.jit
+  def round_trip(q):
+    meta, tile_start = rpa._tile_metadata(kv, qsl, num_seqs, group=group, tiles=tiles)
+    q_tiles = rpa._tile_rows(q, meta, qsl, group=group, tiles=tiles)
+    return rpa._gather_rows((q_tiles[None],), tile_start, qsl, num_seqs, q.shape), tile_start
+
+  back, tile_start = round_trip(q)
   assert int(tile_start[-1]) <= tiles
-  q_tiles = rpa._tile_rows(q, meta, qsl, group=group, tiles=tiles)
-  back = rpa._gather_rows((q_tiles[None],), tile_start, qsl, num_seqs, q.shape)
   np.testing.assert_array_equal(np.asarray(back[:45]), np.asarray(q[:45]))
   np.testing.assert_array_equal(np.asarray(back[45:]), 0.0)
 
@@ -176,7 +181,7 @@ def test_lowers_for_cuda(layout):
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4]], ids=lambda l: l[0])
+@pytest.mark.parametrize("layout", [LAYOUTS[3], LAYOUTS[4], LAYOUTS[5]], ids=lambda l: l[0])
 def test_interpreter_matches_reference(layout):
   args, splits = _layout_args(layout)
   got = ragged_paged_attention_mosaic(*args, num_splits=splits, interpret=True)
@@ -191,7 +196,9 @@ def test_interpreter_matches_reference(layout):
 def test_gpu_matches_reference(layout):
   args, splits = _layout_args(layout)
   got = ragged_paged_attention_mosaic(*args, num_splits=splits)
-  assert max_error(got, args) < ATOL[jnp.dtype(args[0].dtype)]
+  err = max_error(got, args)
+  print(f"{layout[0]}: max|mosaic - reference| = {err:.3g}")        # shown with pytest -s
+  assert err < ATOL[jnp.dtype(args[0].dtype)]
 
 
 @pytest.mark.gpu
