@@ -341,6 +341,10 @@ def main(argv=None):
     progress(f"chart written to {args.png}")
   if args.profile:
     profile(args, res, cfg, mesh, model)
+  failed = [f"{row['tokens']} tokens {v}" for row in res["rows"] for v in res["variants"]
+            if "error" in row.get(v, {})]
+  if failed:   # recorded in the JSON and the table; the exit status says so too
+    sys.exit(f"bench_prefill: {len(failed)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
