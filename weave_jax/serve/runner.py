@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels import attention as paged_kernels
 from weave_jax import layers, weave, xla_options
 from weave_jax.comm import AXIS
 from weave_jax.engine import Engine, RunConfig
@@ -64,29 +63,12 @@ class StepResult:
 
 # --- attention dispatch --------------------------------------------------------------------------
 
-_warned_reference = False
-
-
-def paged_attention(impl: str, platform: str):
-  """``fn(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs) -> (T, N, D)``
-  for RunConfig.paged_attention ``impl``."""
-  global _warned_reference
-  try:
-    from pallas_kernels import attention
-  except ImportError:
-    attention = None
-  if attention is not None:
-    return functools.partial(attention.ragged_paged_attention, impl=impl)
-  if impl not in ("auto", "reference"):
-    raise ValueError(f"ModelRunner: RunConfig.paged_attention={impl!r} needs "
-                     "pallas_kernels/attention.py, which is not installed")
-  from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference
-  if platform != "cpu" and not _warned_reference:
-    _warned_reference = True
-    warnings.warn("ModelRunner: no paged attention kernel (pallas_kernels/attention.py is "
-                  "missing); the float32 jnp reference runs instead: slow, O(T x context) memory",
-                  RuntimeWarning, stacklevel=3)
-  return ragged_paged_attention_reference
+def paged_attention(impl: str, dtype: str):
+  """(the kernel ``impl`` resolves to here, ``fn(q, k_pages, v_pages, kv_lens, block_tables,
+  query_start_loc, num_seqs) -> (T, N, D)``) for RunConfig.paged_attention ``impl``.  Raises
+  ValueError when a named kernel cannot run here; "auto" warns when only the reference can."""
+  chosen = paged_kernels.resolve_impl(impl, paged_kernels.device_arch(), dtype)
+  return chosen, functools.partial(paged_kernels.ragged_paged_attention, impl=chosen)
 
 
 # --- the per-rank step ----------------------------------------------------------------------------
@@ -199,11 +181,14 @@ class ModelRunner:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"ModelRunner: {name}={value!r} must be a positive int")
     self.engine = Engine(model, mesh, run)
+    self.buckets = token_buckets(max_num_batched_tokens)
+    # The fused backends' workspace, sized once for the largest bucket before any program is
+    # built (growing it later would rebuild the backends under compiled programs).
+    self.engine._ensure_workspace(self.buckets[-1])
     self.cfg, self.mesh, self.run, self.tp = self.engine.cfg, mesh, run, self.engine.tp
     self.page_size, self.max_model_len = page_size, max_model_len
     self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
     self.seed = seed
-    self.buckets = token_buckets(max_num_batched_tokens)
     if num_pages is None:
       reserve = kv_cache.activation_reserve(self.cfg, self.buckets[-1], max_num_seqs, self.tp)
       num_pages = kv_cache.pages_for_memory(self.cfg, mesh, page_size=page_size,
@@ -213,7 +198,9 @@ class ModelRunner:
     print(kv_cache.describe(self.cfg, self.tp, num_pages, page_size), flush=True)
     self.limits = step_inputs.Limits(self.cfg.vocab_size, page_size, num_pages, max_model_len,
                                      max_num_batched_tokens, max_num_seqs)
-    self._attention = paged_attention(run.paged_attention, self.engine.platform)
+    self.attention_impl, self._attention = paged_attention(run.paged_attention, self.cfg.dtype)
+    print(f"[serve] paged attention: {self.attention_impl} (RunConfig.paged_attention="
+          f"{run.paged_attention!r})", flush=True)
     self._replicated = NamedSharding(mesh, P())
     self._programs: dict = {}
     if compile_ahead:
@@ -260,7 +247,6 @@ class ModelRunner:
     if key not in self._programs:
       plan = self.engine.plan(shape.bucket)
       backend = self.engine.backend_of(plan)
-      self.engine._ensure_workspace(backend, shape.bucket)
       fn = self._step_fn(shape, backend, return_logits)
       cache_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                  sharding=a.sharding), self.cache)
@@ -314,10 +300,11 @@ class ModelRunner:
              if c.sample else 0 for c in chunks]
     packed = step_inputs.pack(batch, shape, split, chunks, seeds)
     exe = self.program(shape, return_logits)
-    outs = exe(self.engine.state, self.cache, jax.device_put(packed, self._replicated))
-    self.cache = outs[1]
     which = np.flatnonzero(batch.sample)
-    host = np.asarray(outs[0])[:, :which.size]
+    with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
+      outs = exe(self.engine.state, self.cache, jax.device_put(packed, self._replicated))
+      self.cache = outs[1]
+      host = np.asarray(outs[0])[:, :which.size]
     tokens = np.zeros(len(chunks), np.int32)
     logprobs = np.zeros(len(chunks), np.float32)
     tokens[which] = host[0]

@@ -66,16 +66,6 @@ def default_seed(base_seed: int, request_id: int) -> int:
   return (base_seed * 0x9E3779B1 + request_id * 0x85EBCA77 + 1) & 0xFFFFFFFF
 
 
-def check_params(params: SamplingParams, where: str) -> None:
-  """Raise ValueError naming the field when ``params`` cannot be sampled."""
-  if not params.temperature >= 0:
-    raise ValueError(f"{where}: temperature={params.temperature!r} must be >= 0")
-  if not 0 < params.top_p <= 1:
-    raise ValueError(f"{where}: top_p={params.top_p!r} must be in (0, 1]")
-  if params.top_k == 0 or params.top_k < -1:
-    raise ValueError(f"{where}: top_k={params.top_k!r} must be -1 (off) or >= 1")
-
-
 def param_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], rows: int):
   """Host arrays for ``sample`` padded to ``rows``: temperature, top_k, top_p (float32/int32),
   seeds (uint32), in that order.  Padding rows are greedy."""

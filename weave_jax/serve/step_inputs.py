@@ -134,15 +134,14 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
   if c > limits.max_num_seqs:
     raise ValueError(f"ModelRunner.execute: {c} chunks exceed max_num_seqs={limits.max_num_seqs}")
   token_ids = [np.asarray(ch.token_ids) for ch in chunks]
-  for i, t in enumerate(token_ids):
-    if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
-      raise ValueError(f"ModelRunner.execute: {_name(chunks, i)}.token_ids must be a 1-D integer "
-                       f"array, got shape {t.shape} dtype {t.dtype}")
-  q_lens = np.fromiter((t.size for t in token_ids), np.int64, c)
-  starts = np.fromiter((ch.start for ch in chunks), np.int64, c)
-  bt_lens = np.fromiter((np.size(ch.block_table) for ch in chunks), np.int64, c)
-  ids = np.fromiter((ch.request_id for ch in chunks), np.int64, c)
-  rng_steps = np.fromiter((ch.rng_step for ch in chunks), np.int64, c)
+  # One pass over the chunks' Python attributes; everything after is vectorised.
+  meta = np.array([(t.size, t.ndim, ch.start, len(ch.block_table), ch.request_id, ch.rng_step,
+                    bool(ch.sample)) for t, ch in zip(token_ids, chunks)], np.int64)
+  q_lens, ndims, starts, bt_lens, ids, rng_steps, sample = meta.T
+  i = _first(ndims != 1)
+  if i is not None:
+    raise ValueError(f"ModelRunner.execute: {_name(chunks, i)}.token_ids must be 1-D, got shape "
+                     f"{token_ids[i].shape}")
   n = int(q_lens.sum())
   if n > limits.max_num_batched_tokens:
     raise ValueError(f"ModelRunner.execute: {n} tokens exceed max_num_batched_tokens="
@@ -166,6 +165,8 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
   if np.unique(ids).size != c:
     raise ValueError(f"ModelRunner.execute: a request appears twice in one step: ids {ids.tolist()}")
   tokens = np.concatenate(token_ids)
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"ModelRunner.execute: token_ids must be integers, got {tokens.dtype}")
   i = _first((tokens < 0) | (tokens >= limits.vocab_size))
   if i is not None:
     req = int(np.searchsorted(np.cumsum(q_lens), i, side="right"))
@@ -180,18 +181,14 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
     raise ValueError(f"ModelRunner.execute: {_name(chunks, i)}: block_table holds page ids "
                      f"outside the pool [0, {limits.num_pages}): "
                      f"{block_tables[i][bad_page[i]][:4].tolist()}")
-  for i, ch in enumerate(chunks):
-    if ch.sample:
-      sampler.check_params(ch.params, f"ModelRunner.execute: {_name(chunks, i)}.params")
   cu = np.zeros(c + 1, np.int64)
   np.cumsum(q_lens, out=cu[1:])
   req = np.repeat(np.arange(c), q_lens)
   positions = starts[req] + np.arange(n) - cu[req]
   page = block_tables[req, positions // limits.page_size]
   slots = page * limits.page_size + positions % limits.page_size
-  sample = np.fromiter((bool(ch.sample) for ch in chunks), bool, c)
   return Batch(tokens.astype(np.int32), positions.astype(np.int32), slots.astype(np.int32),
-               starts.astype(np.int32), cu.astype(np.int32), block_tables, sample,
+               starts.astype(np.int32), cu.astype(np.int32), block_tables, sample.astype(bool),
                bool(np.all(q_lens == 1) and np.all(starts > 0)))
 
 
@@ -199,7 +196,7 @@ def _block_table_matrix(chunks, bt_lens, limits: Limits) -> np.ndarray:
   """(C, M) int32: each chunk's block table, cut to M pages (the rest cannot be addressed under
   max_model_len), zero-padded (padding entries are never read: kv_lens masks them)."""
   m = limits.pages_per_seq
-  flat = np.concatenate([np.asarray(ch.block_table, np.int64).reshape(-1) for ch in chunks])
+  flat = np.concatenate([ch.block_table for ch in chunks]).astype(np.int64)
   rows = np.repeat(np.arange(len(chunks)), bt_lens)
   offsets = np.zeros(len(chunks), np.int64)
   np.cumsum(bt_lens[:-1], out=offsets[1:])
