@@ -137,14 +137,14 @@ def _attend_tile(q, acc, l_i, m_i, k_ptr, v_ptr, table_row, start, hi, pos, kv_h
 
 @triton.jit
 def _rpa_kernel(q_ptr, k_ptr, v_ptr, kv_lens_ptr, block_tables_ptr, qsl_ptr, blk_req_ptr,
-                blk_qb_ptr, splits_ptr, o_init_ptr, o_ptr, lse_ptr,
-                scale_log2: tl.constexpr, NUM_TOKENS: tl.constexpr, KV_HEADS: tl.constexpr,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                MAX_PAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                blk_qb_ptr, splits_ptr, o_init_ptr, num_tokens, max_pages, o_ptr, lse_ptr,
+                scale_log2: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
   """Grid (query blocks, K, NUM_SPLITS).  Outputs: o (NUM_SPLITS, T, N, D) (q dtype when
   NUM_SPLITS == 1, else float32 partials), lse (NUM_SPLITS, T, N) float32, base 2.
-  ``o_init_ptr`` is the aliased input of the prefill launch (never read)."""
+  ``o_init_ptr`` is the aliased input of the prefill launch (never read).  T and M
+  (``num_tokens``, ``max_pages``) are runtime scalars so that step buckets share one binary."""
   b = tl.program_id(0)
   kv_head = tl.program_id(1)
   split = tl.program_id(2)
@@ -170,7 +170,7 @@ def _rpa_kernel(q_ptr, k_ptr, v_ptr, kv_lens_ptr, block_tables_ptr, qsl_ptr, blk
     hi = tl.minimum(lo + chunk, kv_hi)
     # [lo, full_end): whole tiles that every row sees entirely (slot <= pos_lo): no masks.
     full_end = lo + tl.maximum(tl.minimum(hi, pos_lo + 1) - lo, 0) // BLOCK_N * BLOCK_N
-    table_row = block_tables_ptr + req * MAX_PAGES
+    table_row = block_tables_ptr + req * max_pages
     kv_head_off = kv_head * HEAD_DIM
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -186,10 +186,10 @@ def _rpa_kernel(q_ptr, k_ptr, v_ptr, kv_lens_ptr, block_tables_ptr, qsl_ptr, blk
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    o_off = split * (NUM_TOKENS * KV_HEADS * GROUP * HEAD_DIM) + row_off
+    o_off = split * (num_tokens * KV_HEADS * GROUP * HEAD_DIM) + row_off
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    lse_off = split * (NUM_TOKENS * KV_HEADS * GROUP) + (q_start + t_req) * (KV_HEADS * GROUP) + head
+    lse_off = split * (num_tokens * KV_HEADS * GROUP) + (q_start + t_req) * (KV_HEADS * GROUP) + head
     tl.store(lse_ptr + lse_off, lse, mask=row_ok)
 
 
@@ -325,8 +325,8 @@ def ragged_paged_attention_triton(q, k_pages, v_pages, kv_lens, block_tables, qu
   block_tables = block_tables.astype(jnp.int32)
   query_start_loc = query_start_loc.astype(jnp.int32)
   q_lens = query_lens(query_start_loc, num_seqs)
-  consts = dict(scale_log2=float(scale * _LOG2E), NUM_TOKENS=t, KV_HEADS=k, GROUP=group,
-                HEAD_DIM=d, PAGE=page, MAX_PAGES=m, BLOCK_N=plan.block_n)
+  consts = dict(scale_log2=float(scale * _LOG2E), KV_HEADS=k, GROUP=group, HEAD_DIM=d, PAGE=page,
+                BLOCK_N=plan.block_n)
   meta = (kv_lens, block_tables, query_start_loc)
 
   dq = plan.block_q(plan.decode_block_m, group)
@@ -335,7 +335,7 @@ def ragged_paged_attention_triton(q, k_pages, v_pages, kv_lens, block_tables, qu
   ns = plan.num_splits
   part_dtype = q.dtype if ns == 1 else jnp.float32
   o_part, lse = launch(
-      _rpa_kernel, [q, k_pages, v_pages, *meta, d_req, d_qb, splits, q],
+      _rpa_kernel, [q, k_pages, v_pages, *meta, d_req, d_qb, splits, q, t, m],
       [jax.ShapeDtypeStruct((ns, t, n, d), part_dtype), jax.ShapeDtypeStruct((ns, t, n), jnp.float32)],
       grid=(s, k, ns), num_warps=plan.decode_warps, num_stages=plan.num_stages, alias=None,
       zeroed=(0,) if ns == 1 else (), BLOCK_M=plan.decode_block_m, BLOCK_Q=dq, NUM_SPLITS=ns,
@@ -353,7 +353,7 @@ def ragged_paged_attention_triton(q, k_pages, v_pages, kv_lens, block_tables, qu
   p_req, p_qb = prefill_schedule(q_lens, dq, pq, nb)
   ones = jnp.ones((s,), jnp.int32)
   out, _ = launch(
-      _rpa_kernel, [q, k_pages, v_pages, *meta, p_req, p_qb, ones, o_part],
+      _rpa_kernel, [q, k_pages, v_pages, *meta, p_req, p_qb, ones, o_part, t, m],
       [jax.ShapeDtypeStruct((1, t, n, d), q.dtype), jax.ShapeDtypeStruct((1, t, n), jnp.float32)],
       grid=(nb, k, 1), num_warps=plan.prefill_warps, num_stages=plan.num_stages, alias={9: 0},
       zeroed=(), BLOCK_M=plan.prefill_block_m, BLOCK_Q=pq, NUM_SPLITS=1, **consts)

@@ -221,14 +221,17 @@ def _compile_for_gpu(cc: int, *, dtype: str, head_dim: int, page: int, group: in
   splits = plan.num_splits if decode else 1
   ptr = "*" + dtype
   names = ["q", "k", "v", "kv_lens", "block_tables", "qsl", "blk_req", "blk_qb", "splits",
-           "o_init", "o", "lse"]
-  types = [ptr] * 3 + ["*i32"] * 6 + [ptr, ptr if splits == 1 else "*fp32", "*fp32"]
-  signature = {f"{n}_ptr": ty for n, ty in zip(names, types)}
-  consts = dict(scale_log2=0.18, NUM_TOKENS=t, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
-                PAGE=page, MAX_PAGES=m, BLOCK_M=block_m, BLOCK_Q=block_m // group,
-                BLOCK_N=plan.block_n, NUM_SPLITS=splits)
+           "o_init"]
+  signature = {f"{n}_ptr": ty for n, ty in zip(names, [ptr] * 3 + ["*i32"] * 6 + [ptr])}
+  signature.update(num_tokens="i32", max_pages="i32", o_ptr=ptr if splits == 1 else "*fp32",
+                   lse_ptr="*fp32")
+  consts = dict(scale_log2=0.18, KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=page,
+                BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=plan.block_n,
+                NUM_SPLITS=splits)
   signature.update({name: "constexpr" for name in consts})
-  attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}   # as jax_triton passes
+  # as jax_triton specializes: every array 16-byte aligned, scalars unspecialized
+  attrs = {(i,): [["tt.divisibility", 16]] for i in (*range(len(names)), len(names) + 2,
+                                                     len(names) + 3)}
   src = ASTSource(fn=rpa._rpa_kernel, signature=signature, constexprs=consts, attrs=attrs)
   warps = plan.decode_warps if decode else plan.prefill_warps
   return triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -262,6 +265,8 @@ INTERPRETER_CASES = [
 
 def _to_torch(x):
   import torch
+  if isinstance(x, int):                                           # a scalar kernel argument
+    return x
   a = np.asarray(x)
   return torch.from_numpy(np.array(a))                             # writable copy
 
