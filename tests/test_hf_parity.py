@@ -3,6 +3,8 @@
 For each family a tiny random model is built by transformers (float32, fixed seed), written with
 ``save_pretrained`` and loaded sharded at TP 1/2 (4 for Llama).  Norm weights and biases are
 randomised too, so a swapped or dropped tensor cannot hide behind an identity initialisation.
+TP sizes above the KV-head count (Llama with 2 KV heads at TP 4 and 8, Qwen2 with its biases at
+TP 4) run with the KV heads replicated (``ModelConfig.for_tp``).
 """
 import json
 import os
@@ -33,6 +35,11 @@ def _llama():
                            original_max_position_embeddings=16)))
 
 
+def _llama_kv2():
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      **COMMON, num_attention_heads=8, num_key_value_heads=2))
+
+
 def _qwen2():
   return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
       **COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
@@ -48,7 +55,8 @@ def _mixtral():
 CASES = {
     "llama": (_llama, "single", (1, 2, 4)),
     "llama_sharded": (_llama, "sharded", (2,)),
-    "qwen2_tied_bias": (_qwen2, "single", (1, 2)),
+    "llama_kv2": (_llama_kv2, "single", (4, 8)),                  # KV heads replicated 2x, 4x
+    "qwen2_tied_bias": (_qwen2, "single", (1, 2, 4)),
     # per-expert w1/w2/w3: what save_pretrained writes
     "mixtral": (_mixtral, "single", (1, 2)),
     "mixtral_fused": (_mixtral, "fused", (2,)),       # v5 in-memory names: mlp.experts.gate_up_proj
@@ -117,6 +125,7 @@ def test_logits_match_transformers(checkpoints, case, tp):
   mesh = make_mesh(tp)
   model = load_hf_checkpoint(directory, mesh, dtype="float32")
   ref = _hf_logits(hf, TOKENS)
+  assert model.cfg.num_kv_heads == max(tp, hf.config.num_key_value_heads)
   out = Engine(model, mesh, RunConfig())(TOKENS)
   assert out.shape == ref.shape
   assert rel_err(out, ref) < 1e-4

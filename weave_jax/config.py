@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "mixtral")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,23 +37,39 @@ class ModelConfig:
   num_experts: int = 0            # 0: dense MLP; > 0: Mixtral-style MoE
   experts_per_token: int = 2
   dtype: str = "bfloat16"         # parameter and activation dtype
+  # Copies of each checkpoint KV head in ``num_kv_heads`` (``for_tp``): 1, or TP / KV when the
+  # TP size exceeds the checkpoint's KV heads, so that every rank holds one whole KV head.
+  kv_replicas: int = 1
 
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"ModelConfig: unknown family {self.family!r}; expected one of {FAMILIES}")
+    for name in _INT_FIELDS:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"ModelConfig: {name} must be an int, got {value!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"ModelConfig: {name} must be a positive number, got {value!r}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+                 "num_kv_heads", "head_dim", "kv_replicas"):
       if getattr(self, name) <= 0:
         raise ValueError(f"ModelConfig: {name} must be positive, got {getattr(self, name)}")
+    if self.num_experts < 0:
+      raise ValueError(f"ModelConfig: num_experts must be >= 0, got {self.num_experts}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig: num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
+    if self.num_kv_heads % self.kv_replicas:
+      raise ValueError(f"ModelConfig: num_kv_heads={self.num_kv_heads} is not a multiple of "
+                       f"kv_replicas={self.kv_replicas}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even for RoPE")
     if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
       raise ValueError(f"ModelConfig: experts_per_token={self.experts_per_token} must be in "
                        f"[1, num_experts={self.num_experts}]")
-    if self.dtype not in ("bfloat16", "float16", "float32"):
+    if self.dtype not in DTYPES:
       raise ValueError(f"ModelConfig: dtype {self.dtype!r} not one of bfloat16/float16/float32")
 
   @property
@@ -61,15 +78,43 @@ class ModelConfig:
 
   @property
   def q_per_kv(self) -> int:
+    """Query heads per (possibly replicated) KV head: G in the weight layouts."""
     return self.num_heads // self.num_kv_heads
 
+  @property
+  def checkpoint_kv_heads(self) -> int:
+    """The KV heads of the checkpoint, before replication."""
+    return self.num_kv_heads // self.kv_replicas
+
   def replace(self, **kw) -> "ModelConfig":
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise TypeError(f"ModelConfig.replace: unknown field(s) {unknown}")
     return dataclasses.replace(self, **kw)
+
+  def for_tp(self, tp: int) -> "ModelConfig":
+    """This model laid out for TP size ``tp``: KV heads replicated ``tp / KV`` times when ``tp``
+    exceeds the checkpoint's KV heads (as vLLM does), else unreplicated.
+
+    Replication is exact: replica s of KV head j serves query heads [s*G/r, (s+1)*G/r) of group
+    j, so the model computes the same function at every TP (``weave_jax.init.replicate_kv``).
+    Raises a ValueError naming ``tp`` and the dimension it does not fit.
+    """
+    _check_tp_size(tp)
+    kv = self.checkpoint_kv_heads
+    if self.num_heads % tp:
+      raise ValueError(f"TP size {tp} does not divide num_heads={self.num_heads}")
+    if tp > kv and tp % kv:
+      raise ValueError(f"TP size {tp} is larger than num_kv_heads={kv} but not a multiple of "
+                       "it, so the KV heads cannot be replicated evenly")
+    replicas = tp // kv if tp > kv else 1
+    out = self.replace(num_kv_heads=kv * replicas, kv_replicas=replicas)
+    out.check_tp(tp)
+    return out
 
   def check_tp(self, tp: int) -> None:
     """Raise a ValueError naming the dimension that ``tp`` does not divide."""
-    if tp not in (1, 2, 4, 8):
-      raise ValueError(f"tensor-parallel size must be 1, 2, 4 or 8, got {tp}")
+    _check_tp_size(tp)
     dims = {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads}
     if self.is_moe:
       dims["num_experts"] = self.num_experts
@@ -77,13 +122,27 @@ class ModelConfig:
       dims["intermediate_size (FFN)"] = self.intermediate_size
     for name, value in dims.items():
       if value % tp:
-        raise ValueError(f"TP size {tp} does not divide {name}={value}")
+        hint = ""
+        if name == "num_kv_heads" and tp % value == 0 and self.num_heads % tp == 0:
+          hint = (f" (build the model with cfg.for_tp({tp}) to replicate its KV heads; "
+                  "init_random and load_hf_checkpoint do)")
+        raise ValueError(f"TP size {tp} does not divide {name}={value}{hint}")
 
   def params_per_layer(self) -> int:
+    """Parameters of one layer as in the checkpoint (KV replicas not counted)."""
     h, d = self.hidden_size, self.head_dim
-    attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+    attn = h * d * (self.num_heads * 2 + self.checkpoint_kv_heads * 2)
     ffn = 3 * h * self.intermediate_size * max(self.num_experts, 1)
     return attn + ffn + (h * self.num_experts if self.is_moe else 0) + 2 * h
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+               "num_kv_heads", "head_dim", "num_experts", "experts_per_token", "kv_replicas")
+
+
+def _check_tp_size(tp) -> None:
+  if not isinstance(tp, int) or isinstance(tp, bool) or tp not in (1, 2, 4, 8):
+    raise ValueError(f"tensor-parallel size must be 1, 2, 4 or 8, got {tp!r}")
 
 
 # --- Hugging Face config.json -------------------------------------------------------------
@@ -95,9 +154,12 @@ _HF_FAMILY = {"llama": "llama", "qwen2": "qwen2", "mixtral": "mixtral"}
 
 def _hf_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   # transformers >= 5 writes "rope_parameters"; older files write rope_theta + rope_scaling.
-  params = dict(cfg.get("rope_parameters") or {})
+  params = cfg.get("rope_parameters") or {}
   scaling = cfg.get("rope_scaling") or params
-  theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+  for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+    if not isinstance(value, dict):
+      raise ValueError(f"config.json: {key} must be an object, got {value!r}")
+  theta = _hf_float(params, "rope_theta", _hf_float(cfg, "rope_theta", 10000.0))
   kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
   if kind in ("default", None):
     return theta, None
@@ -124,14 +186,57 @@ def _hf_unsupported(cfg: dict[str, Any], family: str) -> None:
     raise ValueError("config.json: sliding-window attention is not supported")
 
 
-def from_hf_config(source: str | os.PathLike | dict[str, Any], dtype: str = "bfloat16") -> ModelConfig:
-  """Build a ModelConfig from a Hugging Face ``config.json`` (a path, a directory, or a dict)."""
+def _read_hf_config(source) -> dict[str, Any]:
+  """``source`` (a dict, a config.json path or its directory) as a dict."""
   if isinstance(source, dict):
-    cfg = source
-  else:
-    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-    with open(path) as f:
+    return source
+  if not isinstance(source, (str, os.PathLike)):
+    raise TypeError(f"from_hf_config: source must be a dict, a path or a directory, got "
+                    f"{type(source).__name__}")
+  path = os.fspath(source)
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"from_hf_config: no config file at {path}")
+  with open(path) as f:
+    try:
       cfg = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"from_hf_config: {path} is not valid JSON ({e})") from None
+  if not isinstance(cfg, dict):
+    raise TypeError(f"from_hf_config: {path} holds a JSON {type(cfg).__name__}, expected an "
+                    "object")
+  return cfg
+
+
+def _hf_int(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+  """``cfg[key]`` as an int; a non-integral value (e.g. 64.5, "64", true) is a ValueError."""
+  value = cfg.get(key)
+  if value is None:
+    if default is None:
+      raise ValueError(f"config.json: missing required key {key!r}")
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    raise ValueError(f"config.json: {key} must be an integer, got {value!r}")
+  return int(value)
+
+
+def _hf_float(cfg: dict[str, Any], key: str, default: float) -> float:
+  value = cfg.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"config.json: {key} must be a number, got {value!r}")
+  return float(value)
+
+
+def from_hf_config(source: str | os.PathLike | dict[str, Any], dtype: str = "bfloat16") -> ModelConfig:
+  """Build a ModelConfig from a Hugging Face ``config.json`` (a path, a directory, or a dict).
+
+  The result is not yet laid out for a TP size: ``load_hf_checkpoint`` and ``init_random``
+  apply ``ModelConfig.for_tp``.
+  """
+  if not isinstance(dtype, str) or dtype not in DTYPES:
+    raise ValueError(f"from_hf_config: dtype must be one of {DTYPES}, got {dtype!r}")
+  cfg = _read_hf_config(source)
   model_type = cfg.get("model_type")
   if model_type not in _HF_FAMILY:
     raise ValueError(f"config.json: unknown or missing model_type {model_type!r}; "
@@ -142,23 +247,25 @@ def from_hf_config(source: str | os.PathLike | dict[str, Any], dtype: str = "bfl
   family = _HF_FAMILY[model_type]
   _hf_unsupported(cfg, family)
   theta, scaling = _hf_rope(cfg)
-  heads = int(cfg["num_attention_heads"])
+  heads, hidden = _hf_int(cfg, "num_attention_heads"), _hf_int(cfg, "hidden_size")
+  if heads <= 0:
+    raise ValueError(f"config.json: num_attention_heads must be positive, got {heads}")
   return ModelConfig(
       family=family,
-      vocab_size=int(cfg["vocab_size"]),
-      hidden_size=int(cfg["hidden_size"]),
-      intermediate_size=int(cfg["intermediate_size"]),
-      num_layers=int(cfg["num_hidden_layers"]),
+      vocab_size=_hf_int(cfg, "vocab_size"),
+      hidden_size=hidden,
+      intermediate_size=_hf_int(cfg, "intermediate_size"),
+      num_layers=_hf_int(cfg, "num_hidden_layers"),
       num_heads=heads,
-      num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-      head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family == "qwen2" else 1e-5)),
+      num_kv_heads=_hf_int(cfg, "num_key_value_heads", heads),
+      head_dim=_hf_int(cfg, "head_dim", hidden // heads),
+      rms_norm_eps=_hf_float(cfg, "rms_norm_eps", 1e-6 if family == "qwen2" else 1e-5),
       rope_theta=theta,
       rope_scaling=scaling,
       qkv_bias=family == "qwen2",
       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-      num_experts=int(cfg.get("num_local_experts", 0)) if family == "mixtral" else 0,
-      experts_per_token=int(cfg.get("num_experts_per_tok", 2)),
+      num_experts=_hf_int(cfg, "num_local_experts", 0) if family == "mixtral" else 0,
+      experts_per_token=_hf_int(cfg, "num_experts_per_tok", 2),
       dtype=dtype,
   )
 
@@ -183,6 +290,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
   """A named preset, optionally with fields replaced (e.g. ``num_layers=4``)."""
+  if not isinstance(name, str):
+    raise TypeError(f"preset: name must be a str, got {type(name).__name__}")
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides)

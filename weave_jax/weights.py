@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from weave_jax.config import ModelConfig, from_hf_config
+from weave_jax.config import DTYPES, ModelConfig, from_hf_config
 from weave_jax.init import abstract_model
 from weave_jax.model import Transformer, padded_vocab
-from weave_jax.sharding import logical_to_spec
+from weave_jax.comm.base import AXIS
+from weave_jax.sharding import (check_mesh, logical_to_spec, relayout_kv_state, state_key,
+                                state_shardings)
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _INDEX_FILE = "model.safetensors.index.json"
@@ -64,10 +66,7 @@ class _Safetensors:
     self.directory = directory
     index_path = os.path.join(directory, _INDEX_FILE)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"load_hf_checkpoint: {index_path} has no 'weight_map'")
+      weight_map = _read_weight_map(index_path)
       files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(directory, _SINGLE_FILE)):
       files, weight_map = [_SINGLE_FILE], None
@@ -77,12 +76,18 @@ class _Safetensors:
     self.handles = {}
     for name in files:
       path = os.path.join(directory, name)
-      if not os.path.exists(path):
+      if not os.path.isfile(path):
         raise ValueError(f"load_hf_checkpoint: {_INDEX_FILE} names {name}, which is missing "
                          f"from {directory}")
-      self.handles[name] = stack.enter_context(safe_open(path, framework="np"))
+      try:
+        self.handles[name] = stack.enter_context(safe_open(path, framework="np"))
+      except Exception as e:       # safetensors raises its own SafetensorError on a bad header
+        raise ValueError(f"load_hf_checkpoint: {path} is not a readable safetensors file "
+                         f"({e})") from None
     if weight_map is None:
       weight_map = {k: _SINGLE_FILE for k in self.handles[_SINGLE_FILE].keys()}
+    else:
+      _check_index(weight_map, self.handles)
     self.file_of: dict[str, str] = weight_map
     self._np_bf16 = True           # until safetensors proves it cannot give numpy BF16
     self._headers: dict[str, tuple[int, dict]] = {}
@@ -137,6 +142,32 @@ class _Safetensors:
     return raw.view(jnp.bfloat16).reshape(info["shape"])
 
 
+def _read_weight_map(index_path: str) -> dict[str, str]:
+  """The index's tensor name -> file name map, checked to be one."""
+  with open(index_path) as f:
+    try:
+      index = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"load_hf_checkpoint: {index_path} is not valid JSON ({e})") from None
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"load_hf_checkpoint: {index_path} has no 'weight_map'")
+  bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+  if bad:
+    raise ValueError(f"load_hf_checkpoint: {index_path} maps tensor {bad[0][0]!r} to "
+                     f"{bad[0][1]!r}, not a file name")
+  return weight_map
+
+
+def _check_index(weight_map: dict, handles: dict) -> None:
+  """Every tensor the index names is in the file it names it in."""
+  held = {name: set(handle.keys()) for name, handle in handles.items()}
+  for tensor, file in weight_map.items():
+    if tensor not in held[file]:
+      raise ValueError(f"load_hf_checkpoint: {_INDEX_FILE} puts tensor {tensor!r} in {file}, "
+                       "which does not hold it")
+
+
 # --- HF layout -> our layout, one block at a time -----------------------------------------------
 # A source is (checks, block): ``checks`` lists (hf name, hf shape) to validate up front;
 # ``block(index)`` returns our parameter's block at ``index`` (a tuple of slices).
@@ -164,18 +195,32 @@ def _padded_rows(st: _Safetensors, name: str, vocab: int, v_pad: int, h: int) ->
 
 
 def _attention(st: _Safetensors, cfg: ModelConfig, p: str):
-  """Sources for qkv (H, KV, G+2, D), qkv_bias (KV, G+2, D) and o (KV, G, D, H)."""
+  """Sources for qkv (H, KV, G+2, D), qkv_bias (KV, G+2, D) and o (KV, G, D, H).
+
+  KV and G are those of ``cfg`` (after ``for_tp``): with r = ``cfg.kv_replicas`` copies of each
+  checkpoint KV head, our KV head j holds the checkpoint's k/v head j // r and G = N / KV query
+  heads, so query heads stay contiguous rows of q_proj and only k/v rows repeat.
+  """
   h, kv, g, d, n = (cfg.hidden_size, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim,
                     cfg.num_heads)
+  r, kv_ckpt = cfg.kv_replicas, cfg.checkpoint_kv_heads
   q, k, v, o = (f"{p}.self_attn.{x}_proj" for x in "qkvo")
+
+  def kv_rows(name, k0, k1, *rest):
+    """Our KV heads [k0, k1) of k/v tensor ``name``: (k1-k0, D, ...), each checkpoint head read
+    once and repeated for its replicas."""
+    j0, j1 = k0 // r, (k1 - 1) // r + 1
+    w = st.read(name, (j0 * d, j1 * d), *rest)
+    w = np.repeat(w.reshape(j1 - j0, d, *w.shape[1:]), r, axis=0)
+    return w[k0 - j0 * r:k1 - j0 * r]
 
   def qkv_block(idx):
     hs, (k0, k1) = _span(idx[0], h), _span(idx[1], kv)
     nk = k1 - k0
-    # q heads of kv groups k0..k1 are the contiguous rows [k0*G*D, k1*G*D) of q_proj.
+    # q heads of our kv groups k0..k1 are the contiguous rows [k0*G*D, k1*G*D) of q_proj.
     wq = st.read(f"{q}.weight", (k0 * g * d, k1 * g * d), hs).reshape(nk, g, d, -1)
-    wk = st.read(f"{k}.weight", (k0 * d, k1 * d), hs).reshape(nk, 1, d, -1)
-    wv = st.read(f"{v}.weight", (k0 * d, k1 * d), hs).reshape(nk, 1, d, -1)
+    wk = kv_rows(f"{k}.weight", k0, k1, hs)[:, None]
+    wv = kv_rows(f"{v}.weight", k0, k1, hs)[:, None]
     blk = np.concatenate([wq, wk, wv], axis=1).transpose(3, 0, 1, 2)   # (Hs, nk, G+2, D)
     return blk[:, :, idx[2], idx[3]]
 
@@ -183,8 +228,8 @@ def _attention(st: _Safetensors, cfg: ModelConfig, p: str):
     k0, k1 = _span(idx[0], kv)
     nk = k1 - k0
     bq = st.read(f"{q}.bias", (k0 * g * d, k1 * g * d)).reshape(nk, g, d)
-    bk = st.read(f"{k}.bias", (k0 * d, k1 * d)).reshape(nk, 1, d)
-    bv = st.read(f"{v}.bias", (k0 * d, k1 * d)).reshape(nk, 1, d)
+    bk = kv_rows(f"{k}.bias", k0, k1)[:, None]
+    bv = kv_rows(f"{v}.bias", k0, k1)[:, None]
     return np.concatenate([bq, bk, bv], axis=1)[:, idx[1], idx[2]]     # (nk, G+2, D)
 
   def o_block(idx):
@@ -194,9 +239,10 @@ def _attention(st: _Safetensors, cfg: ModelConfig, p: str):
     blk = w.reshape(w.shape[0], k1 - k0, g, d).transpose(1, 2, 3, 0)   # (nk, G, D, Hs)
     return blk[:, idx[1], idx[2], :]
 
-  qkv_checks = [(f"{q}.weight", (n * d, h)), (f"{k}.weight", (kv * d, h)),
-                (f"{v}.weight", (kv * d, h))]
-  bias_checks = [(f"{q}.bias", (n * d,)), (f"{k}.bias", (kv * d,)), (f"{v}.bias", (kv * d,))]
+  qkv_checks = [(f"{q}.weight", (n * d, h)), (f"{k}.weight", (kv_ckpt * d, h)),
+                (f"{v}.weight", (kv_ckpt * d, h))]
+  bias_checks = [(f"{q}.bias", (n * d,)), (f"{k}.bias", (kv_ckpt * d,)),
+                 (f"{v}.bias", (kv_ckpt * d,))]
   return {"qkv": (qkv_checks, qkv_block), "qkv_bias": (bias_checks, bias_block),
           "o": ([(f"{o}.weight", (h, n * d))], o_block)}
 
@@ -292,12 +338,6 @@ def _sources(st: _Safetensors, cfg: ModelConfig) -> dict[tuple, Source]:
   return src
 
 
-def _key(path) -> tuple:
-  """A state path as plain keys, e.g. ('layers', 0, 'attn', 'qkv') (list indices as ints)."""
-  keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-  return tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in keys)
-
-
 def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
                        dtype: str = "bfloat16") -> Transformer:
   """Load a Hugging Face Llama / Qwen2 / Mixtral checkpoint directory, already TP-sharded.
@@ -305,11 +345,27 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` (or sharded files with
       ``model.safetensors.index.json``).
-    mesh: the 1-D ``tp`` mesh (``weave_jax.make_mesh``); each device reads only its shards.
+    mesh: the 1-D ``tp`` mesh (``weave_jax.make_mesh``); each device reads only its shards
+      (with KV heads replicated, each device reads its own KV head, ``ModelConfig.for_tp``).
     dtype: parameter dtype (bfloat16 / float16 / float32); checkpoint floats are cast to it.
+
+  Every argument, the config and every tensor's name, shape and dtype are checked (ValueError /
+  TypeError naming the bad one) before any tensor is read.
   """
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"load_hf_checkpoint: path must be a str or os.PathLike, got "
+                    f"{type(path).__name__}")
   path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"load_hf_checkpoint: path {path} is not a directory")
+  if not isinstance(dtype, str) or dtype not in DTYPES:
+    raise ValueError(f"load_hf_checkpoint: dtype must be one of {DTYPES}, got {dtype!r}")
+  tp = check_mesh(mesh, "load_hf_checkpoint")
   cfg = from_hf_config(path, dtype=dtype)
+  try:
+    cfg = cfg.for_tp(tp)
+  except ValueError as e:
+    raise ValueError(f"load_hf_checkpoint: {path} cannot run on this mesh: {e}") from None
   graphdef, abstract = nnx.split(abstract_model(cfg))
   np_dtype = jnp.dtype(dtype)
   with contextlib.ExitStack() as stack:
@@ -320,7 +376,7 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
         st.check(name, shape)
 
     def make(kpath, var):
-      key = _key(kpath)
+      key = state_key(kpath)
       if key not in sources:
         raise ValueError(f"load_hf_checkpoint: no checkpoint source for parameter {key}")
       _, block = sources[key]
@@ -337,50 +393,116 @@ def load_hf_checkpoint(path: str | os.PathLike, mesh: Mesh,
 # --- orbax checkpoints of our own layout ----------------------------------------------------------
 
 def save_checkpoint(model: Transformer, path: str | os.PathLike) -> None:
-  """Save the (sharded) parameters with orbax; each host writes the shards it owns."""
+  """Save the (sharded) parameters with orbax; each host writes the shards it owns.
+
+  ``path`` must not exist yet (orbax writes a new directory).
+  """
   import orbax.checkpoint as ocp
+  if not isinstance(model, Transformer):
+    raise TypeError(f"save_checkpoint: model must be a weave_jax Transformer, got "
+                    f"{type(model).__name__}")
+  path = _abs_path(path, "save_checkpoint")
+  if os.path.exists(path):
+    raise ValueError(f"save_checkpoint: {path} already exists")
+  if not os.path.isdir(os.path.dirname(path)):
+    raise ValueError(f"save_checkpoint: the parent directory of {path} does not exist")
   state = nnx.state(model)
   ckpt = ocp.StandardCheckpointer()
   try:
-    ckpt.save(os.path.abspath(os.fspath(path)), state)
+    ckpt.save(path, state)
     ckpt.wait_until_finished()
   finally:
     ckpt.close()
 
 
 def restore_checkpoint(path: str | os.PathLike, cfg: ModelConfig, mesh: Mesh) -> Transformer:
-  """Restore a ``save_checkpoint`` directory straight into the TP-sharded layout of ``mesh``."""
+  """Restore a ``save_checkpoint`` directory straight into the TP-sharded layout of ``mesh``.
+
+  The model is laid out for the mesh (``cfg.for_tp``).  A checkpoint saved with another count
+  of KV-head replicas (another TP size) is restored in its own layout, its attention weights
+  sharded by the hidden dimension, and relaid on device.
+  """
   import orbax.checkpoint as ocp
-  graphdef, abstract = nnx.split(abstract_model(cfg))
-
-  def target(var):
-    value = var.get_value() if hasattr(var, "get_value") else var.value
-    sharding = NamedSharding(mesh, logical_to_spec(var.get_metadata()["axes"]))
-    return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
-
-  targets = jax.tree.map(target, abstract, is_leaf=_is_var)
-  path = os.path.abspath(os.fspath(path))
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"restore_checkpoint: cfg must be a ModelConfig, got {type(cfg).__name__}")
+  path = _abs_path(path, "restore_checkpoint")
+  tp = check_mesh(mesh, "restore_checkpoint")
+  cfg = cfg.for_tp(tp)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"restore_checkpoint: no checkpoint directory at {path}")
   ckpt = ocp.StandardCheckpointer()
   try:
     # Compare against the saved metadata first: a restore that fails half-way leaves orbax's
     # background reads pending, and they fail noisily once the event loop is gone.
-    saved = ckpt.metadata(path)
-    mismatch = _first_mismatch(_leaf_table(getattr(saved, "item_metadata", saved)),
-                               _leaf_table(targets))
+    try:
+      saved = _leaf_table(getattr(ckpt.metadata(path), "item_metadata", None) or {})
+    except (OSError, ValueError) as e:
+      raise ValueError(f"restore_checkpoint: {path} is not an orbax checkpoint ({e})") from None
+    if not saved:
+      raise ValueError(f"restore_checkpoint: {path} is not an orbax checkpoint (no arrays)")
+    saved_cfg = _saved_layout(saved, cfg)
+    targets = _restore_targets(saved_cfg, mesh, transit=saved_cfg != cfg)
+    mismatch = _first_mismatch(saved, _leaf_table(targets))
     if mismatch:
       raise ValueError(f"restore_checkpoint: {path} does not match the {cfg.family} config "
                        f"(hidden={cfg.hidden_size}, layers={cfg.num_layers}): {mismatch}")
     state = ckpt.restore(path, targets)
   finally:
     ckpt.close()
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  if saved_cfg != cfg:
+    relayout = lambda s: relayout_kv_state(s, saved_cfg.kv_replicas, cfg.kv_replicas)
+    state = jax.jit(relayout, out_shardings=state_shardings(abstract, mesh))(state)
   return nnx.merge(graphdef, state)
+
+
+def _abs_path(path, where: str) -> str:
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"{where}: path must be a str or os.PathLike, got {type(path).__name__}")
+  return os.path.abspath(os.fspath(path))
+
+
+_QKV_KEY = ("layers", 0, "attn", "qkv", "value")
+
+
+def _saved_layout(saved: dict, cfg: ModelConfig) -> ModelConfig:
+  """``cfg`` with the KV-head replica count the checkpoint was saved with (``cfg`` itself when
+  the checkpoint holds no readable qkv or another model)."""
+  shape = saved.get(_QKV_KEY, ((),))[0]
+  if len(shape) != 4 or shape[1] == cfg.num_kv_heads or shape[1] % cfg.checkpoint_kv_heads:
+    return cfg
+  try:
+    return cfg.replace(num_kv_heads=shape[1],
+                       kv_replicas=shape[1] // cfg.checkpoint_kv_heads)
+  except ValueError:
+    return cfg
+
+
+def _restore_targets(cfg: ModelConfig, mesh: Mesh, transit: bool):
+  """ShapeDtypeStructs of ``cfg``'s parameters with their shardings on ``mesh``.  ``transit``:
+  attention weights sharded by the hidden dimension instead (a layout about to be relaid)."""
+  tp = mesh.shape[AXIS]
+
+  def target(kpath, var):
+    value = var.get_value()
+    spec = logical_to_spec(var.get_metadata()["axes"])
+    key = state_key(kpath)
+    if transit and key[-2:] in (("attn", "qkv"), ("attn", "o"), ("attn", "qkv_bias")):
+      axes = [None] * value.ndim
+      hidden = 0 if key[-1] == "qkv" else value.ndim - 1
+      if key[-1] != "qkv_bias" and value.shape[hidden] % tp == 0:
+        axes[hidden] = AXIS
+      spec = P(*axes)
+    sharding = NamedSharding(mesh, spec)
+    return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+  _, abstract = nnx.split(abstract_model(cfg))
+  return jax.tree_util.tree_map_with_path(target, abstract, is_leaf=_is_var)
 
 
 def _leaf_table(tree) -> dict[tuple, tuple]:
   """{plain key path: (shape, dtype name)} for every array leaf of a state or its metadata."""
-  return {_key(p): (tuple(x.shape), np.dtype(x.dtype).name)
+  return {state_key(p): (tuple(x.shape), np.dtype(x.dtype).name)
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
