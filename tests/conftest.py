@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices (set before JAX is imported) and the ``gpu`` marker."""
 import os
+import subprocess
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -22,10 +23,36 @@ def gpu_tp() -> int:
   return int(os.environ.get("WEAVE_TEST_TP", "2"))
 
 
+GPU_MISSING_KEY = pytest.StashKey[bool]()
+
+
+def nvidia_driver_gpus() -> bool:
+  """Whether nvidia-smi lists a GPU on this machine (whatever JAX sees)."""
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return any(line.startswith("GPU") for line in out.splitlines())
+
+
+GPU_MISSING = ("this machine has NVIDIA GPUs but JAX sees none: install JAX's CUDA plugin "
+               "(bash run/test.sh does; or pip install -e '.[test,cuda12]')")
+
+
 def pytest_collection_modifyitems(config, items):
   if gpu_count():
+    return
+  # A GPU machine whose JAX has no CUDA plugin would skip every GPU test and pass: there they
+  # fail (pytest_runtest_setup), unless CPU-only JAX was asked for (JAX_PLATFORMS=cpu).
+  if nvidia_driver_gpus() and os.environ.get("JAX_PLATFORMS", "") != "cpu":
+    config.stash[GPU_MISSING_KEY] = True
     return
   skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to JAX)")
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+  if "gpu" in item.keywords and item.config.stash.get(GPU_MISSING_KEY, False):
+    pytest.fail(GPU_MISSING)

@@ -150,3 +150,32 @@ def test_bench_fits_the_machine(tmp_path, gpus):
             if (ROOT / s).is_file()]
   assert ran[1:] == extras
   assert "tensor parallelism needs >= 2 GPUs" in proc.stderr
+
+
+GPU_TEST = """import pytest
+
+@pytest.mark.gpu
+def test_on_gpu():
+  pass
+"""
+
+
+@pytest.mark.parametrize("driver, platforms, want", [
+    (True, "", "1 error"),          # GPUs, CPU-only JAX: the GPU test fails, naming the fix
+    (True, "cpu", "1 skipped"),     # CPU-only JAX asked for: skipped
+    (False, "", "1 skipped")])      # no GPU: skipped
+def test_gpu_tests_fail_where_jax_misses_the_gpus(tmp_path, driver, platforms, want):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "nvidia-smi").write_text(GPU_LIST)
+  (bin_dir / "nvidia-smi").chmod(stat.S_IRWXU)
+  (tmp_path / "test_gpu_marked.py").write_text(GPU_TEST)
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             FAKE_GPUS="1" if driver else "0", JAX_PLATFORMS=platforms,
+             PYTHONPATH=str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p",
+                         "no:cacheprovider", str(tmp_path / "test_gpu_marked.py")], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert want in proc.stdout, proc.stdout[-2000:]
+  if driver and not platforms:
+    assert "JAX sees none: install JAX's CUDA plugin" in proc.stdout
