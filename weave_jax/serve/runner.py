@@ -9,7 +9,8 @@ each closed by ``reduce_add_norm``) over one half (unsplit) or two (woven).  Eac
 stage writes the half's K/V into the pages (``slot_mapping``) and attends over the request's
 cached prefix plus itself; it returns the updated pages as its ctx, so that half B's attention
 reads what half A wrote by data dependency.  Only the rows that sample reach the LM head, and
-sampling runs on device: the host gets token ids and their log-probabilities, nothing else.
+sampling runs on device (its own small program, fed by the step's outputs on device): the host
+gets token ids and their log-probabilities, nothing else.
 
 Static shapes: one program per token bucket (powers of two from 16 up to
 ``max_num_batched_tokens``), compiled ahead by ``compile_all``; mixed buckets at or above the
@@ -39,6 +40,7 @@ from weave_jax.serve.sampling_params import SamplingParams
 from weave_jax.serve.step_inputs import StepShape
 
 MIN_BUCKET = 16
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seeds", "steps")
 
 
 @dataclasses.dataclass
@@ -203,6 +205,7 @@ class ModelRunner:
           f"{run.paged_attention!r})", flush=True)
     self._replicated = NamedSharding(mesh, P())
     self._programs: dict = {}
+    self._samplers: dict = {}
     if compile_ahead:
       self.compile_all()
 
@@ -237,26 +240,31 @@ class ModelRunner:
       kind = "unsplit" if shape.split is None else f"woven at {shape.split}"
       print(f"[serve] compiled {i + 1}/{len(shapes)}: bucket {shape.bucket} ({kind}, "
             f"{shape.sample_rows} seqs) in {time.perf_counter() - t:.1f} s", flush=True)
-    print(f"[serve] compiled {len(shapes)} step programs in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    t = time.perf_counter()
+    rows = sorted({shape.sample_rows for shape in shapes})
+    for r in rows:
+      for filtered in (False, True):
+        self.sampler_program(r, filtered)
+    print(f"[serve] compiled {2 * len(rows)} sampler programs (rows {rows}, with and without "
+          f"top-k/top-p) in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"[serve] compiled {len(shapes)} step programs and the samplers in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
 
-  def program(self, shape: StepShape, return_logits: bool = False):
-    """The compiled step for ``shape``: exe(state, cache, packed) -> (out (2, R) int32,
-    cache[, logits (R, V)]); out[0] = tokens, out[1] = float32 logprobs bit-cast."""
-    key = (shape, return_logits)
-    if key not in self._programs:
-      plan = self.engine.plan(shape.bucket)
-      backend = self.engine.backend_of(plan)
-      fn = self._step_fn(shape, backend, return_logits)
+  def program(self, shape: StepShape):
+    """The compiled step for ``shape``: exe(state, cache, packed) -> (logits (R, V) float32,
+    sampling fields (temperature, top_k, top_p, seeds, steps), cache).  The cache is donated."""
+    if shape not in self._programs:
+      backend = self.engine.backend_of(self.engine.plan(shape.bucket))
       cache_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                  sharding=a.sharding), self.cache)
       buf = jax.ShapeDtypeStruct((shape.size(),), jnp.int32, sharding=self._replicated)
-      lowered = jax.jit(fn, donate_argnums=(1,)).lower(self.engine.state, cache_struct, buf)
+      lowered = jax.jit(self._step_fn(shape, backend), donate_argnums=(1,)).lower(
+          self.engine.state, cache_struct, buf)
       opts = xla_options.compile_options(self.engine.platform, weave=shape.split is not None)
-      self._programs[key] = xla_options.compile_with(lowered, opts)
-    return self._programs[key]
+      self._programs[shape] = xla_options.compile_with(lowered, opts)
+    return self._programs[shape]
 
-  def _step_fn(self, shape: StepShape, backend, return_logits: bool):
+  def _step_fn(self, shape: StepShape, backend):
     cache_specs = tuple((kv_cache.CACHE_SPEC, kv_cache.CACHE_SPEC) for _ in self.cache)
     rank_fn = functools.partial(step_rank, self.engine.graphdef, shape=shape, backend=backend,
                                 tp=self.tp, attention=self._attention)
@@ -267,13 +275,29 @@ class ModelRunner:
     def step(state, cache, packed):
       fields = step_inputs.unpack(shape, packed)
       logits, cache = sharded(state, cache, fields)
-      logits = logits[:, :vocab]
-      tokens, logprobs = sampler.sample(logits, fields["temperature"], fields["top_k"],
-                                        fields["top_p"], fields["seeds"], fields["steps"])
-      out = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
-      return (out, cache, logits) if return_logits else (out, cache)
+      # Full rows on every device: the sampler's softmax and sort run over the whole vocab.
+      logits = jax.lax.with_sharding_constraint(logits[:, :vocab], self._replicated)
+      return logits, tuple(fields[name] for name in SAMPLING_FIELDS), cache
 
     return step
+
+  def sampler_program(self, rows: int, filtered: bool):
+    """The compiled sampler for ``rows`` rows: exe(logits, *sampling fields) -> (2, R) int32
+    (tokens, float32 logprobs bit-cast).  ``filtered``: with the top-k/top-p sort, which the
+    host asks for only when a row of the step needs it (no data-dependent branch on device)."""
+    key = (rows, filtered)
+    if key not in self._samplers:
+      def fn(logits, temperature, top_k, top_p, seeds, steps):
+        tokens, logprobs = sampler.sample(logits, temperature, top_k, top_p, seeds, steps,
+                                          filtered=filtered)
+        return jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+
+      spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._replicated)
+      args = [spec((rows, self.cfg.vocab_size), jnp.float32)]
+      args += [spec((rows,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32,
+                                            jnp.int32)]
+      self._samplers[key] = jax.jit(fn).lower(*args).compile()
+    return self._samplers[key]
 
   # --- one step ---------------------------------------------------------------------------------
 
@@ -288,30 +312,33 @@ class ModelRunner:
   def execute(self, chunks, return_logits: bool = False) -> StepResult:
     """Run one step over ``chunks`` (list[ScheduledChunk]).  Blocks only on the sampled ids.
 
-    ``return_logits``: also return the sampled rows' float32 logits (tests; a separate
-    program, compiled on first use).
+    ``return_logits``: also fetch the sampled rows' float32 logits (tests).
     """
     batch = step_inputs.check_and_flatten(chunks, self.limits)
     n = batch.num_tokens
     shape = self.shape(self.bucket(n), decode=batch.is_decode)
-    split = self.real_split(shape, n)
-    seeds = [c.params.seed if c.params.seed is not None else sampler.default_seed(self.seed,
-                                                                                  c.request_id)
-             if c.sample else 0 for c in chunks]
-    packed = step_inputs.pack(batch, shape, split, chunks, seeds)
-    exe = self.program(shape, return_logits)
     which = np.flatnonzero(batch.sample)
+    params = [chunks[i].params for i in which]
+    seeds = [sampler.default_seed(self.seed, c.request_id) if c.params.seed is None
+             else c.params.seed for c in chunks]
+    packed = step_inputs.pack(batch, shape, self.real_split(shape, n), chunks, seeds)
+    filtered = sampler.needs_filter(params, self.cfg.vocab_size)
     with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
-      outs = exe(self.engine.state, self.cache, jax.device_put(packed, self._replicated))
-      self.cache = outs[1]
-      host = np.asarray(outs[0])[:, :which.size]
+      out, logits = self.launch(shape, jax.device_put(packed, self._replicated), filtered)
+      host = np.asarray(out)[:, :which.size]
     tokens = np.zeros(len(chunks), np.int32)
     logprobs = np.zeros(len(chunks), np.float32)
     tokens[which] = host[0]
     logprobs[which] = host[1].view(np.float32)
     kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
-    logits = None
+    rows = None
     if return_logits:
-      logits = np.zeros((len(chunks), self.cfg.vocab_size), np.float32)
-      logits[which] = np.asarray(outs[2])[:which.size]
-    return StepResult(tokens, logprobs, kind, logits)
+      rows = np.zeros((len(chunks), self.cfg.vocab_size), np.float32)
+      rows[which] = np.asarray(logits)[:which.size]
+    return StepResult(tokens, logprobs, kind, rows)
+
+  def launch(self, shape: StepShape, packed: jax.Array, filtered: bool):
+    """Enqueue the step and its sampler on a placed packed buffer; the cache moves on.
+    Returns (out (2, R) int32, logits (R, V)), both still on device (nothing waits)."""
+    logits, fields, self.cache = self.program(shape)(self.engine.state, self.cache, packed)
+    return self.sampler_program(shape.sample_rows, filtered)(logits, *fields), logits

@@ -18,7 +18,7 @@ import numpy as np
 from weave_jax.serve.sampling_params import SamplingParams
 
 
-def sample(logits, temperature, top_k, top_p, seeds, steps):
+def sample(logits, temperature, top_k, top_p, seeds, steps, *, filtered: bool = True):
   """Draw one token per row.
 
   Args:
@@ -28,16 +28,15 @@ def sample(logits, temperature, top_k, top_p, seeds, steps):
     top_p: (R,) float32 in (0, 1]; 1 keeps every token.
     seeds: (R,) uint32 per-request seeds.
     steps: (R,) int32 tokens each request has sampled so far.
+    filtered: apply top-k / top-p (a (R, V) sort); False skips them, for batches where
+      ``needs_filter`` is False (the common case: greedy and plain temperature).
   Returns:
     tokens (R,) int32 and logprobs (R,) float32.
   """
   logits = logits.astype(jnp.float32)
   greedy = temperature <= 0
   scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-  vocab = logits.shape[-1]
-  needs_filter = jnp.any(~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)))
-  # The sort costs a (R, V) sort per step: skip it when no row filters (the common case).
-  masked = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, k, p: x, scaled, top_k, top_p)
+  masked = _filter_top_k_top_p(scaled, top_k, top_p) if filtered else scaled
   keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
   drawn = jax.vmap(jax.random.categorical)(keys, masked)
   tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
@@ -59,6 +58,11 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
   n_keep = jnp.sum(keep, axis=-1)                                 # >= 1
   threshold = jnp.take_along_axis(ordered, (n_keep - 1)[:, None], axis=-1)
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def needs_filter(params: Sequence[SamplingParams], vocab_size: int) -> bool:
+  """Whether any sampling (non-greedy) row asks for top-k or top-p."""
+  return any(p.temperature > 0 and (0 < p.top_k < vocab_size or p.top_p < 1) for p in params)
 
 
 def default_seed(base_seed: int, request_id: int) -> int:
