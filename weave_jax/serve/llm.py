@@ -28,6 +28,7 @@ import numpy as np
 from weave_jax.config import ModelConfig, preset, PRESETS
 from weave_jax.engine import RunConfig
 from weave_jax.init import init_random
+from weave_jax.model import Transformer
 from weave_jax.serve.runner import ModelRunner
 from weave_jax.serve.sampling_params import SamplingParams
 from weave_jax.serve.scheduler import Scheduler, SchedulerConfig
@@ -75,12 +76,18 @@ class StreamDelta:
 # --- model, tokenizer, EOS -------------------------------------------------------------------
 
 def _load_model(model, mesh, dtype: str | None, seed: int):
-  """(Transformer, model directory or None) from a directory, a preset name or a ModelConfig."""
+  """(Transformer, model directory or None) from a directory, a preset name, a ModelConfig or a
+  Transformer already on ``mesh`` (shared, e.g. by the variants of a benchmark)."""
+  if isinstance(model, Transformer):
+    if dtype is not None and dtype != model.cfg.dtype:
+      raise ValueError(f"LLM: dtype={dtype!r} differs from the given model's {model.cfg.dtype!r}")
+    return model, None
   if isinstance(model, ModelConfig):
     cfg = model if dtype is None else model.replace(dtype=dtype)
     return init_random(cfg, mesh, seed), None
   if not isinstance(model, (str, os.PathLike)):
-    raise TypeError(f"LLM: model must be a directory, a preset name or a ModelConfig, got "
+    raise TypeError(f"LLM: model must be a directory, a preset name, a ModelConfig or a "
+                    f"Transformer, got "
                     f"{type(model).__name__}")
   path = os.fspath(model)
   if os.path.isdir(path):
@@ -141,7 +148,8 @@ class LLM:
 
   Args:
     model: a Hugging Face directory (config.json + safetensors), a preset name (random
-      weights) or a ``ModelConfig`` (random weights).
+      weights), a ``ModelConfig`` (random weights) or a ``Transformer`` already sharded on
+      the mesh of ``tp`` devices.
     tp: tensor-parallel size (default: every local device).
     backend: communication backend (``weave_jax.comm``); None = ``fused_p2p`` on GPUs at
       TP > 1, else ``psum``.
