@@ -73,26 +73,34 @@ def max_error(got, args, **kw):
   return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
 
 
-# (name, q_lens, kv_lens, n, k, d, page, width, dtype, num_splits): chunked prefill next to
-# decodes, GQA ratios 1, 3, 4, 8, 16, every page size, both head dims, both dtypes, split-KV.
+# (name, q_lens, kv_lens, n, k, d, page, width, dtype, num_splits, consumers): chunked prefill
+# next to decodes, GQA ratios 1, 3, 4, 8, 16, every page size, both head dims, both dtypes,
+# split-KV, one and two compute warpgroups (None: the kernel's defaults).
 LAYOUTS = [
-    ("mixed_g4_p16", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 1),
-    ("mixed_g4_p16_split4", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 4),
-    ("g1_d128_p32", [70, 1], [100, 40], 2, 2, 128, 32, 4, BF16, None),
-    ("g3_p16_split2", [5, 1, 2], [150, 37, 2], 6, 2, 64, 16, 12, BF16, 2),
-    ("g16_p64_f16", [9, 2], [40, 130], 16, 1, 64, 64, 3, F16, None),
-    ("g8_d128_p128_split3", [1, 1], [300, 129], 8, 1, 128, 128, 3, BF16, 3),
-    ("g8_prefill_long", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None),
+    ("mixed_g4_p16", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 1, 1),
+    ("mixed_g4_p16_split4", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 4, 1),
+    ("mixed_g4_p16_2wg", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 1, 2),
+    ("g1_d128_p32_2wg", [70, 1], [100, 40], 2, 2, 128, 32, 4, BF16, None, 2),
+    ("g3_p16_split2", [5, 1, 2], [150, 37, 2], 6, 2, 64, 16, 12, BF16, 2, 1),
+    ("g3_p16_split2_2wg", [50, 1, 2], [150, 37, 2], 6, 2, 64, 16, 12, BF16, 2, 2),
+    ("g16_p64_f16", [9, 2], [40, 130], 16, 1, 64, 64, 3, F16, None, None),
+    ("g8_d128_p128_split3", [1, 1], [300, 129], 8, 1, 128, 128, 3, BF16, 3, 1),
+    ("g8_prefill_long", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None, None),
+    ("g8_prefill_long_1wg", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None, 1),
     ("decode_batch_g8_f16", [1] * 24, list(range(7, 7 + 24 * 41, 41)), 32, 4, 64, 32, 32, F16,
-     None),
+     None, None),
 ]
 
 
 def _layout_args(layout):
-  name, q_lens, kv_lens, n, k, d, page, width, dtype, splits = layout
+  name, q_lens, kv_lens, n, k, d, page, width, dtype, splits, consumers = layout
   args = make_inputs(len(name), q_lens, kv_lens, n=n, k=k, d=d, page=page, width=width,
                      dtype=dtype)
-  return args, splits
+  return args, dict(num_splits=splits, consumers=consumers)
+
+
+def _layout(name):
+  return next(layout for layout in LAYOUTS if layout[0] == name)
 
 
 # ---------------------------------------------------------------- CPU: validation
@@ -121,6 +129,8 @@ def test_bad_metadata_raises_before_launch():
     ragged_paged_attention_mosaic(q, kp, vp, kv, bt.at[0, 0].set(10_000), qsl, ns)
   with pytest.raises(ValueError, match="num_splits=0"):
     ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, num_splits=0)
+  with pytest.raises(ValueError, match="consumers=3"):
+    ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, consumers=3)
   with pytest.raises(ValueError, match="v_pages shape"):
     ragged_paged_attention_mosaic(q, kp, vp[:, :8], kv, bt, qsl, ns)
 
@@ -128,8 +138,8 @@ def test_bad_metadata_raises_before_launch():
 # ---------------------------------------------------------------- CPU: XLA-side mapping
 
 
-@pytest.mark.parametrize("group", [1, 3, 96])
-def test_tile_rows_round_trip(group):
+@pytest.mark.parametrize("group, tile_rows", [(1, 64), (3, 128), (96, 64)])
+def test_tile_rows_round_trip(group, tile_rows):
   """Regrouping q into 64-row tiles and gathering the tiles back is the identity on live
   tokens (0 on padding tokens): every query row lands in exactly one tile row."""
   k, d = 2, 4
@@ -137,13 +147,16 @@ def test_tile_rows_round_trip(group):
   kv = jnp.array([50, 9, 4, 7, 0], jnp.int32)
   num_seqs, t = jnp.int32(4), 48
   q = jax.random.normal(jax.random.key(group), (t, group * k, d), jnp.float32)
-  tiles = rpa.num_tiles(t, group, 5)
+  tiles = rpa.num_tiles(t, group, 5, tile_rows)
+  sizes = dict(group=group, tiles=tiles, tile_rows=tile_rows)
 
   @jax.jit
   def round_trip(q):
-    meta, tile_start = rpa._tile_metadata(kv, qsl, num_seqs, group=group, tiles=tiles)
-    q_tiles = rpa._tile_rows(q, meta, qsl, group=group, tiles=tiles)
-    return rpa._gather_rows((q_tiles[None],), tile_start, qsl, num_seqs, q.shape), tile_start
+    meta, tile_start = rpa._tile_metadata(kv, qsl, num_seqs, **sizes)
+    q_tiles = rpa._tile_rows(q, meta, qsl, **sizes)
+    back = rpa._gather_rows((q_tiles[None],), tile_start, qsl, num_seqs, q.shape,
+                            tile_rows=tile_rows)
+    return back, tile_start
 
   back, tile_start = round_trip(q)
   assert int(tile_start[-1]) <= tiles
@@ -158,33 +171,36 @@ def test_split_combine_weights_by_lse():
   lse = jnp.stack([jnp.zeros((1, 64)), jnp.full((1, 64), -jnp.inf)])
   qsl, ns = jnp.array([0, 1], jnp.int32), jnp.int32(1)
   tile_start = jnp.array([0, 1], jnp.int32)
-  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2))
+  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2), tile_rows=64)
   np.testing.assert_array_equal(np.asarray(out), 3.0)
   lse = jnp.zeros((2, 1, 64))
-  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2))
+  out = rpa._gather_rows((o, lse), tile_start, qsl, ns, (1, 1, 2), tile_rows=64)
   np.testing.assert_allclose(np.asarray(out), 1.5)
 
 
 # ---------------------------------------------------------------- CPU: lowering, interpreter
 
 
-@pytest.mark.parametrize("layout", [LAYOUTS[1], LAYOUTS[5]], ids=lambda l: l[0])
-def test_lowers_for_cuda(layout):
+@pytest.mark.parametrize("name", ["mixed_g4_p16_split4", "g3_p16_split2_2wg",
+                                  "g8_d128_p128_split3"])
+def test_lowers_for_cuda(name):
   """The full Pallas -> Mosaic GPU lowering (layout inference, TMA/wgmma shapes) succeeds and
   emits the Mosaic GPU custom call."""
-  args, splits = _layout_args(layout)
+  args, kw = _layout_args(_layout(name))
 
   def attention(*a):
-    return rpa._attention(*a, sm_scale=0.1, num_splits=splits or 1, interpret=False)
+    return rpa._attention(*a, sm_scale=0.1, num_splits=kw["num_splits"],
+                          consumers=kw["consumers"], interpret=False)
 
   text = jax.jit(attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("layout", [LAYOUTS[3], LAYOUTS[4], LAYOUTS[5]], ids=lambda l: l[0])
-def test_interpreter_matches_reference(layout):
-  args, splits = _layout_args(layout)
-  got = ragged_paged_attention_mosaic(*args, num_splits=splits, interpret=True)
+@pytest.mark.parametrize("name", ["g3_p16_split2", "g3_p16_split2_2wg", "g16_p64_f16",
+                                  "g8_d128_p128_split3"])
+def test_interpreter_matches_reference(name):
+  args, kw = _layout_args(_layout(name))
+  got = ragged_paged_attention_mosaic(*args, **kw, interpret=True)
   assert max_error(got, args) < ATOL[jnp.dtype(args[0].dtype)]
 
 
@@ -194,8 +210,8 @@ def test_interpreter_matches_reference(layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l[0])
 def test_gpu_matches_reference(layout):
-  args, splits = _layout_args(layout)
-  got = ragged_paged_attention_mosaic(*args, num_splits=splits)
+  args, kw = _layout_args(layout)
+  got = ragged_paged_attention_mosaic(*args, **kw)
   err = max_error(got, args)
   print(f"{layout[0]}: max|mosaic - reference| = {err:.3g}")        # shown with pytest -s
   assert err < ATOL[jnp.dtype(args[0].dtype)]
@@ -203,7 +219,7 @@ def test_gpu_matches_reference(layout):
 
 @pytest.mark.gpu
 def test_gpu_under_jit_with_traced_metadata_and_scale():
-  args, _ = _layout_args(LAYOUTS[0])
+  args, _ = _layout_args(_layout("mixed_g4_p16"))
   fn = jax.jit(lambda *a: ragged_paged_attention_mosaic(*a, sm_scale=0.3))
   got = fn(*args)
   assert max_error(got, args, sm_scale=0.3) < ATOL[jnp.dtype(BF16)]
