@@ -92,7 +92,9 @@ def parse_args(argv=None):
   p.add_argument("--greedy-prompts", type=int, default=0, metavar="N",
                  help="check that every variant (but nocomm) generates the first one's greedy "
                       "tokens for N prompts (16 new tokens each); exit 1 if not")
-  p.add_argument("--hf-reference", action="store_true")
+  p.add_argument("--hf-reference", action="store_true",
+                 help="+ transformers generate on the same device (a child process), the HBM "
+                      "roofline and the workload's ideal throughput")
   p.add_argument("--hf-batches", type=int, nargs="+", default=[1, 16, 64])
   p.add_argument("--quick", action="store_true",
                  help="200 prompts of 1K tokens (< 4 min on one H100 with compilation)")
@@ -289,36 +291,37 @@ def profile(llm, variant: str, args, chunk: int) -> dict:
 # --- HF reference, roofline ------------------------------------------------------------------
 
 def hf_reference_child(spec: str) -> None:
-  """(child process) transformers generate on the GPU: output tok/s per batch size, JSON on
-  stdout's last line."""
+  """(child process) transformers generate: output tok/s per batch size, JSON on stdout's last
+  line.  Random bf16 weights on the spec's device (CUDA; CPU in --dry-run)."""
   import torch
   import transformers
   cfg_d = json.loads(spec)
-  family = cfg_d.pop("family")
+  family, device = cfg_d.pop("family"), cfg_d.pop("device")
   n_prompts, in_len, out_len = cfg_d.pop("n_prompts"), cfg_d.pop("in_len"), cfg_d.pop("out_len")
   batches = cfg_d.pop("batches")
   cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
          "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[family]
-  config = cls[0](**cfg_d, attn_implementation="eager", torch_dtype=torch.bfloat16)
+  config = cls[0](**cfg_d, attn_implementation="eager")
   torch.manual_seed(0)
-  with torch.device("cuda"):
-    torch.set_default_dtype(torch.bfloat16)
+  torch.set_default_dtype(torch.bfloat16)
+  with torch.device(device):
     model = cls[1](config).eval()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   gen = np.random.default_rng(0)
   res = {}
   for b in batches:
-    n = min(n_prompts, max(b, 2 if b == 1 else b))     # batch 1: two prompts, else one batch
-    ids = torch.tensor(gen.integers(0, config.vocab_size, (n, in_len)), device="cuda")
+    n = min(n_prompts, max(b, 2))          # batch 1: two prompts one after the other
+    ids = torch.tensor(gen.integers(0, config.vocab_size, (n, in_len)), device=device)
+    kw = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-      model.generate(ids[:b, :32], max_new_tokens=4, min_new_tokens=4, do_sample=False)
-      torch.cuda.synchronize()
+      model.generate(ids[:b, :8], attention_mask=torch.ones_like(ids[:b, :8]),
+                     **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+      sync()
       t = time.perf_counter()
       for i in range(0, n, b):
-        model.generate(ids[i:i + b], attention_mask=torch.ones_like(ids[i:i + b]),
-                       max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
-                       pad_token_id=0)
-      torch.cuda.synchronize()
+        model.generate(ids[i:i + b], attention_mask=torch.ones_like(ids[i:i + b]), **kw)
+      sync()
     seconds = time.perf_counter() - t
     res[str(b)] = {"prompts": n, "seconds": seconds, "output_tok_s": n * out_len / seconds}
     print(f"[hf] batch {b}: {n * out_len / seconds:,.0f} output tok/s", file=sys.stderr,
@@ -326,18 +329,22 @@ def hf_reference_child(spec: str) -> None:
   print(json.dumps(res))
 
 
-def hf_reference(cfg, args) -> dict:
-  """Run ``hf_reference_child`` in a child process (its own CUDA memory, before ours)."""
-  spec = dict(family=cfg.family, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-              head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-              tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=8192,
-              n_prompts=64, in_len=512, out_len=args.output_len, batches=args.hf_batches)
+def hf_reference(cfg, args, device: str, n_prompts: int, in_len: int) -> dict:
+  """Run ``hf_reference_child`` in a child process (its own device memory, taken and given
+  back before ours)."""
+  spec = dict(family=cfg.family, device=device, vocab_size=cfg.vocab_size,
+              hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+              rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+              max_position_embeddings=8192, n_prompts=n_prompts, in_len=in_len,
+              out_len=args.output_len, batches=args.hf_batches)
   if cfg.is_moe:
     spec.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token)
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", CUDA_VISIBLE_DEVICES="0")
-  _log("hf reference: transformers generate (bf16, eager) in a child process")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  if device == "cuda":
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+  _log(f"hf reference: transformers generate (bf16, eager, {device}) in a child process")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child",
                          json.dumps(spec)], env=env, capture_output=True, text=True)
   sys.stderr.write(proc.stderr[-4000:])
@@ -346,15 +353,17 @@ def hf_reference(cfg, args) -> dict:
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   best = max(res.values(), key=lambda r: r["output_tok_s"])
   return {"per_batch": res, "best_output_tok_s": best["output_tok_s"],
-          "workload": "64 prompts x (512 in + 128 out), one GPU, torch bf16 eager"}
+          "workload": f"{n_prompts} prompts x ({in_len} in + {args.output_len} out), one "
+                      f"device, torch bf16 eager", "n_prompts": n_prompts, "in_len": in_len}
 
 
-def copy_bandwidth() -> float:
-  """Measured device-to-device copy rate of one device, bytes/s (read + write counted)."""
+def copy_bandwidth(elements: int = 1 << 28) -> float:
+  """Measured copy rate of one device, bytes/s (read + write counted): y = x + 1 over
+  ``elements`` bf16 values (default 512 MiB)."""
   import jax
   import jax.numpy as jnp
   from weave_jax.bench import time_fn
-  x = jnp.ones((1 << 28,), jnp.bfloat16)                         # 512 MiB
+  x = jnp.ones((elements,), jnp.bfloat16)
   f = jax.jit(lambda x: x + jnp.bfloat16(1))
   t = time_fn(lambda: f(x), warmup=10, iters=30)
   return 2 * x.nbytes / (t.median_ms * 1e-3)
@@ -366,12 +375,15 @@ def weight_bytes_per_rank(llm) -> int:
              for leaf in jax.tree.leaves(llm.runner.engine.state))
 
 
-def roofline(llm, cfg, tp: int, args, res: dict) -> dict:
-  """HBM roofline of the decode steps and the workload's ideal throughput."""
+def roofline(llm, cfg, tp: int, args, res: dict, small: bool = False) -> dict:
+  """HBM roofline of the decode steps and the workload's ideal throughput (prefill FLOPs of the
+  decoder layers at the measured matmul rate + every decode step's weight and KV bytes at the
+  measured copy bandwidth; max_num_seqs requests per decode wave).  ``small``: tiny
+  measurements (the CPU dry run)."""
   from weave_jax.bench import layer_flops_per_rank, matmul_tflops
   from weave_jax.serve.kv_cache import bytes_per_page
-  bw = copy_bandwidth()
-  tflops = matmul_tflops()
+  bw = copy_bandwidth(1 << 20) if small else copy_bandwidth()
+  tflops = matmul_tflops(256, iters=5) if small else matmul_tflops()
   weights = weight_bytes_per_rank(llm)
   kv_token = bytes_per_page(cfg, 1, tp)
   out = {"copy_GBps": bw / 1e9, "matmul_tflops": tflops, "weight_bytes_per_rank": weights,
@@ -414,12 +426,11 @@ def table(res: dict) -> str:
     for v, r in per.items():
       st = r["steps"]
       ratio = r["total_tok_s"] / per[base]["total_tok_s"] if base in per else float("nan")
+      counts = "/".join(str(st.get(k, {}).get("steps", 0)) for k in ("woven", "unsplit", "decode"))
       lines.append(f"{length:>6} {v:>12} {r['total_tok_s']:>12,.0f} {r['output_tok_s']:>13,.0f} "
-                   f"{ratio:>11.3f}x {st.get('woven', {}).get('steps', 0):>9}/"
-                   f"{st.get('unsplit', {}).get('steps', 0)}/"
-                   f"{st.get('decode', {}).get('steps', 0):<17} {r['preemptions']:>8}")
+                   f"{ratio:>11.3f}x {counts:>27} {r['preemptions']:>8}")
   lines += [f"note: {v}: {note}" for v, note in res.get("notes", {}).items()]
-  if res.get("decode_ms"):
+  if any(res.get("decode_ms", {}).values()):
     batches = list(next(iter(res["decode_ms"].values())))
     lines += ["", f"decode step latency (ms) at context {res['decode_context']}",
               f"{'variant':>12} " + " ".join(f"{'b=' + b:>9}" for b in batches)]
@@ -494,10 +505,9 @@ def run(args, on_gpu: bool) -> dict:
     _log("TP=1: no communication, every variant is one program; running it once as 'tp1'")
   _log(f"{args.preset}: {cfg.num_layers} layers" + (" (cut with --layers: compare ratios, not "
                                                    "absolute tokens/s)" if args.layers else ""))
+  hf_scale = (64, 512) if on_gpu else (2, 16)        # (prompts, input tokens)
   if args.hf_reference:
-    if not on_gpu:
-      raise ValueError("--hf-reference needs a GPU (transformers generate on CUDA)")
-    res["hf_reference"] = hf_reference(cfg, args)
+    res["hf_reference"] = hf_reference(cfg, args, "cuda" if on_gpu else "cpu", *hf_scale)
   model = init_random(cfg, make_mesh(tp))
   for v in res["variants"]:
     run_cfg, note = run_config(v, args, on_gpu)
@@ -521,9 +531,9 @@ def run(args, on_gpu: bool) -> dict:
       res.setdefault("greedy", {})[v] = greedy_check(llm, random_prompts(
           args.greedy_prompts, min(args.input_lens), cfg.vocab_size, 3))
     if args.hf_reference and v == res["variants"][-1]:
-      res["same_as_hf"] = throughput(llm, random_prompts(64, 512, cfg.vocab_size, 7),
+      res["same_as_hf"] = throughput(llm, random_prompts(*hf_scale, cfg.vocab_size, 7),
                                      args.output_len, f"{v} hf workload")
-      res["roofline"] = roofline(llm, cfg, tp, args, res)
+      res["roofline"] = roofline(llm, cfg, tp, args, res, small=not on_gpu)
     if args.profile:
       res.setdefault("profiles", {})[v] = profile(llm, v, args, chunk)
     del llm
@@ -565,7 +575,7 @@ def dry_args(args, tp: int) -> argparse.Namespace:
       "input_lens": [40], "output_len": 6, "chunk": 32, "max_num_seqs": 8, "num_pages": 64,
       "decode_batches": [1, 4], "decode_context": 48, "decode_iters": 2,
       "weave_min_tokens": 32, "greedy_prompts": max(args.greedy_prompts, 4),
-      "hf_reference": False})
+      "hf_batches": [1, 2]})
 
 
 def write_results(res: dict, json_path: str | None, png_path: str | None) -> None:
