@@ -196,6 +196,10 @@ def test_lowers_for_cuda(name):
   assert "mosaic_gpu" in text
 
 
+# jax 0.11.2's Mosaic GPU interpreter has no rule for run_state (the wgmma accumulator scope of
+# the P V product); the compiled kernel is covered there by the GPU tests below.
+@pytest.mark.skipif(jax.__version_info__ < (0, 12),
+                    reason="jax < 0.12: the Mosaic GPU interpreter cannot run pl.run_state")
 @pytest.mark.parametrize("name", ["g3_p16_split2", "g3_p16_split2_2wg", "g16_p64_f16",
                                   "g8_d128_p128_split3"])
 def test_interpreter_matches_reference(name):
