@@ -1,36 +1,36 @@
 """The one place where the Pallas Mosaic GPU API differs between jax 0.11.2 (the GPU machines)
-and the newest jax (CPU development).
+and the newest jax (0.12.1 here); kernels import ``pl`` and ``plgpu`` from this module only.
 
-Kernels import ``pl`` and ``plgpu`` from here and call the helpers below instead of the
-version-specific names.  Every API the kernels use that is *not* listed here has the same name
-and signature in both versions (checked against both wheels' sources, 2026-12-07):
-``plgpu.kernel``, ``SMEM``, ``Barrier``, ``ACC``, ``TilingTransform``, ``SwizzleTransform``,
-``Layout``, ``copy_gmem_to_smem``, ``copy_smem_to_gmem``, ``barrier_wait``, ``wgmma``,
+Compared on 2026-12-07 from both versions' public signatures (``inspect.signature`` and
+dataclass fields of every name the kernels use):
+
+* import path: 0.12 adds ``jax.pallas`` / ``jax.pallas.mosaic_gpu`` (the ``jax.experimental``
+  paths become aliases); 0.11.2 has only ``jax.experimental.pallas[.mosaic_gpu]`` -- resolved
+  below.
+* ``plgpu.load``: 0.11.2 takes ``(src, idx, *, layout)``, 0.12 drops ``idx`` -- not used by the
+  kernels (they load with ``ref[...]``, whose default layout after a swizzled, tiled SMEM ref is
+  the WGMMA layout in both versions).
+* ``plgpu.kernel(cost_estimate=)``, ``CompilerParams(is_multi_process=, collective_id=)``,
+  ``InterpretGPUParams(on_race=)`` and ``bool`` predicates on copies / arrives exist only in
+  0.12 -- not used.
+* The Mosaic GPU interpreter (``interpret=plgpu.InterpretGPUParams()``) of 0.11.2 has no rule
+  for ``pl.run_state`` (the wgmma accumulator scope), so kernels using it interpret only on
+  0.12; both versions lower them for CUDA.
+
+Every other name the kernels use has the same signature in both: ``plgpu.kernel``, ``SMEM``,
+``Barrier``, ``ACC``, ``TilingTransform``, ``SwizzleTransform``, ``Layout``,
+``copy_gmem_to_smem``, ``copy_smem_to_gmem``, ``barrier_wait``, ``barrier_arrive``, ``wgmma``,
 ``commit_smem``, ``wait_smem_to_gmem``, ``broadcasted_iota``, ``layout_cast``,
-``CompilerParams``.
+``set_max_registers``, ``CompilerParams(approx_math=)``, ``InterpretGPUParams()``, and
+``pl.ds``, ``pl.when``, ``pl.loop``, ``pl.run_scoped``, ``pl.run_state``, ``pl.cdiv``.
 """
 from __future__ import annotations
 
-import inspect
-
 try:
-  # jax >= 0.12: ``jax.pallas`` is the preferred path; ``jax.experimental.pallas`` is an alias.
-  from jax import pallas as pl
+  from jax import pallas as pl                    # jax >= 0.12: the preferred path
   from jax.pallas import mosaic_gpu as plgpu
 except ImportError:
-  # jax 0.11.2 only has the experimental paths.
-  from jax.experimental import pallas as pl
+  from jax.experimental import pallas as pl       # jax 0.11.2: the only path
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-# jax 0.11.2's ``plgpu.load(src, idx, *, layout)`` took an index; newer jax dropped it.
-_LOAD_TAKES_IDX = "idx" in inspect.signature(plgpu.load).parameters
-
-
-def load(ref, *, layout):
-  """``ref[...]`` into registers with an explicit fragmented ``layout``."""
-  if _LOAD_TAKES_IDX:
-    return plgpu.load(ref, (), layout=layout)
-  return plgpu.load(ref, layout=layout)
-
-
-__all__ = ["pl", "plgpu", "load"]
+__all__ = ["pl", "plgpu"]
