@@ -106,7 +106,7 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, qu
     consumers: compute warpgroups per CTA, 1 (64-row tiles) or 2 (128-row tiles, plus a TMA
       producer warpgroup); None picks from the static shapes (``default_consumers``).
     interpret: False, True (run under the Mosaic GPU interpreter, any backend: CPU tests), or
-      a ``plgpu.InterpretGPUParams`` for the interpreter's options (e.g. race detection).
+      a ``plgpu.InterpretGPUParams`` with the interpreter's options.
 
   Metadata values are checked on the host (``check_metadata``) when they are concrete; under
   ``jit`` only shapes and dtypes are checked.
