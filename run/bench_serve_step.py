@@ -62,6 +62,9 @@ def parse_args(argv=None):
   p.add_argument("--memory-fraction", type=float, default=0.9)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--compile", choices=("all", "used"), default="all",
+                 help="all: every bucket ahead (what a server does; a line per bucket); used: only "
+                      "the buckets this run steps through (quicker on a full-depth model)")
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--allow-cpu", action="store_true", help="run on CPU (smoke test)")
   args = p.parse_args(argv)
@@ -114,6 +117,19 @@ def launcher(runner: ModelRunner, shape, buf):
   return lambda: runner.launch(shape, buf, False)[0]
 
 
+def compile_used(runner: ModelRunner, args) -> None:
+  """Compile the decode buckets and the prefill bucket this run uses, a line each."""
+  shapes = {runner.shape(runner.bucket(b), decode=True) for b in args.batches}
+  shapes.add(runner.shape(runner.bucket(args.prefill_tokens), decode=False))
+  for shape in sorted(shapes, key=lambda s: (s.bucket, s.split is None)):
+    t = time.perf_counter()
+    runner.program(shape)
+    runner.sampler_program(shape.sample_rows, False)
+    print(f"[serve] compiled bucket {shape.bucket} "
+          f"({'unsplit' if shape.split is None else f'woven at {shape.split}'}) and its sampler in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+
+
 def main(argv=None):
   args = parse_args(argv)
   cfg = preset(args.preset)
@@ -130,7 +146,9 @@ def main(argv=None):
                        memory_fraction=args.memory_fraction,
                        max_model_len=args.context + args.page_size,
                        max_num_batched_tokens=args.prefill_tokens,
-                       max_num_seqs=max(args.batches))
+                       max_num_seqs=max(args.batches), compile_ahead=args.compile == "all")
+  if args.compile == "used":
+    compile_used(runner, args)
   print(f"runner ready in {time.perf_counter() - t0:.1f} s", flush=True)
   results = {"device": getattr(dev, "device_kind", dev.platform), "jax": jax.__version__,
              "preset": args.preset, "layers": cfg.num_layers, "tp": args.tp,
