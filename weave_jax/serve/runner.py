@@ -204,6 +204,7 @@ class ModelRunner:
     print(f"[serve] paged attention: {self.attention_impl} (RunConfig.paged_attention="
           f"{run.paged_attention!r})", flush=True)
     self._replicated = NamedSharding(mesh, P())
+    self._shapes: dict = {}
     self._programs: dict = {}
     self._samplers: dict = {}
     if compile_ahead:
@@ -215,9 +216,13 @@ class ModelRunner:
     return next(b for b in self.buckets if b >= n_tokens)
 
   def shape(self, bucket: int, decode: bool) -> StepShape:
-    """The program shape of a step in ``bucket``: woven as Engine.plan says, unless decode."""
-    split = None if decode else self.engine.plan(bucket).split
-    return StepShape(bucket, split, self.max_num_seqs, self.limits.pages_per_seq)
+    """The program shape of a step in ``bucket``: woven as Engine.plan says, unless decode.
+    Memoised: the plan reads the tuning tables, which the per-step host loop must not."""
+    key = (bucket, decode)
+    if key not in self._shapes:
+      split = None if decode else self.engine.plan(bucket).split
+      self._shapes[key] = StepShape(bucket, split, self.max_num_seqs, self.limits.pages_per_seq)
+    return self._shapes[key]
 
   def program_shapes(self) -> list[StepShape]:
     """Every program a step can need: the mixed one per bucket, plus an unsplit one for the
