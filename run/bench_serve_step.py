@@ -12,7 +12,8 @@ Printed:
 - per decode batch B (every request one new token after ``--context`` cached tokens): the step
   through ``ModelRunner.execute`` (host metadata + one device_put + the step and sampler
   programs + fetching the sampled ids), the two programs alone (``ModelRunner.launch`` on an
-  input already placed) and the host-side metadata build alone.  Where B x pages exceeds the pool, requests share pages (said so);
+  input already placed) and the host-side metadata build alone.  Where B x pages exceeds the
+  pool, requests share pages (said so);
 - the prefill step of ``--prefill-tokens`` tokens (one request, empty cache) against
   ``Engine`` with RunConfig(logits="last") on the same weights, timed interleaved, and the
   ratio (target: <= 1.05);
@@ -114,7 +115,7 @@ def placed_step(runner: ModelRunner, chunks):
 
 def launcher(runner: ModelRunner, shape, buf):
   """The step and its (greedy) sampler on a placed input; returns the sampled ids on device."""
-  return lambda: runner.launch(shape, buf, False)[0]
+  return lambda: runner.launch(shape, buf, "greedy")[0]
 
 
 def compile_used(runner: ModelRunner, args) -> None:
@@ -124,7 +125,7 @@ def compile_used(runner: ModelRunner, args) -> None:
   for shape in sorted(shapes, key=lambda s: (s.bucket, s.split is None)):
     t = time.perf_counter()
     runner.program(shape)
-    runner.sampler_program(shape.sample_rows, False)
+    runner.sampler_program(shape.sample_rows, "greedy")
     print(f"[serve] compiled bucket {shape.bucket} "
           f"({'unsplit' if shape.split is None else f'woven at {shape.split}'}) and its sampler in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
@@ -182,7 +183,8 @@ def main(argv=None):
   engine = Engine(model, mesh, RunConfig(backend=args.backend, weave=args.weave, logits="last"))
   _, fwd, fwd_args = engine.prepare(prompt)
 
-  t = time_interleaved({"runner step": launcher(runner, shape, buf), "Engine forward": lambda: fwd(*fwd_args)},
+  t = time_interleaved({"runner step": launcher(runner, shape, buf),
+                        "Engine forward": lambda: fwd(*fwd_args)},
                        warmup=args.warmup, iters=args.iters)
   execute = time_fn(lambda: runner.execute(chunks), warmup=args.warmup, iters=args.iters)
   ratio = t["runner step"].median_ms / t["Engine forward"].median_ms

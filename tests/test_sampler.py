@@ -97,20 +97,26 @@ def test_distribution_chi_square(temperature, top_k, top_p):
   assert p > 1e-3, f"counts {counts} vs expected {want * n} (p={p:.2e})"
 
 
-def test_unfiltered_program_equals_filtered_when_no_row_filters(logits):
-  """The runner skips the top-k/top-p sort when ``needs_filter`` is False: same draws."""
-  args = (jnp.asarray(logits), jnp.full(64, 0.9), jnp.full(64, -1, jnp.int32), jnp.ones(64),
-          jnp.full(64, 5, jnp.uint32), jnp.arange(64, dtype=jnp.int32))
-  a = jax.jit(lambda *x: sampler.sample(*x, filtered=True))(*args)
-  b = jax.jit(lambda *x: sampler.sample(*x, filtered=False))(*args)
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_cheaper_modes_equal_filtered_where_chosen(logits, temperature):
+  """The runner runs "sample" (no sort) or "greedy" (no draw) when ``mode_for`` picks them:
+  on such rows they give the filtered mode's tokens and logprobs."""
+  args = (jnp.asarray(logits), jnp.full(64, temperature), jnp.full(64, -1, jnp.int32),
+          jnp.ones(64), jnp.full(64, 5, jnp.uint32), jnp.arange(64, dtype=jnp.int32))
+  cheap = "greedy" if temperature == 0 else "sample"
+  a = jax.jit(lambda *x: sampler.sample(*x, mode="filtered"))(*args)
+  b = jax.jit(lambda *x: sampler.sample(*x, mode=cheap))(*args)
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_allclose(a[1], b[1], rtol=1e-6)
 
 
-def test_needs_filter():
+def test_mode_for():
   from weave_jax.serve import SamplingParams
   v = 300
-  assert not sampler.needs_filter([SamplingParams(), SamplingParams(temperature=0.0, top_k=5)], v)
-  assert not sampler.needs_filter([SamplingParams(top_k=v)], v)
-  assert sampler.needs_filter([SamplingParams(), SamplingParams(top_k=5)], v)
-  assert sampler.needs_filter([SamplingParams(top_p=0.9)], v)
+  assert sampler.mode_for([SamplingParams(temperature=0.0, top_k=5)], v) == "greedy"
+  assert sampler.mode_for([SamplingParams(), SamplingParams(top_k=v)], v) == "sample"
+  mixed = [SamplingParams(temperature=0.0), SamplingParams(top_k=5)]
+  assert sampler.mode_for(mixed, v) == "filtered"
+  assert sampler.mode_for([SamplingParams(top_p=0.9)], v) == "filtered"
+  with pytest.raises(ValueError, match="mode"):
+    sampler.sample(*([jnp.zeros((1, 4))] + [jnp.zeros(1)] * 5), mode="nucleus")

@@ -248,10 +248,10 @@ class ModelRunner:
     t = time.perf_counter()
     rows = sorted({shape.sample_rows for shape in shapes})
     for r in rows:
-      for filtered in (False, True):
-        self.sampler_program(r, filtered)
-    print(f"[serve] compiled {2 * len(rows)} sampler programs (rows {rows}, with and without "
-          f"top-k/top-p) in {time.perf_counter() - t:.1f} s", flush=True)
+      for mode in sampler.MODES:
+        self.sampler_program(r, mode)
+    print(f"[serve] compiled {len(sampler.MODES) * len(rows)} sampler programs (rows {rows}, "
+          f"modes {', '.join(sampler.MODES)}) in {time.perf_counter() - t:.1f} s", flush=True)
     print(f"[serve] compiled {len(shapes)} step programs and the samplers in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -286,15 +286,15 @@ class ModelRunner:
 
     return step
 
-  def sampler_program(self, rows: int, filtered: bool):
+  def sampler_program(self, rows: int, mode: str):
     """The compiled sampler for ``rows`` rows: exe(logits, *sampling fields) -> (2, R) int32
-    (tokens, float32 logprobs bit-cast).  ``filtered``: with the top-k/top-p sort, which the
-    host asks for only when a row of the step needs it (no data-dependent branch on device)."""
-    key = (rows, filtered)
+    (tokens, float32 logprobs bit-cast).  ``mode`` (``sampler.mode_for``): the host picks the
+    cheapest exact one for the step (no data-dependent branch on device)."""
+    key = (rows, mode)
     if key not in self._samplers:
       def fn(logits, temperature, top_k, top_p, seeds, steps):
         tokens, logprobs = sampler.sample(logits, temperature, top_k, top_p, seeds, steps,
-                                          filtered=filtered)
+                                          mode=mode)
         return jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
 
       spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._replicated)
@@ -327,9 +327,9 @@ class ModelRunner:
     seeds = [sampler.default_seed(self.seed, c.request_id) if c.params.seed is None
              else c.params.seed for c in chunks]
     packed = step_inputs.pack(batch, shape, self.real_split(shape, n), chunks, seeds)
-    filtered = sampler.needs_filter(params, self.cfg.vocab_size)
+    mode = sampler.mode_for(params, self.cfg.vocab_size)
     with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
-      out, logits = self.launch(shape, jax.device_put(packed, self._replicated), filtered)
+      out, logits = self.launch(shape, jax.device_put(packed, self._replicated), mode)
       host = np.asarray(out)[:, :which.size]
     tokens = np.zeros(len(chunks), np.int32)
     logprobs = np.zeros(len(chunks), np.float32)
@@ -342,8 +342,8 @@ class ModelRunner:
       rows[which] = np.asarray(logits)[:which.size]
     return StepResult(tokens, logprobs, kind, rows)
 
-  def launch(self, shape: StepShape, packed: jax.Array, filtered: bool):
+  def launch(self, shape: StepShape, packed: jax.Array, mode: str):
     """Enqueue the step and its sampler on a placed packed buffer; the cache moves on.
     Returns (out (2, R) int32, logits (R, V)), both still on device (nothing waits)."""
     logits, fields, self.cache = self.program(shape)(self.engine.state, self.cache, packed)
-    return self.sampler_program(shape.sample_rows, filtered)(logits, *fields), logits
+    return self.sampler_program(shape.sample_rows, mode)(logits, *fields), logits

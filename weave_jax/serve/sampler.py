@@ -18,7 +18,10 @@ import numpy as np
 from weave_jax.serve.sampling_params import SamplingParams
 
 
-def sample(logits, temperature, top_k, top_p, seeds, steps, *, filtered: bool = True):
+MODES = ("greedy", "sample", "filtered")
+
+
+def sample(logits, temperature, top_k, top_p, seeds, steps, *, mode: str = "filtered"):
   """Draw one token per row.
 
   Args:
@@ -28,18 +31,23 @@ def sample(logits, temperature, top_k, top_p, seeds, steps, *, filtered: bool = 
     top_p: (R,) float32 in (0, 1]; 1 keeps every token.
     seeds: (R,) uint32 per-request seeds.
     steps: (R,) int32 tokens each request has sampled so far.
-    filtered: apply top-k / top-p (a (R, V) sort); False skips them, for batches where
-      ``needs_filter`` is False (the common case: greedy and plain temperature).
+    mode: what the batch needs (``mode_for``; each mode is exact for the batches it is chosen
+      for): "filtered" draws with top-k / top-p (a (R, V) sort), "sample" draws without them,
+      "greedy" draws nothing (every row greedy).
   Returns:
     tokens (R,) int32 and logprobs (R,) float32.
   """
+  if mode not in MODES:
+    raise ValueError(f"sample: mode={mode!r} is not one of {MODES}")
   logits = logits.astype(jnp.float32)
   greedy = temperature <= 0
   scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-  masked = _filter_top_k_top_p(scaled, top_k, top_p) if filtered else scaled
-  keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
-  drawn = jax.vmap(jax.random.categorical)(keys, masked)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+  tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if mode != "greedy":
+    masked = _filter_top_k_top_p(scaled, top_k, top_p) if mode == "filtered" else scaled
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    tokens = jnp.where(greedy, tokens, drawn.astype(jnp.int32))
   logp = jax.nn.log_softmax(scaled, axis=-1)
   chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
   return tokens, chosen
@@ -60,9 +68,15 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def needs_filter(params: Sequence[SamplingParams], vocab_size: int) -> bool:
-  """Whether any sampling (non-greedy) row asks for top-k or top-p."""
-  return any(p.temperature > 0 and (0 < p.top_k < vocab_size or p.top_p < 1) for p in params)
+def mode_for(params: Sequence[SamplingParams], vocab_size: int) -> str:
+  """The cheapest ``sample`` mode exact for these rows: "greedy" when every row is greedy,
+  "filtered" when a sampling row asks for top-k or top-p, else "sample"."""
+  drawing = [p for p in params if p.temperature > 0]
+  if not drawing:
+    return "greedy"
+  if any(0 < p.top_k < vocab_size or p.top_p < 1 for p in drawing):
+    return "filtered"
+  return "sample"
 
 
 def default_seed(base_seed: int, request_id: int) -> int:

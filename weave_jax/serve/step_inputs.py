@@ -163,7 +163,8 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
     if i is not None:
       raise ValueError(f"ModelRunner.execute: {_name(chunks, i)}: {message(i)}")
   if np.unique(ids).size != c:
-    raise ValueError(f"ModelRunner.execute: a request appears twice in one step: ids {ids.tolist()}")
+    raise ValueError(f"ModelRunner.execute: a request appears twice in one step: ids "
+                     f"{ids.tolist()}")
   tokens = np.concatenate(token_ids)
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"ModelRunner.execute: token_ids must be integers, got {tokens.dtype}")
