@@ -70,3 +70,20 @@ def test_bad_layout():
 def test_describe_line():
   line = kv_cache.describe(preset("tiny"), 2, num_pages=10, page_size=16)
   assert "10 pages x 16 tokens = 160 tokens" in line and "4 KV heads per rank" in line
+
+
+def test_runner_sizes_its_cache_from_free_memory(monkeypatch, capsys):
+  from weave_jax import RunConfig, init_random
+  from weave_jax.serve import ModelRunner
+  cfg = preset("tiny", num_layers=1)
+  mesh = make_mesh(2)
+  monkeypatch.setattr(kv_cache, "free_device_bytes", lambda mesh: 1 << 30)
+  runner = ModelRunner(init_random(cfg, mesh), mesh, RunConfig(), memory_fraction=0.5,
+                       max_model_len=64, max_num_batched_tokens=64, max_num_seqs=4,
+                       compile_ahead=False)
+  reserve = kv_cache.activation_reserve(cfg, 64, 4, 2)
+  assert runner.num_pages == int(((1 << 30) * 0.5 - reserve) // kv_cache.bytes_per_page(cfg, 16, 2))
+  assert runner.cache[0][0].shape[0] == runner.num_pages
+  line = capsys.readouterr().out
+  assert f"{runner.num_pages} pages x 16 tokens = {runner.num_pages * 16} tokens" in line
+  assert "1.00 GiB free after the weights x 0.5" in line and "reserve for 64 tokens" in line

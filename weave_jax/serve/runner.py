@@ -191,13 +191,17 @@ class ModelRunner:
     self.page_size, self.max_model_len = page_size, max_model_len
     self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
     self.seed = seed
+    sizing = "num_pages given"
     if num_pages is None:
       reserve = kv_cache.activation_reserve(self.cfg, self.buckets[-1], max_num_seqs, self.tp)
       num_pages = kv_cache.pages_for_memory(self.cfg, mesh, page_size=page_size,
                                             memory_fraction=memory_fraction, reserve=reserve)
+      sizing = (f"{kv_cache.free_device_bytes(mesh) / 2**30:.2f} GiB free after the weights x "
+                f"{memory_fraction} - {reserve / 2**30:.2f} GiB activation reserve for "
+                f"{self.buckets[-1]} tokens")
     self.num_pages = num_pages
     self.cache = kv_cache.allocate(self.cfg, mesh, num_pages, page_size)
-    print(kv_cache.describe(self.cfg, self.tp, num_pages, page_size), flush=True)
+    print(f"{kv_cache.describe(self.cfg, self.tp, num_pages, page_size)}; {sizing}", flush=True)
     self.limits = step_inputs.Limits(self.cfg.vocab_size, page_size, num_pages, max_model_len,
                                      max_num_batched_tokens, max_num_seqs)
     self.attention_impl, self._attention = paged_attention(run.paged_attention, self.cfg.dtype)
