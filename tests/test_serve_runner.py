@@ -179,6 +179,17 @@ def test_bucket_plan(model_at):
   assert [s.sample_rows for s in shapes] == [16, 20, 20, 20, 20]
 
 
+def test_compile_ahead_prints_progress_and_covers_steps(model_at, capsys):
+  runner = make_runner(model_at, 1, RunConfig(), max_num_batched_tokens=16, compile_ahead=True)
+  out = capsys.readouterr().out
+  assert "[serve] compiled 1/1: bucket 16 (unsplit, 4 seqs) in" in out
+  assert "[serve] compiled 3 sampler programs (rows [4], modes greedy, sample, filtered)" in out
+  assert "[serve] compiled 1 step programs and the samplers in" in out
+  compiled = (dict(runner._programs), dict(runner._samplers))
+  runner.execute([chunk(0, 0, 16, params=SamplingParams(top_k=3))])
+  assert (runner._programs, runner._samplers) == compiled       # nothing compiled on the way
+
+
 # --- GPU: the paged attention kernels, bf16 -----------------------------------------------------
 
 # Small, but with the head_dim (128) and GQA the kernels are built for.
