@@ -85,6 +85,16 @@ def test_stream_yields_the_same_tokens_and_text(served):
   assert [text[i] for i in range(len(ps))] == [as_text(r) for r in refs]
 
 
+def test_closing_a_stream_aborts_its_requests(served):
+  llm, *_ = served
+  stream = llm.stream(prompts(1), GREEDY)
+  first = next(stream)
+  assert len(first.token_ids) == 1 and not first.finished
+  stream.close()
+  assert not llm.has_unfinished
+  assert llm.scheduler.blocks.num_free_pages == llm.runner.num_pages
+
+
 @pytest.mark.parametrize("prompt,params,match", [
     ([], GREEDY, "empty prompt"),
     ("", GREEDY, "empty prompt"),

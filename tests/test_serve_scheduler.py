@@ -226,3 +226,17 @@ def test_random_workload_matches_references_without_leaks():
     assert s.is_finished
     assert (s.output_token_ids, s.finish_reason) == reference(s.prompt_token_ids, s.params, 48)
   assert sched.blocks.num_free_pages == 24 and not sched.running and not sched.waiting
+
+
+def test_abort_frees_pages_of_running_and_drops_waiting():
+  sched, runner = make(max_seqs=1)
+  running = add(sched, [1, 2, 3, 4, 5], SamplingParams(max_tokens=8))
+  waiting = add(sched, [6, 7], SamplingParams(max_tokens=8))
+  out = sched.schedule()
+  sched.update(out, runner.execute(out.chunks))
+  assert running.block_table and sched.waiting[0] is waiting
+  sched.abort(running)
+  sched.abort(waiting)
+  assert (running.finish_reason, waiting.finish_reason) == ("abort", "abort")
+  assert running.is_finished and waiting.is_finished and not sched.has_unfinished
+  assert sched.blocks.num_free_pages == sched.config.num_pages

@@ -238,13 +238,13 @@ class LLM:
 
   def step(self) -> list[int]:
     """Run one step; returns the ids of the requests that got a token."""
+    t = time.perf_counter()
     out = self.scheduler.schedule()
     if not out.chunks:
       if self.scheduler.has_unfinished:
         raise RuntimeError(f"LLM.step: nothing schedulable with {len(self.scheduler.waiting)} "
                            "waiting requests (scheduler invariant broken)")
       return []
-    t = time.perf_counter()
     result = self.runner.execute(out.chunks)
     grew = self.scheduler.update(out, result.tokens, result.logprobs)
     self.step_log.append((result.kind, out.num_tokens, len(out.chunks), time.perf_counter() - t))
@@ -252,8 +252,19 @@ class LLM:
 
   def output(self, request_id: int) -> RequestOutput:
     """The finished request's output; forgets it."""
-    req = self._requests.pop(request_id)
+    req = self._requests.get(request_id)
+    if req is None:
+      raise KeyError(f"LLM.output: no request {request_id} (never added, or already returned)")
+    if not req.seq.is_finished:
+      raise ValueError(f"LLM.output: request {request_id} has not finished")
+    del self._requests[request_id]
     return req.output(self.tokenizer)
+
+  def abort(self, request_id: int) -> None:
+    """Stop a request and forget it (its pages go back to the pool)."""
+    req = self._requests.pop(request_id, None)
+    if req is not None:
+      self.scheduler.abort(req.seq)
 
   # --- batch API --------------------------------------------------------------------------------
 
@@ -290,8 +301,9 @@ class LLM:
     bar = _Progress(len(ids), self) if progress else None
     pending = set(ids)
     while pending:
-      self.step()
-      pending = {i for i in pending if not self._requests[i].seq.is_finished}
+      for rid in self.step():
+        if self._requests[rid].seq.is_finished:
+          pending.discard(rid)
       if bar:
         bar.update(len(ids) - len(pending))
     if bar:
@@ -301,21 +313,22 @@ class LLM:
   def stream(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
              ) -> Iterator[StreamDelta]:
     """Like ``generate``, but yields each request's new tokens (and text) after every step;
-    a request's last delta has ``finished`` set.  ``index`` is the prompt's position."""
+    a request's last delta has ``finished`` set.  ``index`` is the prompt's position.  Closing
+    the iterator early aborts the requests it has not finished."""
     ids = self._add_all(prompts, sampling_params, "LLM.stream")
     index = {rid: i for i, rid in enumerate(ids)}
     pending = set(ids)
-    while pending:
-      self.step()
-      for rid in sorted(pending):
-        req = self._requests[rid]
-        delta = req.delta(self.tokenizer, index[rid])
-        if delta is None:
-          continue
-        yield delta
-        if delta.finished:
-          pending.discard(rid)
-          self._requests.pop(rid)
+    try:
+      while pending:
+        for rid in sorted(set(self.step()) & pending):
+          delta = self._requests[rid].delta(self.tokenizer, index[rid])
+          yield delta
+          if delta.finished:
+            pending.discard(rid)
+            self._requests.pop(rid)
+    finally:
+      for rid in pending:
+        self.abort(rid)
 
   def stats(self) -> dict:
     """Steps run per kind ("woven" / "unsplit" / "decode"), tokens and seconds."""
@@ -351,7 +364,7 @@ class _Request:
   def delta(self, tokenizer, index: int) -> StreamDelta | None:
     seq = self.seq
     new = seq.output_token_ids[self.sent_tokens:]
-    if not new:                                  # a request finishes on a new token
+    if not new:
       return None
     self.sent_tokens = len(seq.output_token_ids)
     text = None

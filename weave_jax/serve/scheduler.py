@@ -225,6 +225,19 @@ class Scheduler:
       return "length"
     return None
 
+  def abort(self, seq: Sequence) -> None:
+    """Drop an unfinished request: its pages freed, finish_reason "abort"."""
+    if seq.status is Status.RUNNING:
+      self.running.remove(seq)
+      self.blocks.free(seq)
+    elif seq.status is Status.WAITING:
+      self.waiting.remove(seq)
+    else:
+      return
+    seq.finish_reason = "abort"
+    seq.finish_time = time.perf_counter()
+    seq.status = Status.FINISHED
+
   def _finish(self, seq: Sequence, reason: str, now: float) -> None:
     seq.finish_reason = reason
     seq.finish_time = now
