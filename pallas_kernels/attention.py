@@ -103,8 +103,9 @@ def mosaic_kernel():
       return importlib.import_module(name).ragged_paged_attention_mosaic
     except (ImportError, AttributeError) as err:
       errors.append(f"{name}: {err}")
-  raise ImportError("no importable ragged_paged_attention_mosaic in "
-                    f"{' or '.join(MOSAIC_MODULES)}" + (f" ({'; '.join(errors)})" if errors else ""))
+  detail = f" ({'; '.join(errors)})" if errors else ""
+  raise ImportError(f"no importable ragged_paged_attention_mosaic in "
+                    f"{' or '.join(MOSAIC_MODULES)}{detail}")
 
 
 @functools.cache

@@ -189,7 +189,7 @@ def _rpa_kernel(q_ptr, k_ptr, v_ptr, kv_lens_ptr, block_tables_ptr, qsl_ptr, blk
     o_off = split * (num_tokens * KV_HEADS * GROUP * HEAD_DIM) + row_off
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    lse_off = split * (num_tokens * KV_HEADS * GROUP) + (q_start + t_req) * (KV_HEADS * GROUP) + head
+    lse_off = (split * num_tokens + q_start + t_req) * (KV_HEADS * GROUP) + head
     tl.store(lse_ptr + lse_off, lse, mask=row_ok)
 
 
@@ -336,7 +336,8 @@ def ragged_paged_attention_triton(q, k_pages, v_pages, kv_lens, block_tables, qu
   part_dtype = q.dtype if ns == 1 else jnp.float32
   o_part, lse = launch(
       _rpa_kernel, [q, k_pages, v_pages, *meta, d_req, d_qb, splits, q, t, m],
-      [jax.ShapeDtypeStruct((ns, t, n, d), part_dtype), jax.ShapeDtypeStruct((ns, t, n), jnp.float32)],
+      [jax.ShapeDtypeStruct((ns, t, n, d), part_dtype),
+       jax.ShapeDtypeStruct((ns, t, n), jnp.float32)],
       grid=(s, k, ns), num_warps=plan.decode_warps, num_stages=plan.num_stages, alias=None,
       zeroed=(0,) if ns == 1 else (), BLOCK_M=plan.decode_block_m, BLOCK_Q=dq, NUM_SPLITS=ns,
       **consts)

@@ -204,7 +204,8 @@ def prefill_rows(args, impls, rng, key) -> list[dict]:
           ours = jax.jit(functools.partial(attention.ragged_paged_attention, impl=impl))(*step)
       rows.append(row)
       progress(_fmt(row, "tflops"))
-    row = dict(chunk=chunk, prefix=prefix, impl="cudnn", **cudnn_row(step, prefix, chunk, ours, args))
+    row = dict(chunk=chunk, prefix=prefix, impl="cudnn",
+               **cudnn_row(step, prefix, chunk, ours, args))
     rows.append(row)
     progress(_fmt(row, "tflops"))
     del step, ours
@@ -244,8 +245,8 @@ def plot(res: dict, path: str) -> None:
   styles = {"triton": "-", "mosaic": "--", "reference": ":"}
   for impl in sorted({r["impl"] for r in res["decode"]}):
     for batch in sorted({r["batch"] for r in res["decode"]}):
-      pts = sorted((r["context"], r["gbps"]) for r in res["decode"]
-                   if r["impl"] == impl and r["batch"] == batch and r["page"] == page and "gbps" in r)
+      pts = sorted((r["context"], r["gbps"]) for r in res["decode"] if "gbps" in r
+                   and (r["impl"], r["batch"], r["page"]) == (impl, batch, page))
       if pts:
         ax1.plot(*zip(*pts), styles.get(impl, "-"), marker="o", label=f"{impl} b={batch}")
   ax1.axhline(res["stream_gbps"], color="k", lw=0.8, label="streaming bandwidth")
@@ -280,7 +281,8 @@ def parse_args(argv=None):
   p.add_argument("--iters", type=int, default=20, help="timed calls (median)")
   p.add_argument("--max-cache-gb", type=float, default=40.0, help="skip larger decode caches")
   p.add_argument("--no-mixed", action="store_true")
-  p.add_argument("--json", default=None, help="default: benchmarks/results/attention_<device>_<date>.json")
+  p.add_argument("--json", default=None,
+                 help="default: benchmarks/results/attention_<device>_<date>[_quick].json")
   args = p.parse_args(argv)
   if args.quick:
     args.batches, args.contexts, args.pages = [1, 16, 64, 256], [4096, 16384], [16]

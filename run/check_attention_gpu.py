@@ -226,10 +226,10 @@ def impls_present(arch: str) -> tuple[list[str], list[str]]:
 
 
 def run_check(num_layouts: int = 216, impls: list[str] | None = None, seed: int = 0,
-              verbose: bool = False) -> list[dict]:
+              verbose: bool = False, configs=CONFIGS, kinds=KINDS) -> list[dict]:
   """Check ``impls`` (default: every one present) on ``num_layouts`` layouts spread over
-  CONFIGS x KINDS.  Returns one row per (impl, config, kind) with keys impl, config, kind,
-  layouts, worst (max rel. error), tol, failures (list of str)."""
+  ``configs`` x ``kinds``.  Returns one row per (impl, config, kind) with keys impl, config,
+  kind, layouts, worst (max rel. error), tol, failures (list of str)."""
   arch = attention.device_arch()
   if impls is None:
     impls, notes = impls_present(arch)
@@ -237,7 +237,7 @@ def run_check(num_layouts: int = 216, impls: list[str] | None = None, seed: int 
       print(f"[check_attention] {note}")
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
-  groups = [(c, k) for c in CONFIGS for k in KINDS]
+  groups = [(c, k) for c in configs for k in kinds]
   per_group = [num_layouts // len(groups) + (i < num_layouts % len(groups))
                for i in range(len(groups))]
   fns = {impl: jax.jit(functools.partial(attention.ragged_paged_attention, impl=impl))

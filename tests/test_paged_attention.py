@@ -183,7 +183,7 @@ def test_input_checks_name_the_argument():
     _call(args, meta, kv_lens=kv)
   qsl = meta["query_start_loc"].copy()
   qsl[layout.num_seqs:] = args[0].shape[0] + 1
-  with pytest.raises(ValueError, match=r"query_start_loc\[num_seqs\]=\d+ exceeds the \d+ query rows"):
+  with pytest.raises(ValueError, match=r"query_start_loc\[num_seqs\]=\d+ exceeds the \d+ query"):
     _call(args, meta, query_start_loc=qsl)
   with pytest.raises(ValueError, match="num_seqs=99 outside"):
     _call(args, meta, num_seqs=99)

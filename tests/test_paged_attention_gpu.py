@@ -28,7 +28,9 @@ def _load_check():
 @pytest.mark.gpu
 def test_attention_kernels_match_the_reference_on_random_layouts():
   check = _load_check()
-  rows = check.run_check(num_layouts=2 * len(check.CONFIGS) * len(check.KINDS), seed=1)
+  configs = (check.CONFIGS[0], check.CONFIGS[2])                   # bf16 page 16, fp16 page 64
+  rows = check.run_check(num_layouts=4 * len(configs) * len(check.KINDS), seed=1,
+                         configs=configs)
   check.print_table(rows)
   assert {r["impl"] for r in rows} >= {"triton"}
   failures = [f"{r['impl']} {r['config']} {r['kind']}: {f}" for r in rows for f in r["failures"]]
