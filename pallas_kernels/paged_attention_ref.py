@@ -134,10 +134,12 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, block_tables,
   pos = kv_lens[req] - q_len + offset                            # (T,) query positions
   qf = q.astype(jnp.float32).reshape(t, k, g, d) * scale
   k_tok, v_tok = keys[req], vals[req]                            # (T, L, K, D)
-  scores = jnp.einsum("tkgd,tlkd->tkgl", qf, k_tok)
+  # HIGHEST: float32 products on GPUs too (their default float32 dot may round inputs to TF32)
+  hi = jax.lax.Precision.HIGHEST
+  scores = jnp.einsum("tkgd,tlkd->tkgl", qf, k_tok, precision=hi)
   allowed = jnp.arange(length)[None, :] <= pos[:, None]          # (T, L)
   scores = jnp.where(allowed[:, None, None, :], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("tkgl,tlkd->tkgd", probs, v_tok).reshape(t, n, d)
+  out = jnp.einsum("tkgl,tlkd->tkgd", probs, v_tok, precision=hi).reshape(t, n, d)
   out = jnp.where(valid[:, None, None], out, 0.0)
   return out.astype(q.dtype)
