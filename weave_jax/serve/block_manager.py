@@ -56,3 +56,4 @@ class BlockManager:
                            "which does not own it")
       self._free.append(page)
     seq.block_table = []
+    seq._table_array = None

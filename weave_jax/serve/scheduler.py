@@ -125,8 +125,9 @@ class Scheduler:
     budget = self.config.max_num_batched_tokens
     planned: dict[int, tuple[Sequence, int]] = {}     # request id -> (seq, q_len), in order
     preempted: list[Sequence] = []
-    order = ([s for s in self.running if s.is_decode]
-             + [s for s in self.running if not s.is_decode])
+    decode = [s.is_decode for s in self.running]
+    order = ([s for s, d in zip(self.running, decode) if d]
+             + [s for s, d in zip(self.running, decode) if not d])
     for seq in order:
       if seq.status is not Status.RUNNING:             # preempted earlier in this step
         continue
@@ -175,16 +176,16 @@ class Scheduler:
     self.waiting.appendleft(seq)
 
   def _output(self, planned: dict, preempted: list[Sequence]) -> SchedulerOutput:
-    entries = list(planned.values())
-    entries = ([e for e in entries if e[0].is_decode] + [e for e in entries if not e[0].is_decode])
+    entries = [(seq, n, n == 1 and seq.is_decode) for seq, n in planned.values()]
+    entries = [e for e in entries if e[2]] + [e for e in entries if not e[2]]
     chunks, seqs = [], []
-    for seq, n in entries:
+    for seq, n, _ in entries:
       start = seq.num_computed_tokens
       chunks.append(ScheduledChunk(
           request_id=seq.request_id,
           token_ids=np.asarray(seq.token_slice(start, start + n), np.int32),
           start=start,
-          block_table=np.asarray(seq.block_table, np.int32),
+          block_table=seq.block_table_array(),
           sample=start + n == seq.num_tokens,
           params=seq.params,
           rng_step=len(seq.output_token_ids)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import time
 
+import numpy as np
+
 from weave_jax.serve.sampling_params import SamplingParams
 
 
@@ -31,6 +33,7 @@ class Sequence:
     self.status = Status.WAITING
     self.num_computed_tokens = 0
     self.block_table: list[int] = []       # page ids, in token order
+    self._table_array: np.ndarray | None = None
     self.finish_reason: str | None = None  # "stop" (EOS / stop token) or "length"
     self.num_preemptions = 0
     self.arrival_time = time.perf_counter()
@@ -60,10 +63,20 @@ class Sequence:
     return bool(self.output_token_ids) and self.num_uncomputed_tokens == 1
 
   def token_slice(self, start: int, stop: int) -> list[int]:
+    """Tokens [start, stop) of prompt + output (without building the whole list: a decode
+    reads one token of a long sequence every step)."""
     p = len(self.prompt_token_ids)
     if stop <= p:
       return self.prompt_token_ids[start:stop]
-    return (self.prompt_token_ids + self.output_token_ids)[start:stop]
+    if start >= p:
+      return self.output_token_ids[start - p:stop - p]
+    return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+  def block_table_array(self) -> np.ndarray:
+    """``block_table`` as int32, rebuilt only when pages were added or freed since."""
+    if self._table_array is None or self._table_array.size != len(self.block_table):
+      self._table_array = np.asarray(self.block_table, np.int32)
+    return self._table_array
 
   @property
   def is_finished(self) -> bool:
