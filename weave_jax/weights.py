@@ -4,7 +4,9 @@
 the abstract model, and every parameter becomes a global array through
 ``jax.make_array_from_callback``, whose callback reads only the rows / columns that one device
 owns (``safe_open(...).get_slice``) and converts them from the Hugging Face layout to ours
-(documented at the top of ``weave_jax.model``).
+(documented at the top of ``weave_jax.model``).  When the TP size exceeds the checkpoint's KV
+heads, the model is laid out with them replicated (``ModelConfig.for_tp``) and each device
+reads only the k/v head it holds.
 
 Hugging Face names (transformers 5.x; older per-expert Mixtral files are read too):
   model.embed_tokens.weight (V, H)            lm_head.weight (V, H) (absent when tied)
