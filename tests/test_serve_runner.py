@@ -169,6 +169,11 @@ def test_bad_input_raises_before_launch(model_at, bad, match):
   assert not any(a.is_deleted() for kv in runner.cache for a in kv)
 
 
+def test_a_kernel_that_cannot_run_here_is_refused_at_start(model_at):
+  with pytest.raises(ValueError, match="impl='triton' cannot run here"):    # CPU
+    make_runner(model_at, 1, RunConfig(paged_attention="triton"))
+
+
 def test_bucket_plan(model_at):
   runner = make_runner(model_at, 2, RunConfig(backend="rs_ag", weave=True, weave_min_tokens=32),
                        max_num_batched_tokens=100, max_num_seqs=20)

@@ -66,9 +66,10 @@ class StepResult:
 # --- attention dispatch --------------------------------------------------------------------------
 
 def paged_attention(impl: str, dtype: str):
-  """(the kernel ``impl`` resolves to here, ``fn(q, k_pages, v_pages, kv_lens, block_tables,
-  query_start_loc, num_seqs) -> (T, N, D)``) for RunConfig.paged_attention ``impl``.  Raises
-  ValueError when a named kernel cannot run here; "auto" warns when only the reference can."""
+  """Resolves RunConfig.paged_attention ``impl`` on this device.  Returns (the kernel chosen,
+  ``fn(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs) -> (T, N, D)``).
+  Raises ValueError when a named kernel cannot run here; "auto" warns when only the reference
+  can."""
   chosen = paged_kernels.resolve_impl(impl, paged_kernels.device_arch(), dtype)
   return chosen, functools.partial(paged_kernels.ragged_paged_attention, impl=chosen)
 
@@ -191,6 +192,9 @@ class ModelRunner:
     self.page_size, self.max_model_len = page_size, max_model_len
     self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
     self.seed = seed
+    self.attention_impl, self._attention = paged_attention(run.paged_attention, self.cfg.dtype)
+    print(f"[serve] paged attention: {self.attention_impl} (RunConfig.paged_attention="
+          f"{run.paged_attention!r})", flush=True)
     sizing = "num_pages given"
     if num_pages is None:
       reserve = kv_cache.activation_reserve(self.cfg, self.buckets[-1], max_num_seqs, self.tp)
@@ -204,9 +208,6 @@ class ModelRunner:
     print(f"{kv_cache.describe(self.cfg, self.tp, num_pages, page_size)}; {sizing}", flush=True)
     self.limits = step_inputs.Limits(self.cfg.vocab_size, page_size, num_pages, max_model_len,
                                      max_num_batched_tokens, max_num_seqs)
-    self.attention_impl, self._attention = paged_attention(run.paged_attention, self.cfg.dtype)
-    print(f"[serve] paged attention: {self.attention_impl} (RunConfig.paged_attention="
-          f"{run.paged_attention!r})", flush=True)
     self._replicated = NamedSharding(mesh, P())
     self._shapes: dict = {}
     self._programs: dict = {}
