@@ -5,9 +5,8 @@
 Methods (each row: the median per-call time and busbw = 2*(n-1)/n * bytes / t, bytes = T*H*2):
   xla_psum_norm     XLA psum + residual add + RMSNorm on every token
   xla_rs_norm_ag    XLA reduce-scatter + add + norm on 1/n tokens + all-gather
-  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: one-shot up to 256 KiB,
-                    else two-shot, with TMA bulk copies on sm_90+), N CTAs
-  fused_lsu_cN      the two-shot kernel with 16-byte copies only (sm_80's), N CTAs
+  fused_p2p_cN      the fused kernel "auto" picks (ops.choose_algorithm: one-shot up to the
+                    tuned size, else two-shot), N CTAs
   fused_ce_gN       the copy-engine algorithm, local reduce kernel of N blocks
   fused_1shot_cN    the one-shot kernel with N CTAs (messages up to 1 MiB per source)
   fused_auto        what the fused_p2p backend runs by default (ops.choose_algorithm)
@@ -129,8 +128,6 @@ def stamp_algorithm(method, tokens, hidden, ws):
   """The kernel a fused bench method runs at `tokens` (its phase-stamp points), or None."""
   from weave_jax.fused import ops
 
-  if method.startswith("fused_lsu"):
-    return "two_shot_lsu"
   if method.startswith("fused_1shot"):
     return "one_shot"
   if method.startswith("fused_p2p") or method == "fused_auto":
@@ -138,7 +135,7 @@ def stamp_algorithm(method, tokens, hidden, ws):
   return None  # XLA methods, copy engine (its kernel records no stamps)
 
 
-def phase_times(f, args, algorithm, reps=3):
+def phase_times(ws, f, args, algorithm, reps=3):
   """Median over `reps` runs of `f` of each phase's stamps summary (µs) of its last call."""
   import jax
 
@@ -146,16 +143,15 @@ def phase_times(f, args, algorithm, reps=3):
 
   runs = []
   for _ in range(reps):
-    phases.enable(True)
+    phases.enable(ws, True)
     jax.block_until_ready(f(*args))
-    runs.append(phases.summary(phases.read(), algorithm))
-  phases.enable(False)
+    runs.append(phases.summary(phases.read(ws), algorithm))
+  phases.enable(ws, False)
   return {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
 
 
 def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot_ctas=(),
-                device_time=False, lsu_ctas=(), stamp_phases=False, tp=2, ce_chunks=(),
-                ce_variants=("copy_engine",)):
+                device_time=False, stamp_phases=False, tp=2, ce_chunks=()):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -164,43 +160,34 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
   from weave_jax.comm.base import AXIS
   from weave_jax.comm.xla import Psum, ReduceScatterAllGather
   from weave_jax.fused import ops
-  from weave_jax.fused import workspace as ws_lib
 
   gpus = jax.devices("gpu")[:tp]
   if len(gpus) < tp:
     raise SystemExit(f"--tp {tp}: only {len(gpus)} GPUs visible")
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
-  fused.init_workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16)
-  rank0 = gpus[0].id
+  ws = fused.Workspace(mesh, max_tokens=max(sizes), hidden=hidden, dtype=jnp.bfloat16).open()
+  rank0 = gpus[0].local_hardware_id
+  fused_call = lambda p, r, w, **kw: ops.fused_reduce_add_norm(p, r, w, eps=EPS, workspace=ws,
+                                                               **kw)
 
   methods = {"xla_psum_norm": (lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS), False),
              "xla_rs_norm_ag": (lambda p, r, w: ReduceScatterAllGather().reduce_add_norm(
                  p, r, w, eps=EPS), True)}
   for c in ctas_list:
-    methods[f"fused_p2p_c{c}"] = (
-        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, ctas=c), True)
-  for c in lsu_ctas:  # the two-shot kernel with 16-byte copies only (sm_80's), for comparison
-    methods[f"fused_lsu_c{c}"] = (
-        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="two_shot_lsu",
-                                                       ctas=c), True)
+    methods[f"fused_p2p_c{c}"] = (lambda p, r, w, c=c: fused_call(p, r, w, ctas=c), True)
   for c in oneshot_ctas:
     methods[f"fused_1shot_c{c}"] = (
-        lambda p, r, w, c=c: ops.fused_reduce_add_norm(p, r, w, eps=EPS, algorithm="one_shot",
-                                                       ctas=c), True)
+        lambda p, r, w, c=c: fused_call(p, r, w, algorithm="one_shot", ctas=c), True)
   for g in ce_grids:
     for k in ce_chunks or ["auto"]:  # "auto": ops.ce_chunks_for; k: that many pipeline chunks
-      for algorithm in ce_variants:  # ops.COPY_ENGINE_ALGORITHMS
-        name = (f"fused_ce_g{g}" + ("" if k == "auto" else f"_k{k}") +
-                algorithm.removeprefix("copy_engine"))
-        methods[name] = (
-            lambda p, r, w, g=g, k=k, a=algorithm: ops.fused_reduce_add_norm(
-                p, r, w, eps=EPS, algorithm=a, ce_ctas=g, ce_chunks=k), True)
-  methods["fused_auto"] = (lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS), True)
+      name = f"fused_ce_g{g}" + ("" if k == "auto" else f"_k{k}")
+      methods[name] = (lambda p, r, w, g=g, k=k: fused_call(
+          p, r, w, algorithm="copy_engine", ce_ctas=g, ce_chunks=k), True)
+  methods["fused_auto"] = (lambda p, r, w: fused_call(p, r, w), True)
   for c in plain_ctas:  # the plain target: XLA launches every call from the host
     name = "fused_auto_plain" if c == "auto" else f"fused_p2p_c{c}_plain"
     kw = {} if c == "auto" else dict(ctas=c)
-    methods[name] = (lambda p, r, w, kw=kw: ops.fused_reduce_add_norm(
-        p, r, w, eps=EPS, cmd_buffer=False, **kw), True)
+    methods[name] = (lambda p, r, w, kw=kw: fused_call(p, r, w, cmd_buffer=False, **kw), True)
 
   rows = []
   for tokens in sizes:
@@ -208,33 +195,33 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
     partial, residual, weight = placed_inputs(mesh, tokens, hidden, seed=tokens)
     timed = []  # (row index, compiled fn, args) for --device-time
     for name, (step, sharded) in methods.items():
-      if name.startswith("fused_1shot") and tokens > ops.one_shot_rows(ws_lib.current()):
+      if name.startswith("fused_1shot") and tokens > ws.one_shot_rows():
         continue
       try:
         f = chain(mesh, step, sharded, n)
         args = (partial, residual[sharded], weight)
         jax.block_until_ready(f(*args))  # compile + warm-up
         jax.block_until_ready(f(*args))
-        before = ws_lib.handler_calls()[rank0]
+        before = ws.handler_calls()[rank0]
         times = []
         for _ in range(reps):
           t0 = time.perf_counter()
           jax.block_until_ready(f(*args))
           times.append((time.perf_counter() - t0) / n)
-        after = ws_lib.handler_calls()[rank0]
+        after = ws.handler_calls()[rank0]
         rows.append(dict(method=name, tokens=tokens, us=statistics.median(times) * 1e6,
                          us_min=min(times) * 1e6, calls=n, reps=reps,
                          command_buffer=replayed(before, after, n * reps)))
         timed.append((len(rows) - 1, f, args))
       except Exception as e:  # report, keep going
-        if (timeout := fused.timeout_error()) is not None:  # names the rank and barrier
+        if (timeout := ws.timeout_error()) is not None:  # names the rank and barrier
           e = timeout
         rows.append(dict(method=name, tokens=tokens, error=f"{type(e).__name__}: {e}"[:300]))
       print(rows[-1], flush=True)
-      algo = stamp_algorithm(name, tokens, hidden, ws_lib.current())
+      algo = stamp_algorithm(name, tokens, hidden, ws)
       if stamp_phases and algo is not None and "us" in rows[-1]:
         try:  # the chain's last call: launch skew between the devices is absorbed by then
-          rows[-1]["phases_us"] = phase_times(f, args, algo)
+          rows[-1]["phases_us"] = phase_times(ws, f, args, algo)
           print(f"  phases {name} {tokens} tok ({algo}): {rows[-1]['phases_us']}", flush=True)
         except Exception as e:
           print(f"  phases {name} {tokens} tok: {type(e).__name__}: {e}"[:300], flush=True)
@@ -251,7 +238,7 @@ def jax_methods(hidden, sizes, ctas_list, plain_ctas, reps, ce_grids=(), oneshot
           rows[i]["dev_us"] = busy[step]
       print({rows[i]["method"]: round(rows[i].get("dev_us", -1), 1) for i, _, _ in timed},
             flush=True)
-  fused.free_workspace()
+  ws.close()
   return rows
 
 
@@ -361,14 +348,7 @@ def main():
                   "reduce kernel, e.g. 64,132")
   ap.add_argument("--ce-chunks", default="", help="copy-engine algorithm: pipeline chunk "
                   "counts to time for each --ce-grids grid, e.g. auto,1,4,16 (default: auto)")
-  ap.add_argument("--ce-variants", default="copy_engine", help="copy-engine algorithms to time "
-                  "for each grid and chunk count: copy_engine (pull copies), copy_engine_direct "
-                  "(stores into the peer's output at TP=2), copy_engine_lsu (load/store "
-                  "kernel), copy_engine_tma (TMA kernel at any grid); several for same-run "
-                  "ratios (methods fused_ce_gG_kK, ..._direct, ..._lsu, ..._tma)")
   ap.add_argument("--oneshot-ctas", default="8,16,32", help="one-shot kernel CTA counts")
-  ap.add_argument("--lsu-ctas", default="", help="CTA counts of the two-shot kernel with "
-                  "16-byte copies only (on sm_90+ two-shot otherwise uses TMA bulk copies)")
   ap.add_argument("--device-time", action="store_true",
                   help="also profile each method once per size and report GPU busy time per call")
   ap.add_argument("--phases", action="store_true",
@@ -377,10 +357,6 @@ def main():
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--json", help="also write the results JSON here")
   args = ap.parse_args()
-  from weave_jax.fused.ops import COPY_ENGINE_ALGORITHMS  # (imports jax; touches no GPU)
-  ce_variants = [v for v in args.ce_variants.split(",") if v]
-  if bad := [v for v in ce_variants if v not in COPY_ENGINE_ALGORITHMS]:
-    ap.error(f"--ce-variants: {bad} not among {list(COPY_ENGINE_ALGORITHMS)}")
   sizes, t = [], args.min_tokens
   while t <= args.max_tokens:
     sizes.append(t)
@@ -395,8 +371,7 @@ def main():
   rows += jax_methods(args.hidden, sizes, ints(args.ctas), ints_or_auto(args.plain_ctas),
                       args.reps,
                       ints(args.ce_grids), ints(args.oneshot_ctas), args.device_time,
-                      ints(args.lsu_ctas), args.phases, args.tp, ints_or_auto(args.ce_chunks),
-                      ce_variants)
+                      args.phases, args.tp, ints_or_auto(args.ce_chunks))
   import jax
   device = jax.devices("gpu")[0].device_kind.replace(" ", "_")
   name = f"allreduce_norm_{device}" + (f"_tp{args.tp}" if args.tp != 2 else "") + ".json"

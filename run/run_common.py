@@ -1,7 +1,7 @@
 """Shared by the scripts in run/: the benchmark variants and how to build their engines."""
 from __future__ import annotations
 
-from weave_jax import Engine, RunConfig
+from weave_jax import Engine, FusedOptions, RunConfig
 
 # name -> (communication backend, weave)
 VARIANTS = {
@@ -24,15 +24,15 @@ TUNED = "fused+tuned"
 
 VARIANT_HELP = ("a name from " + ", ".join(VARIANTS) + "; a fused one may add @N to run its "
                 "kernel on N CTAs and :key=value,... for other backend options, e.g. "
-                "fused+weave@8 or fused+weave@16:side_priority=normal")
+                "fused+weave@8 or fused+weave@16:weave_algorithm=two_shot")
 
 
 def parse_variant(name: str) -> tuple[str, dict]:
-  """``"fused+weave@8:side_priority=normal"`` -> ``("fused+weave", {"ctas": 8,
-  "weave_ctas": 8, "side_priority": "normal"})``; ``"baseline"`` -> ``("baseline", {})``.
+  """``"fused+weave@8:weave_algorithm=two_shot"`` -> ``("fused+weave", {"ctas": 8,
+  "weave_ctas": 8, "weave_algorithm": "two_shot"})``; ``"baseline"`` -> ``("baseline", {})``.
 
   Raises ValueError for an unknown name, or options on a variant without the fused kernel.
-  (The backend itself validates the option names and values when the engine is built.)
+  (``FusedOptions.from_dict`` validates the option names and values when the engine is built.)
   """
   head, _, opts = name.partition(":")
   base, at, ctas = head.partition("@")
@@ -81,5 +81,6 @@ def engine_for(model, mesh, variant: str, *, ctas: int | None = None,
   kw = {} if weave_min_tokens is None else {"weave_min_tokens": weave_min_tokens}
   # A variant measures its own backend at every size: no per-size substitution by the tuning
   # table (RunConfig.backend_by_size), except the tuned variant, which is the library default.
-  return Engine(model, mesh, RunConfig(backend=backend, backend_options=tuple(sorted(opts.items())),
+  options = FusedOptions.from_dict(opts) if backend.startswith("fused") else None
+  return Engine(model, mesh, RunConfig(backend=backend, options=options,
                                        weave=weave, logits=logits, backend_by_size=tuned, **kw))

@@ -161,4 +161,4 @@ def test_tuned_variant_is_the_library_default(monkeypatch):
   assert (tuned.backend, tuned.weave, tuned.weave_min_tokens, tuned.backend_by_size) == (
       "fused_p2p", True, None, True)
   assert (woven.weave_min_tokens, woven.backend_by_size) == (1, False)
-  assert dict(woven.backend_options) == {"weave_algorithm": "two_shot"}
+  assert woven.options.changed() == {"weave_algorithm": "two_shot"}

@@ -1,5 +1,5 @@
 """GPU: the compiled woven program really places one half's collective around the other half's
-compute (issue: token weaving).  Needs 2 GPUs; skipped without."""
+compute.  Needs 2 GPUs; skipped with fewer."""
 import pytest
 
 from conftest import gpu_count

@@ -190,33 +190,32 @@ def test_shipped_tuning_tables_are_consistent():
 
 
 def test_tuned_weave_dropped_where_woven_calls_miss_the_copy_engines(tmp_path, monkeypatch):
-  """The table's woven verdicts were measured with woven calls on the copy engines; with one
-  process per GPU (IPC workspace) those calls would run the two-shot kernel, which measured
-  slower than unsplit: the tuned plan runs unsplit and warns once.  An explicit threshold
-  still weaves."""
-  from weave_jax.fused import workspace as ws_lib
+  """The table's woven verdicts were measured with woven calls on the copy engines; on a
+  workspace without them (one process per GPU, or copy_engine=False) those calls would run the
+  two-shot kernel, which measured slower than unsplit: the tuned plan runs unsplit and warns
+  once.  An explicit threshold or weave_algorithm still weaves.  The plan reads only the
+  workspace passed in (no process state)."""
+  from weave_jax import FusedOptions, Workspace
 
-  cfg = preset("tiny")
+  cfg = preset("tiny", dtype="bfloat16")
   mesh = make_mesh(4)
   model = init_random(cfg, mesh)
   monkeypatch.setattr(tuned, "DIR", str(tmp_path))
-  eng = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True))
   key = split_mod.model_key(cfg, 4, "fused_p2p")
-  tuned.save_model_entry(eng.device_kind, key, {"min_tokens": 64, "weave": {"512": True}})
+  tuned.save_model_entry(mesh.devices.flat[0].device_kind, key,
+                         {"min_tokens": 64, "weave": {"512": True}})
 
-  def workspace(mode):
-    return ws_lib.Workspace(ordinals=(0,), ranks=(0,), world=4, max_tokens=1024, hidden=64,
-                            dtype=np.dtype(jnp.bfloat16), num_slots=2, mode=mode,
-                            transport="peer", peer_ok=True)
+  def engine(copy_engine, **run):
+    ws = Workspace(mesh, max_tokens=1024, hidden=cfg.hidden_size, dtype=cfg.dtype,
+                   copy_engine=copy_engine)
+    return Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True, **run), workspace=ws)
 
-  monkeypatch.setattr(ws_lib, "_WORKSPACE", workspace("local"))
+  eng = engine(True)
   assert eng.plan(512).split is not None and eng.plan(256).split is not None
-  monkeypatch.setattr(ws_lib, "_WORKSPACE", workspace("ipc"))
-  with pytest.warns(RuntimeWarning, match="one process per GPU") as record:
+  eng = engine(False)
+  with pytest.warns(RuntimeWarning, match="without the copy engines") as record:
     assert eng.plan(512).split is None and eng.plan(256).split is None
   assert len(record) == 1
-  forced = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True, weave_min_tokens=16))
-  assert forced.plan(512).split is not None
-  on_ce = Engine(model, mesh, RunConfig(backend="fused_p2p", weave=True, backend_options=(
-      ("weave_algorithm", "copy_engine"),)))
+  assert engine(False, weave_min_tokens=16).plan(512).split is not None
+  on_ce = engine(True, options=FusedOptions(weave_algorithm="copy_engine"))
   assert on_ce.plan(512).split is not None

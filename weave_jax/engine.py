@@ -8,6 +8,7 @@ per-compile XLA options and the ``shard_map`` over the mesh.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -20,10 +21,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from weave_jax import split as split_mod
 from weave_jax import xla_options
-from weave_jax.comm import AXIS, get_backend
+from weave_jax.comm import AXIS, BACKENDS, FUSED, get_backend
 from weave_jax.forward import forward_rank
 from weave_jax.model import Transformer
+from weave_jax.options import FusedOptions
 from weave_jax.sharding import state_specs
+
+# The smallest shared workspace an Engine asks for (tokens): later larger batches grow it, so
+# most processes allocate once.
+MIN_WORKSPACE_TOKENS = 16384
 
 
 PAGED_ATTENTION_IMPLS = ("auto", "reference", "triton", "mosaic")
@@ -34,7 +40,8 @@ class RunConfig:
   """How to run the model.  Frozen and hashable: it is part of the compile cache key.
 
   backend: communication backend name (``weave_jax.comm.BACKENDS``).
-  backend_options: extra backend options as (name, value) pairs, e.g. (("ctas", 8),).
+  options: ``FusedOptions`` of the fused backends (None: the defaults); the XLA backends take
+    none.
   weave: split batches into two halves and overlap their communication.
   weave_min_tokens: batches smaller than this run unsplit.  None = what ``run/tune_split.py``
     measured for this device/model/TP/backend: the per-bucket verdict (woven faster or not)
@@ -51,7 +58,7 @@ class RunConfig:
     ``backend`` at every size (what a benchmark of that backend wants).
   """
   backend: str = "psum"
-  backend_options: tuple[tuple[str, object], ...] = ()
+  options: FusedOptions | None = None
   weave: bool = False
   weave_min_tokens: int | None = None
   split: int | None = None
@@ -61,11 +68,31 @@ class RunConfig:
   paged_attention: str = "auto"
 
   def __post_init__(self):
+    if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+      raise ValueError(f"RunConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
+    if self.options is not None:
+      if not isinstance(self.options, FusedOptions):
+        raise TypeError(f"RunConfig: options must be a FusedOptions or None, got "
+                        f"{type(self.options).__name__}")
+      if self.backend not in FUSED:
+        raise ValueError(f"RunConfig: options are for the fused backends {FUSED}; backend "
+                         f"{self.backend!r} takes none")
+    for name in ("weave", "backend_by_size"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"RunConfig: {name} must be a bool, got {getattr(self, name)!r}")
+    for name in ("weave_min_tokens", "split"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"RunConfig: {name} must be an int or None, got {value!r}")
+      if value is not None and value < 1:
+        raise ValueError(f"RunConfig: {name}={value} must be >= 1")
+    if self.attn_impl is not None and not isinstance(self.attn_impl, str):
+      raise TypeError(f"RunConfig: attn_impl must be a str or None, got {self.attn_impl!r}")
+    if self.logits not in ("all", "last"):
+      raise ValueError(f"RunConfig: logits must be 'all' or 'last', got {self.logits!r}")
     if self.paged_attention not in PAGED_ATTENTION_IMPLS:
       raise ValueError(f"RunConfig: paged_attention must be one of {PAGED_ATTENTION_IMPLS}, got "
                        f"{self.paged_attention!r}")
-    if self.logits not in ("all", "last"):
-      raise ValueError(f"RunConfig: logits must be 'all' or 'last', got {self.logits!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +116,56 @@ def packed_positions(segment_ids: np.ndarray) -> np.ndarray:
   return (np.arange(seg.size) - run_start).astype(np.int32)
 
 
-class Engine:
-  """A TP-sharded model bound to a mesh and a RunConfig.  Call it on a token batch."""
+def _array(name: str, value) -> np.ndarray:
+  """``value`` as a numpy array; TypeError naming ``name`` when numpy cannot hold it."""
+  try:
+    return np.asarray(value)
+  except Exception as e:  # ragged lists, objects numpy cannot hold
+    raise TypeError(f"Engine: {name} must be an integer array, got {type(value).__name__}") from e
 
-  def __init__(self, model: Transformer, mesh: Mesh, run: RunConfig = RunConfig()):
+
+def _check_integers(name: str, arr: np.ndarray) -> None:
+  if not np.issubdtype(arr.dtype, np.integer):  # bools are not integers here
+    raise TypeError(f"Engine: {name} must be integers, got {arr.dtype}")
+
+
+def _check_contiguous(segment_ids: np.ndarray) -> None:
+  """Raises ValueError unless every segment id forms one contiguous run."""
+  starts = np.r_[True, segment_ids[1:] != segment_ids[:-1]]
+  run_ids = segment_ids[starts]
+  if len(np.unique(run_ids)) != len(run_ids):
+    values, counts = np.unique(run_ids, return_counts=True)
+    raise ValueError(f"Engine: segment_ids must be contiguous runs (one per packed prompt); id "
+                     f"{values[counts > 1][0]} appears in {counts[counts > 1][0]} separate runs")
+
+
+class Engine:
+  """A TP-sharded model bound to a mesh and a RunConfig.  Call it on a token batch.
+
+  ``workspace``: the fused backends' ``weave_jax.fused.Workspace`` (built on the same mesh);
+  None: the process's shared workspace of these devices (``weave_jax.fused.workspace.shared``),
+  grown for the engine's batches and opened at the first compile.
+  The XLA backends take none.  Every call of a fused engine turns a kernel timeout into a
+  ``FusedTimeoutError`` naming the rank and barrier.
+  """
+
+  def __init__(self, model: Transformer, mesh: Mesh, run: RunConfig = RunConfig(), *,
+               workspace=None):
+    if not isinstance(model, Transformer):
+      raise TypeError(f"Engine: model must be a weave_jax Transformer, got {type(model).__name__}")
+    if not isinstance(mesh, Mesh):
+      raise TypeError(f"Engine: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if AXIS not in mesh.axis_names:
+      raise ValueError(f"Engine: the mesh needs a {AXIS!r} axis, got axes {mesh.axis_names}")
+    if not isinstance(run, RunConfig):
+      raise TypeError(f"Engine: run must be a RunConfig, got {type(run).__name__}")
     self.cfg = model.cfg
     self.mesh, self.run = mesh, run
     self.tp = mesh.shape[AXIS]
     self.cfg.check_tp(self.tp)
-    self.backend = get_backend(run.backend, **dict(run.backend_options))
+    self._owns_workspace = workspace is None
+    self.workspace = self._make_workspace(workspace)
+    self.backend = self._get_backend(run.backend)
     self._backends = {run.backend: self.backend}   # + what backend_by_size substitutes
     self.graphdef, self.state = nnx.split(model)
     self._check_param_dtypes()
@@ -112,6 +180,38 @@ class Engine:
     self._compiled: dict = {}
     self._warned_untuned_weave = False
 
+  def _make_workspace(self, workspace, max_tokens: int = MIN_WORKSPACE_TOKENS):
+    """The given workspace (checked against the mesh and model), or a new unopened one for a
+    fused backend; None for the XLA backends."""
+    if self.run.backend not in FUSED:
+      if workspace is not None:
+        raise ValueError(f"Engine: backend {self.run.backend!r} takes no workspace")
+      return None
+    from weave_jax.fused import Workspace
+    from weave_jax.fused import workspace as ws_lib
+    transport = "multimem" if self.run.backend == "fused_multimem" else "peer"
+    if workspace is None:
+      return ws_lib.shared(self.mesh, axis_name=AXIS, max_tokens=max_tokens,
+                           hidden=self.cfg.hidden_size, dtype=jnp.dtype(self.cfg.dtype),
+                           transport=transport)
+    if not isinstance(workspace, Workspace):
+      raise TypeError(f"Engine: workspace must be a weave_jax.fused.Workspace, got "
+                      f"{type(workspace).__name__}")
+    grid = np.moveaxis(self.mesh.devices, self.mesh.axis_names.index(AXIS), -1)
+    groups = tuple(tuple(row) for row in grid.reshape(-1, self.tp))
+    if workspace.groups != groups or workspace.axis_name != AXIS:
+      raise ValueError(f"Engine: the workspace's TP groups {workspace.groups} (axis "
+                       f"{workspace.axis_name!r}) are not the mesh's {groups} (axis {AXIS!r})")
+    if workspace.hidden < self.cfg.hidden_size or workspace.dtype != jnp.dtype(self.cfg.dtype):
+      raise ValueError(f"Engine: the workspace (hidden {workspace.hidden}, {workspace.dtype}) "
+                       f"does not fit the model (hidden {self.cfg.hidden_size}, {self.cfg.dtype})")
+    return workspace
+
+  def _get_backend(self, name: str):
+    if name in FUSED:
+      return get_backend(name, options=self.run.options, workspace=self.workspace)
+    return get_backend(name)
+
   def _check_param_dtypes(self):
     want = jnp.dtype(self.cfg.dtype)
     for path, leaf in jax.tree_util.tree_leaves_with_path(self.state):
@@ -122,6 +222,11 @@ class Engine:
   # --- planning ------------------------------------------------------------------------------
 
   def plan(self, n_tokens: int) -> Plan:
+    """Static decisions for a batch of ``n_tokens``: a function of the config (the workspace's
+    included), mesh, device kind (its tuning table) and ``n_tokens`` alone."""
+    if not isinstance(n_tokens, (int, np.integer)) or isinstance(n_tokens, bool) or n_tokens < 1:
+      raise ValueError(f"Engine.plan: n_tokens={n_tokens!r} must be a positive integer")
+    n_tokens = int(n_tokens)
     tp, run = self.tp, self.run
     min_tokens = run.weave_min_tokens
     measured = None  # the tuned per-bucket verdict, used only when no threshold is given
@@ -135,8 +240,9 @@ class Engine:
     if not run.weave or not woven or n_tokens < 2 * tp:
       backend = run.backend
       if run.backend_by_size:
-        backend = split_mod.tuned_backend(self.device_kind, self.cfg, tp, run.backend,
-                                          n_tokens) or backend
+        tuned = split_mod.tuned_backend(self.device_kind, self.cfg, tp, run.backend, n_tokens)
+        # only an XLA backend may stand in: a fused one needs a workspace nobody asked for
+        backend = tuned if tuned in BACKENDS and tuned not in FUSED else backend
       return Plan(n_tokens, _round_up(n_tokens, tp), None, backend)
     if run.split is not None:
       s = run.split
@@ -148,34 +254,35 @@ class Engine:
 
   def _woven_as_tuned(self) -> bool:
     """False when this backend's woven calls would not run the way the tuning table measured
-    them (``FusedP2P.woven_as_tuned``); the tuned plan then stays unsplit, with one warning."""
+    them (``FusedP2P.woven_as_tuned``: a workspace without the copy engines); the tuned plan
+    then stays unsplit, with one warning."""
     check = getattr(self.backend, "woven_as_tuned", None)
     if check is None or check():
       return True
     if not self._warned_untuned_weave:
       self._warned_untuned_weave = True
-      warnings.warn(f"Engine: {self.run.backend} with one process per GPU runs woven calls on "
-                    "the two-shot kernel (the copy engines need one process driving every GPU), "
-                    "which measured slower than unsplit calls; the tuned plan runs unsplit.  Set "
-                    "RunConfig.weave_min_tokens to weave anyway.", RuntimeWarning, stacklevel=3)
+      warnings.warn(f"Engine: {self.run.backend} on a workspace without the copy engines (one "
+                    "process per GPU, several TP groups, or copy_engine=False) runs woven calls "
+                    "on the two-shot kernel, which measured slower than unsplit calls; the tuned "
+                    "plan runs unsplit.  Set RunConfig.weave_min_tokens to weave anyway.",
+                    RuntimeWarning, stacklevel=3)
     return False
 
   def backend_of(self, plan: Plan):
     """The backend object that runs ``plan`` (built on first use for a substituted one)."""
     if plan.backend not in self._backends:
-      self._backends[plan.backend] = get_backend(plan.backend)
+      self._backends[plan.backend] = self._get_backend(plan.backend)
     return self._backends[plan.backend]
 
   # --- validation ----------------------------------------------------------------------------
 
   def _validate(self, tokens, positions, segment_ids):
-    tokens = np.asarray(tokens)
+    tokens = _array("tokens", tokens)
     if tokens.ndim != 1:
       raise ValueError(f"Engine: tokens must be 1-D (T,), got shape {tokens.shape}")
     if tokens.size == 0:
       raise ValueError("Engine: empty batch (0 tokens)")
-    if not np.issubdtype(tokens.dtype, np.integer):
-      raise TypeError(f"Engine: tokens must be integers, got {tokens.dtype}")
+    _check_integers("tokens", tokens)
     if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
       raise ValueError(f"Engine: token ids must be in [0, {self.cfg.vocab_size}), got "
                        f"[{tokens.min()}, {tokens.max()}]")
@@ -184,15 +291,21 @@ class Engine:
       if arr is None:
         out.append(None)
         continue
-      arr = np.asarray(arr)
+      arr = _array(name, arr)
       if arr.shape != tokens.shape:
         raise ValueError(f"Engine: {name} shape {arr.shape} != tokens shape {tokens.shape}")
-      if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"Engine: {name} must be integers, got {arr.dtype}")
+      _check_integers(name, arr)
+      if arr.min() < 0:
+        raise ValueError(f"Engine: {name} must be >= 0, got {arr.min()} at index "
+                         f"{int(np.argmin(arr))}")
+      if arr.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"Engine: {name} must fit int32, got {arr.max()}")
       out.append(arr.astype(np.int32))
     positions, segment_ids = out
-    if segment_ids is not None and positions is None:
-      positions = packed_positions(segment_ids)
+    if segment_ids is not None:
+      _check_contiguous(segment_ids)
+      if positions is None:
+        positions = packed_positions(segment_ids)
     if positions is None:
       positions = np.arange(tokens.size, dtype=np.int32)
     return tokens.astype(np.int32), positions, segment_ids
@@ -224,27 +337,31 @@ class Engine:
     plan = self.plan(n_tokens)
     key = (plan, packed)
     if key not in self._compiled:
-      self._ensure_workspace(self.backend_of(plan), plan.padded)
+      self._ensure_workspace(plan.padded)
       args = self._example_args(plan, packed)
       opts = xla_options.compile_options(self.platform, weave=plan.split is not None)
       lowered = self._build(plan, packed).lower(*args)
       self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]
 
-  def _ensure_workspace(self, backend, tokens: int) -> None:
-    """The fused backends need the library's workspace (allocated outside XLA) sized for the
-    largest chunk; (re)allocate it when this mesh/size/dtype is not covered yet."""
-    if not backend.name.startswith("fused"):
+  def _ensure_workspace(self, tokens: int) -> None:
+    """Opens the fused workspace, first growing the shared one when it is smaller than
+    ``tokens`` (a given one that is too small raises)."""
+    ws = self.workspace
+    if ws is None:
       return
-    from weave_jax import fused
-    ws = fused.workspace.current()
-    want_ordinals = tuple(d.local_hardware_id for d in self.mesh.devices.flat)
-    dtype = jnp.dtype(self.cfg.dtype)
-    if (ws is None or ws.max_tokens < tokens or ws.hidden < self.cfg.hidden_size
-        or ws.dtype != dtype or ws.ordinals != want_ordinals):
-      max_tokens = max(tokens, ws.max_tokens if ws is not None else 0, 16384)
-      fused.init_workspace(self.mesh, max_tokens=max_tokens, hidden=self.cfg.hidden_size,
-                           dtype=dtype, transport=getattr(backend, "transport", "peer"))
+    if tokens > ws.max_tokens:
+      if not self._owns_workspace:
+        raise ValueError(f"Engine: a batch of {tokens} tokens (padded) exceeds the given "
+                         f"workspace's max_tokens={ws.max_tokens}")
+      ws.grow(max_tokens=max(tokens, 2 * ws.max_tokens))
+    ws.open()
+
+  def _timeouts(self):
+    """Turns a fused kernel's timeout into FusedTimeoutError (rank, barrier)."""
+    if self.workspace is None:
+      return contextlib.nullcontext()
+    return self.workspace.raise_on_timeout()
 
   def _example_args(self, plan: Plan, packed: bool):
     i32 = jax.ShapeDtypeStruct((plan.padded,), jnp.int32)
@@ -272,5 +389,8 @@ class Engine:
     """Prefill forward.  tokens (T,) int; optional positions (T,), segment_ids (T,) for packed
     prompts.  Returns float32 logits (T, vocab), or (1, vocab) with ``logits="last"``."""
     plan, exe, args = self.prepare(tokens, positions, segment_ids)
-    logits = exe(*args)
+    with self._timeouts():
+      logits = exe(*args)
+      if self.workspace is not None:  # a trapped kernel surfaces here, inside the handler
+        logits = jax.block_until_ready(logits)
     return logits[-1:] if self.run.logits == "last" else logits[:plan.n_tokens]

@@ -20,7 +20,9 @@ merge the halves' GEMMs/collectives nor move B's compute ahead of A's::
     n_B = done(h_B) ...
 
 For XLA backends ``start`` is the whole collective, so the "[async]" barriers are skipped
-(they would force the collective to finish before the other half's compute starts).
+(they would force the collective to finish before the other half's compute starts).  Half A's
+starts use slot 0, half B's slot 1 (``CommBackend.start``): the program depends on nothing but
+its inputs.
 """
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ def run(stages: Sequence[Stage], halves: Sequence, residuals: Sequence, backend:
   for k, stage in enumerate(stages):
     if not (isinstance(stage, (tuple, list)) and len(stage) == 3 and callable(stage[0])):
       raise TypeError(f"weave.run: stages[{k}] must be (fn, weight, scope), got {stage!r}")
+  if not isinstance(backend, CommBackend):
+    raise TypeError(f"weave.run: backend must be a CommBackend (weave_jax.ops.backend), got "
+                    f"{type(backend).__name__}")
   if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps > 0:
     raise ValueError(f"weave.run: eps={eps!r} must be a positive number")
   if len(halves) == 1:
@@ -114,7 +119,7 @@ def _woven(stages, halves, normed, residual, backend: CommBackend, eps) -> Resul
           n_b, r_b = backend.done(h_b)
       p_a, n_b = _barrier((p_a, n_b))          # f_k(A) before f_k(B)
       with jax.named_scope("comm_A"):
-        h_a = backend.start(p_a, r_a, weight, eps=eps)
+        h_a = backend.start(p_a, r_a, weight, eps=eps, slot=0)
       if backend.async_start:
         h_a, n_b = _barrier((h_a, n_b))
       with jax.named_scope("half_B"):
@@ -124,7 +129,7 @@ def _woven(stages, halves, normed, residual, backend: CommBackend, eps) -> Resul
       with jax.named_scope("comm_A"):
         n_a, r_a = backend.done(h_a)
       with jax.named_scope("comm_B"):
-        h_b = backend.start(p_b, r_b, weight, eps=eps)
+        h_b = backend.start(p_b, r_b, weight, eps=eps, slot=1)
       if backend.async_start:
         h_b, n_a = _barrier((h_b, n_a))
   with jax.named_scope("comm_B"):

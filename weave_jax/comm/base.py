@@ -1,14 +1,15 @@
 """The communication seam: every row-parallel sublayer ends in ``reduce_add_norm``.
 
-All functions here run *inside* ``jax.shard_map`` over the tensor-parallel mesh axis
-(``AXIS = "tp"``); shapes below are per-rank (local) shapes.
+All functions here run *inside* ``jax.shard_map`` over the tensor-parallel mesh axis (the
+backend's ``axis_name``; ``AXIS = "tp"`` by default); the mesh may have further axes.  Shapes
+below are per-rank (local) shapes.
 
     reduce_add_norm(partial, residual, weight) -> (normed, residual')
 
 - ``partial``  (T, H): this rank's row-parallel output (a partial sum over ranks).
 - ``residual`` (T, H) replicated when ``backend.residual_sharded`` is False, else
-  (T // tp, H): rank r owns tokens [r*T/tp, (r+1)*T/tp).  T is always a multiple of tp here
-  (the model pads).
+  (T // tp, H): rank r owns tokens [r*T/tp, (r+1)*T/tp).  T is a multiple of tp for the
+  sharded XLA backend (the caller pads); ``backend.residual_shape`` gives the layout.
 - ``weight``   (H,): RMSNorm scale.
 - ``normed``   (T, H): RMSNorm(sum_r partial_r + residual) * weight, replicated.
 - ``residual'``: the new residual stream (sum + residual), in the backend's layout.
@@ -20,7 +21,9 @@ activation dtype (that rounded value *is* the new residual, as in HF), then
 
 Backends may split the call into ``start``/``done`` so that a schedule can place other work
 between them (see ``weave_jax.weave``); the default ``start`` does everything and ``done``
-returns its result.
+returns its result.  ``start`` takes a ``slot`` (0 or 1): calls in flight at once use distinct
+slots, chosen by the caller from the call's place in the schedule, so the traced program is a
+function of its inputs alone.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class CommBackend:
   """Base class.  Subclasses are frozen (hashable) so they can live in a static config."""
 
   name: str = "base"
+  #: the shard_map axis the reduction runs over
+  axis_name: str = AXIS
   #: True when the residual stream is sharded by token (rank r owns a contiguous 1/tp slice).
   residual_sharded: bool = False
   #: True when the backend performs no reduction (numerically wrong on purpose).
@@ -65,12 +70,18 @@ class CommBackend:
     raise NotImplementedError
 
   # The split form used by the weave schedule.  ``start`` returns an opaque handle.
-  def start(self, partial, residual, weight, *, eps: float) -> Any:
+  def start(self, partial, residual, weight, *, eps: float, slot: int = 0) -> Any:
+    del slot  # nothing is in flight: start is the whole call
     return self.reduce_add_norm(partial, residual, weight, eps=eps)
 
   def done(self, handle):
     return handle
 
   def residual_shape(self, tokens: int, hidden: int, tp: int) -> tuple[int, int]:
-    """Local residual shape for ``tokens`` (a multiple of tp) tokens."""
-    return (tokens // tp, hidden) if self.residual_sharded else (tokens, hidden)
+    """Local residual shape for ``tokens`` tokens (a multiple of tp for the sharded XLA
+    backend; the fused kernel takes ceil(tokens / tp) rows)."""
+    return (-(-tokens // tp), hidden) if self.residual_sharded else (tokens, hidden)
+
+  def check_tokens(self, tokens: int, tp: int) -> None:
+    """Raises ValueError when this backend cannot reduce ``tokens`` rows over ``tp`` ranks."""
+    del tokens, tp

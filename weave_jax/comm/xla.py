@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from weave_jax.comm.base import AXIS, CommBackend, add_norm
+from weave_jax.comm.base import CommBackend, add_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Psum(CommBackend):
   name: str = "psum"
 
   def reduce_add_norm(self, partial, residual, weight, *, eps):
-    reduced = jax.lax.psum(partial, AXIS)
+    reduced = jax.lax.psum(partial, self.axis_name)
     return add_norm(reduced.astype(jnp.float32), residual, weight, eps)
 
 
@@ -25,10 +25,16 @@ class ReduceScatterAllGather(CommBackend):
   name: str = "rs_ag"
   residual_sharded: bool = True
 
+  def check_tokens(self, tokens: int, tp: int) -> None:
+    if tokens % tp:
+      raise ValueError(f"rs_ag: tokens={tokens} must be a multiple of the TP size {tp} (pad the "
+                       "batch)")
+
   def reduce_add_norm(self, partial, residual, weight, *, eps):
-    reduced = jax.lax.psum_scatter(partial, AXIS, scatter_dimension=0, tiled=True)  # (T/tp, H)
+    reduced = jax.lax.psum_scatter(partial, self.axis_name, scatter_dimension=0,
+                                   tiled=True)  # (T/tp, H)
     normed_local, new_residual = add_norm(reduced.astype(jnp.float32), residual, weight, eps)
-    normed = jax.lax.all_gather(normed_local, AXIS, axis=0, tiled=True)            # (T, H)
+    normed = jax.lax.all_gather(normed_local, self.axis_name, axis=0, tiled=True)  # (T, H)
     return normed, new_residual
 
 

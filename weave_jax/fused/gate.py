@@ -1,7 +1,7 @@
 """Python view of the multicast gate (the policy itself lives in ``ffi/multicast_gate.cu``).
 
 Only the C++ pure policy function is called from here; nothing in Python can create a
-multicast object except ``init_workspace(..., transport="multimem")``, which goes through the
+multicast object except ``Workspace(..., transport="multimem").open()``, which goes through the
 C++ creator, which asks the same policy first.
 """
 from __future__ import annotations

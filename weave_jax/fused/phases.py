@@ -6,10 +6,10 @@ Stamps are off by default; with them on, thread 0 of every block writes one 8-by
 word per point after a ``__syncthreads``, so a call gets slightly slower.  Each call overwrites
 the stamps of the previous one, so read them after the call you want::
 
-    phases.enable(True)
+    phases.enable(ws, True)
     jax.block_until_ready(f(...))        # one fused call (the last one is what is recorded)
-    print(phases.summary(phases.read(), "two_shot"))
-    phases.enable(False)
+    print(phases.summary(phases.read(ws), "two_shot"))
+    phases.enable(ws, False)
 
 %globaltimer ticks in ns but may advance in steps of up to ~1 µs, so read phases of a few µs
 with care.
@@ -22,8 +22,8 @@ import statistics
 import numpy as np
 
 from weave_jax.fused import _lib
-from weave_jax.fused import workspace as ws_lib
-from weave_jax.fused.ops import MAX_CTAS  # kMaxCtas: one row of stamps per block
+from weave_jax.fused.workspace import Workspace
+from weave_jax.options import MAX_CTAS  # kMaxCtas: one row of stamps per block
 
 STAMPS = 8   # kStamps in ffi/fused_reduce_add_norm.cuh
 
@@ -33,30 +33,27 @@ POINTS = {
                  "phase 2 copy-out"),
     "one_shot": ("start", "push", "barrier", "reduce+norm"),
 }
-POINTS["two_shot_lsu"] = POINTS["two_shot"]
 
 
-def _ordinals() -> tuple[int, ...]:
-  ws = ws_lib.current()
-  if ws is None:
-    raise RuntimeError("phase stamps: the fused workspace is not initialised")
+def _ordinals(ws: Workspace) -> tuple[int, ...]:
+  ws.require_open("phase stamps")
   return ws.ordinals
 
 
-def enable(on: bool = True) -> None:
+def enable(ws: Workspace, on: bool = True) -> None:
   """Turns stamping on (clearing old stamps) or off for every local device's next launches."""
   lib = _lib.load()
-  for o in _ordinals():
+  for o in _ordinals(ws):
     if lib.weave_ws_set_stamps(o, int(bool(on))) != 0:
       raise RuntimeError(f"phase stamps: device {o} has no workspace")
 
 
-def read() -> dict[int, np.ndarray]:
+def read(ws: Workspace) -> dict[int, np.ndarray]:
   """{CUDA ordinal: uint64 array (MAX_CTAS, STAMPS) of ns; 0 where a block recorded nothing}.
   Call after the device finished (e.g. after jax.block_until_ready)."""
   lib = _lib.load()
   out = {}
-  for o in _ordinals():
+  for o in _ordinals(ws):
     buf = (ctypes.c_uint64 * (MAX_CTAS * STAMPS))()
     if lib.weave_ws_read_stamps(o, buf, len(buf)) < 0:
       raise RuntimeError(f"phase stamps: device {o} has no workspace")
