@@ -39,7 +39,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,8 @@ VARIANTS = {            # name -> (backend, weave)
     "nocomm": ("nocomm", False),
 }
 DECODE_BATCHES = (1, 16, 64, 256)
+HF_SCALE_GPU = (64, 512)        # transformers reference: prompts, input tokens
+HF_SCALE_CPU = (2, 16)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results")
 
 
@@ -369,22 +370,28 @@ def copy_bandwidth(elements: int = 1 << 28) -> float:
   return 2 * x.nbytes / (t.median_ms * 1e-3)
 
 
-def weight_bytes_per_rank(llm) -> int:
+def weight_bytes_per_rank(model) -> int:
   import jax
-  return sum(leaf.addressable_shards[0].data.nbytes
-             for leaf in jax.tree.leaves(llm.runner.engine.state))
+  from flax import nnx
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
 
 
-def roofline(llm, cfg, tp: int, args, res: dict, small: bool = False) -> dict:
+def measure_device(small: bool) -> tuple[float, float]:
+  """(copy bytes/s, matmul TFLOP/s) of one device, measured before any KV cache takes the
+  memory; ``small``: tiny sizes (the CPU dry run)."""
+  from weave_jax.bench import matmul_tflops
+  if small:
+    return copy_bandwidth(1 << 20), matmul_tflops(256, iters=5)
+  return copy_bandwidth(), matmul_tflops()
+
+
+def roofline(weights: int, measured: tuple[float, float], cfg, tp: int, args, res: dict) -> dict:
   """HBM roofline of the decode steps and the workload's ideal throughput (prefill FLOPs of the
   decoder layers at the measured matmul rate + every decode step's weight and KV bytes at the
-  measured copy bandwidth; max_num_seqs requests per decode wave).  ``small``: tiny
-  measurements (the CPU dry run)."""
-  from weave_jax.bench import layer_flops_per_rank, matmul_tflops
+  measured copy bandwidth; max_num_seqs requests per decode wave)."""
+  from weave_jax.bench import layer_flops_per_rank
   from weave_jax.serve.kv_cache import bytes_per_page
-  bw = copy_bandwidth(1 << 20) if small else copy_bandwidth()
-  tflops = matmul_tflops(256, iters=5) if small else matmul_tflops()
-  weights = weight_bytes_per_rank(llm)
+  bw, tflops = measured
   kv_token = bytes_per_page(cfg, 1, tp)
   out = {"copy_GBps": bw / 1e9, "matmul_tflops": tflops, "weight_bytes_per_rank": weights,
          "kv_bytes_per_token_per_rank": kv_token, "decode_roofline_ms": {}, "ideal": {}}
@@ -454,8 +461,14 @@ def table(res: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(res: dict, path: str) -> None:
-  import matplotlib
+def plot(res: dict, path: str) -> bool:
+  """The chart (throughput ratios per input length, decode latency per batch); False when
+  matplotlib is missing (said on stderr)."""
+  try:
+    import matplotlib
+  except ImportError:
+    _log(f"matplotlib is not installed: no chart written ({path}); the JSON has every number")
+    return False
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   vs = res["variants"]
@@ -482,11 +495,14 @@ def plot(res: dict, path: str) -> None:
   fig.suptitle(f"{res['preset']} ({res['layers']} layers), TP={res['tp']}, {res['device']}")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  return True
 
 
 # --- main ------------------------------------------------------------------------------------
 
-def run(args, on_gpu: bool) -> dict:
+def run(args, on_gpu: bool, hf: dict | None = None) -> dict:
+  """Every variant over the workload.  ``hf``: the transformers reference measured before JAX
+  took the GPU (``main``); in the CPU dry run it is measured here."""
   import jax
   from weave_jax import init_random, make_mesh
   cfg = model_config(args)
@@ -505,10 +521,11 @@ def run(args, on_gpu: bool) -> dict:
     _log("TP=1: no communication, every variant is one program; running it once as 'tp1'")
   _log(f"{args.preset}: {cfg.num_layers} layers" + (" (cut with --layers: compare ratios, not "
                                                    "absolute tokens/s)" if args.layers else ""))
-  hf_scale = (64, 512) if on_gpu else (2, 16)        # (prompts, input tokens)
   if args.hf_reference:
-    res["hf_reference"] = hf_reference(cfg, args, "cuda" if on_gpu else "cpu", *hf_scale)
+    res["hf_reference"] = hf or hf_reference(cfg, args, "cpu", *HF_SCALE_CPU)
+    hf_scale = (res["hf_reference"]["n_prompts"], res["hf_reference"]["in_len"])
   model = init_random(cfg, make_mesh(tp))
+  measured = measure_device(small=not on_gpu) if args.hf_reference else None
   for v in res["variants"]:
     run_cfg, note = run_config(v, args, on_gpu)
     if note:
@@ -533,11 +550,12 @@ def run(args, on_gpu: bool) -> dict:
     if args.hf_reference and v == res["variants"][-1]:
       res["same_as_hf"] = throughput(llm, random_prompts(*hf_scale, cfg.vocab_size, 7),
                                      args.output_len, f"{v} hf workload")
-      res["roofline"] = roofline(llm, cfg, tp, args, res, small=not on_gpu)
     if args.profile:
       res.setdefault("profiles", {})[v] = profile(llm, v, args, chunk)
     del llm
     gc.collect()
+  if measured:
+    res["roofline"] = roofline(weight_bytes_per_rank(model), measured, cfg, tp, args, res)
   return res
 
 
@@ -586,8 +604,7 @@ def write_results(res: dict, json_path: str | None, png_path: str | None) -> Non
     with open(json_path, "w") as f:
       json.dump(res, f, indent=1)
     _log(f"results written to {os.path.normpath(json_path)}")
-  if png_path:
-    plot(res, png_path)
+  if png_path and plot(res, png_path):
     _log(f"chart written to {png_path}")
 
 
@@ -612,11 +629,13 @@ def main(argv=None) -> int:
       write_results(res, _suffixed(args.json, f"_tp{tp}"), _suffixed(args.png, f"_tp{tp}"))
     print(f"[dry-run] {'ok' if not failures else f'{failures} variant(s) differ'}", flush=True)
     return 1 if failures else 0
+  # transformers first, in a child process: once JAX starts it holds most of the GPU memory
+  hf = hf_reference(model_config(args), args, "cuda", *HF_SCALE_GPU) if args.hf_reference else None
   import jax
-  if jax.default_backend() != "gpu" and (shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0")):
-    raise SystemExit("bench_serve: JAX runs on CPU on a machine with NVIDIA GPUs; install JAX's "
-                     "CUDA plugin (run/bench.sh) or use --dry-run")
-  res = run(args, on_gpu=jax.default_backend() == "gpu")
+  if jax.default_backend() != "gpu":
+    raise SystemExit("bench_serve: JAX sees no GPU; install JAX's CUDA plugin (run/bench.sh), "
+                     "or use --dry-run for the CPU check")
+  res = run(args, on_gpu=True, hf=hf)
   print(table(res), flush=True)
   failures = greedy_verdict(res)
   out = args.json or os.path.join(RESULTS, f"serve_{res['preset']}_"
