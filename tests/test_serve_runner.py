@@ -92,9 +92,12 @@ def after_mixed(model_at):
 
 
 def test_chunked_prefill_equals_one_shot(model_at, dense):
+  """Three chunks submitted back to back (no wait between steps), then collected."""
   runner = make_runner(model_at, 2, RunConfig())
-  for lo, hi in ((0, 7), (7, 16), (16, 21)):              # crosses the page boundary at 16
-    res = runner.execute([chunk(0, lo, hi)], return_logits=True)
+  bounds = ((0, 7), (7, 16), (16, 21))                     # crosses the page boundary at 16
+  pending = [runner.submit([chunk(0, lo, hi)]) for lo, hi in bounds]
+  for p, (lo, hi) in zip(pending, bounds):
+    res = runner.collect(p, return_logits=True)
     assert res.kind == "unsplit"
     assert rel_err(res.logits[0], dense[0][hi - 1]) < 1e-5
     assert res.tokens[0] == dense[0][hi - 1].argmax()

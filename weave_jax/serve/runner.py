@@ -2,6 +2,7 @@
 
     runner = ModelRunner(model, mesh, RunConfig(backend="rs_ag", weave=True), num_pages=...)
     result = runner.execute(chunks)          # list[ScheduledChunk] -> StepResult
+    pending = runner.submit(chunks); ...; result = runner.collect(pending)   # same, split
 
 A step is any mix of decode tokens and prefill chunks (each after its cached prefix).  It runs
 the prefill forward's stage chain (``weave.run``: embedding, then attention and MLP per layer,
@@ -61,6 +62,16 @@ class StepResult:
   logprobs: np.ndarray         # (len(chunks),) float32: log-prob of that token (same)
   kind: str                    # "woven" | "unsplit" | "decode"
   logits: np.ndarray | None = None   # (len(chunks), V) float32 with return_logits (same rows)
+
+
+@dataclasses.dataclass
+class PendingStep:
+  """A step that ``ModelRunner.submit`` enqueued; ``ModelRunner.collect`` waits for it."""
+  out: jax.Array               # (2, R) int32 on device: tokens, float32 logprobs bit-cast
+  logits: jax.Array            # (R, V) float32 on device
+  which: np.ndarray            # indices of the chunks that sample (their rows, in order)
+  num_chunks: int
+  kind: str
 
 
 # --- attention dispatch --------------------------------------------------------------------------
@@ -324,6 +335,11 @@ class ModelRunner:
 
     ``return_logits``: also fetch the sampled rows' float32 logits (tests).
     """
+    return self.collect(self.submit(chunks), return_logits)
+
+  def submit(self, chunks) -> PendingStep:
+    """Check the chunks, build the metadata, and enqueue the step and its sampler; returns at
+    once (JAX dispatch is asynchronous), so host work can overlap the device's."""
     batch = step_inputs.check_and_flatten(chunks, self.limits)
     n = batch.num_tokens
     shape = self.shape(self.bucket(n), decode=batch.is_decode)
@@ -335,17 +351,23 @@ class ModelRunner:
     mode = sampler.mode_for(params, self.cfg.vocab_size)
     with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
       out, logits = self.launch(shape, jax.device_put(packed, self._replicated), mode)
-      host = np.asarray(out)[:, :which.size]
-    tokens = np.zeros(len(chunks), np.int32)
-    logprobs = np.zeros(len(chunks), np.float32)
+    kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
+    return PendingStep(out, logits, which, len(chunks), kind)
+
+  def collect(self, pending: PendingStep, return_logits: bool = False) -> StepResult:
+    """Wait for a submitted step's sampled ids (the only transfer back) and return them."""
+    which = pending.which
+    with self.engine._timeouts():
+      host = np.asarray(pending.out)[:, :which.size]
+    tokens = np.zeros(pending.num_chunks, np.int32)
+    logprobs = np.zeros(pending.num_chunks, np.float32)
     tokens[which] = host[0]
     logprobs[which] = host[1].view(np.float32)
-    kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
     rows = None
     if return_logits:
-      rows = np.zeros((len(chunks), self.cfg.vocab_size), np.float32)
-      rows[which] = np.asarray(logits)[:which.size]
-    return StepResult(tokens, logprobs, kind, rows)
+      rows = np.zeros((pending.num_chunks, self.cfg.vocab_size), np.float32)
+      rows[which] = np.asarray(pending.logits)[:which.size]
+    return StepResult(tokens, logprobs, pending.kind, rows)
 
   def launch(self, shape: StepShape, packed: jax.Array, mode: str):
     """Enqueue the step and its sampler on a placed packed buffer; the cache moves on.
