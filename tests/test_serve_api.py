@@ -12,6 +12,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from test_serve_parity import VOCAB, hf_greedy, prompts, save_family  # noqa: E402
 
+from weave_jax import make_mesh  # noqa: E402
 from weave_jax.serve.llm import LLM  # noqa: E402
 from weave_jax.serve.sampling_params import SamplingParams  # noqa: E402
 
@@ -164,8 +165,9 @@ def test_sampling_is_seeded(served):
   assert [o.token_ids for o in tiny_p] == refs[:4]
 
 
-def test_preset_takes_token_ids_only():
-  llm = LLM("tiny", tp=1, max_model_len=32, num_pages=8, max_num_batched_tokens=16,
+def test_random_weights_take_token_ids_only():
+  from test_serve_soak import CFG, numpy_random_model      # random weights, no tokenizer
+  llm = LLM(numpy_random_model(CFG, make_mesh(1)), tp=1, max_model_len=32, num_pages=8, max_num_batched_tokens=16,
             max_num_seqs=4, compile_ahead=False)
   assert llm.tokenizer is None and llm.eos_token_ids == ()
   with pytest.raises(ValueError, match="request 0: a text prompt needs a tokenizer"):
