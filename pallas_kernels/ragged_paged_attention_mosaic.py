@@ -223,12 +223,16 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *rest, group, page, sm
   last = jnp.minimum(first + per_split, n_steps)
   used_pages = pl.cdiv(kv_len, jnp.int32(page))
 
-  def issue(step, slot, parts=("k", "v")):
-    """TMA copies of step ``step``'s pages into ring slot ``slot``."""
-    for p in range(pages_per_step):
-      # Never past the request's last used page: later slots of the step are masked anyway.
-      idx = jnp.minimum(step * pages_per_step + p, used_pages - 1)
-      page_id = bt_ref[req, idx]
+  def page_ids(step):
+    """Step ``step``'s page ids (scalar GMEM loads); any step index is safe to read."""
+    # Never past the request's last used page: later slots of the step are masked anyway.
+    return [bt_ref[req, jnp.minimum(step * pages_per_step + p, used_pages - 1)]
+            for p in range(pages_per_step)]
+
+  def issue(step, slot, ids=None, parts=("k", "v")):
+    """TMA copies of step ``step``'s pages (ids from ``page_ids``) into ring slot ``slot``."""
+    ids = page_ids(step) if ids is None else ids
+    for p, page_id in enumerate(ids):
       rows = pl.ds(p * page, page)
       if "k" in parts:
         plgpu.copy_gmem_to_smem(k_ref.at[page_id, :, head], k_smem.at[slot, rows],
@@ -250,9 +254,12 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *rest, group, page, sm
   if consumers == 1:
     prologue()
 
-    def refill(step, slot):
-      pl.when(step + stages < last)(functools.partial(issue, step + stages, slot))
-    compute(0, release_k=None, release_v=refill)
+    def refill(step, slot, ids):
+      pl.when(step + stages < last)(functools.partial(issue, step + stages, slot, ids))
+    # The refill's page ids are loaded at the top of the step, so their GMEM latency hides
+    # behind the step's two wgmmas instead of delaying the refill.
+    compute(0, lookahead=lambda step: page_ids(step + stages), release_k=None,
+            release_v=refill)
     return
 
   k_free, v_free = free_bars
@@ -266,24 +273,28 @@ def _kernel(meta_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *rest, group, page, sm
     @pl.loop(first + stages, last)
     def _refill(step):
       slot = lax.rem(step - first, jnp.int32(stages))
+      ids = page_ids(step)                      # loaded while the slot is still in use
       plgpu.barrier_wait(k_free.at[slot])       # every compute warpgroup is done with K
-      issue(step, slot, ("k",))
+      issue(step, slot, ids, ("k",))
       plgpu.barrier_wait(v_free.at[slot])
-      issue(step, slot, ("v",))
+      issue(step, slot, ids, ("v",))
 
   @pl.when(wg < consumers)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    compute(wg, release_k=lambda step, slot: plgpu.barrier_arrive(k_free.at[slot]),
-            release_v=lambda step, slot: plgpu.barrier_arrive(v_free.at[slot]))
+    compute(wg, lookahead=lambda step: None,
+            release_k=lambda step, slot: plgpu.barrier_arrive(k_free.at[slot]),
+            release_v=lambda step, slot, _: plgpu.barrier_arrive(v_free.at[slot]))
 
 
-def _compute_warpgroup(wg, *, release_k, release_v, q_ref, o_ref, lse_ref, q_smem, k_smem,
-                       v_smem, lse_smem, q_bar, k_bar, v_bar, tile, head, split, row_off,
+def _compute_warpgroup(wg, *, lookahead, release_k, release_v, q_ref, o_ref, lse_ref, q_smem,
+                       k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, tile, head, split, row_off,
                        pos_base, kv_len, first, last, group, sm_scale, stages, consumers,
                        dtype):
   """Warpgroup ``wg``'s 64 query rows of the tile over KV steps [first, last): online softmax
-  in float32; ``release_k/v(step, slot)`` run once the warpgroup no longer reads the slot."""
+  in float32.  Hooks: ``lookahead(step)`` runs at the top of each step; ``release_k(step,
+  slot)`` and ``release_v(step, slot, lookahead's result)`` once the warpgroup no longer reads
+  the slot's K, V."""
   bkv, d = k_smem.shape[1], k_smem.shape[2]
   q_sub = q_smem.at[wg]
   my_row_off = row_off + wg * WG_ROWS
@@ -315,6 +326,7 @@ def _compute_warpgroup(wg, *, release_k, release_v, q_ref, o_ref, lse_ref, q_sme
   def body(step, carry, *, masked: bool):
     acc, m_i, l_i = carry
     slot = lax.rem(step - first, jnp.int32(stages))
+    ahead = lookahead(step)
     plgpu.barrier_wait(k_bar.at[slot])
     s = scores(slot) * (sm_scale * _LOG2E)                        # (64, BKV) log2 units
     if release_k is not None:
@@ -338,7 +350,7 @@ def _compute_warpgroup(wg, *, release_k, release_v, q_ref, o_ref, lse_ref, q_sme
     def pv(acc_ref):
       plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-    release_v(step, slot)
+    release_v(step, slot, ahead)
     return acc, m_new, l_i
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
