@@ -568,8 +568,9 @@ def greedy_check(llm, prompts) -> list[list[int]]:
 
 
 def greedy_verdict(res: dict) -> int:
-  """Print whether each variant's greedy tokens equal the first variant's; returns the number
-  that differ (nocomm, wrong on purpose, is not compared)."""
+  """Print, per variant, how many prompts' greedy tokens equal the first variant's (and where
+  the others first differ); returns the number of variants that differ anywhere.  nocomm,
+  wrong on purpose, is not compared."""
   tokens = res.get("greedy", {})
   if not tokens:
     return 0
@@ -577,11 +578,16 @@ def greedy_verdict(res: dict) -> int:
   failures = 0
   for v, t in tokens.items():
     if v == "nocomm":
-      print(f"greedy: nocomm not compared (no communication: wrong on purpose)")
+      print("greedy: nocomm not compared (no communication: wrong on purpose)")
       continue
-    same = t == tokens[ref_name]
-    failures += not same
-    print(f"greedy: {v} {'equals' if same else 'DIFFERS from'} {ref_name} on {len(t)} prompts")
+    ref = tokens[ref_name]
+    first = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), None)
+             for x, y in zip(t, ref)]
+    differ = [j for j in first if j is not None]
+    failures += bool(differ)
+    where = f"; the others first differ at token {sorted(differ)}" if differ else ""
+    print(f"greedy: {v}: {len(t) - len(differ)}/{len(t)} prompts equal {ref_name}'s 16 "
+          f"tokens{where}")
   return failures
 
 
