@@ -187,9 +187,9 @@ def throughput(llm, prompts, output_len: int, label: str) -> dict:
          "steps": kinds, "preemptions": llm.scheduler.num_preemptions - pre,
          "median_ttft_s": statistics.median(ttft),
          "median_tpot_ms": statistics.median(tpot) * 1e3 if tpot else None}
+  steps = ", ".join(f"{k}: {v['steps']}" for k, v in kinds.items())
   _log(f"{label}: {res['total_tok_s']:,.0f} tok/s total, {res['output_tok_s']:,.0f} output "
-       f"tok/s, {seconds:.1f} s, steps {{{', '.join(f'{k}: {v['steps']}' for k, v in kinds.items())}}}"
-       f", {res['preemptions']} preemptions")
+       f"tok/s, {seconds:.1f} s, steps {{{steps}}}, {res['preemptions']} preemptions")
   return res
 
 
