@@ -108,7 +108,7 @@ def _next_norm(weights, i: int):
   return layers[i + 1]["attn_norm"] if i + 1 < len(layers) else weights["final_norm"]
 
 
-# --- step 1: the op.  Before: h = x = x + psum(p); h = rms_norm(x, w) ------------------------
+# --- step 1: the op, in place of  x = x + psum(partial); h = rms_norm(x, next_norm) ----------
 
 def layers_unsplit(weights, x, cfg: Config, backend):
   """x (T, H) embeddings -> final normed hidden states (T, H), one chunk."""

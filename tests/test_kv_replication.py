@@ -113,7 +113,8 @@ def test_checkpoint_across_replica_counts(tmp_path, random_models, save_tp, rest
   _assert_same(_unreplicated_state(restored), _unreplicated_state(random_models[2]))
 
 
-def _write_llama(directory, heads=8, kv=2, h=32, f=48, v=64):
+def _write_qwen2(directory, heads=8, kv=2, h=32, f=48, v=64):
+  """A one-layer Qwen2 checkpoint (biases included) of random float32 tensors; returns them."""
   d = h // heads
   cfg = dict(model_type="qwen2", vocab_size=v, hidden_size=h, intermediate_size=f,
              num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv,
@@ -122,7 +123,8 @@ def _write_llama(directory, heads=8, kv=2, h=32, f=48, v=64):
   p = "model.layers.0"
   shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
             f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (heads * d, h), f"{p}.self_attn.q_proj.bias": (heads * d,),
+            f"{p}.self_attn.q_proj.weight": (heads * d, h),
+            f"{p}.self_attn.q_proj.bias": (heads * d,),
             f"{p}.self_attn.k_proj.weight": (kv * d, h), f"{p}.self_attn.k_proj.bias": (kv * d,),
             f"{p}.self_attn.v_proj.weight": (kv * d, h), f"{p}.self_attn.v_proj.bias": (kv * d,),
             f"{p}.self_attn.o_proj.weight": (h, heads * d), f"{p}.mlp.gate_proj.weight": (f, h),
@@ -135,8 +137,9 @@ def _write_llama(directory, heads=8, kv=2, h=32, f=48, v=64):
 
 
 def test_each_device_reads_only_its_kv_head(tmp_path, monkeypatch):
-  """At TP 8 over 2 KV heads, a device reads D rows of k_proj (its head), G/r heads of q_proj."""
-  tensors = _write_llama(tmp_path)
+  """At TP 8 over 2 KV heads, a device reads D rows of k_proj (its head) and of q_proj (its one
+  query head), and the loaded qkv / bias hold each k/v head 4 times."""
+  tensors = _write_qwen2(tmp_path)
   reads = []
   original = _Safetensors.read
   monkeypatch.setattr(_Safetensors, "read",
