@@ -340,3 +340,32 @@ def test_engine_call_turns_a_timeout_into_the_rank_and_barrier_error(engine, mon
   monkeypatch.setattr(engine, "prepare", lambda *a: (plan, failing, ()))
   with pytest.raises(FusedTimeoutError, match="rank 0 barrier 1"):
     engine(np.arange(4))
+
+
+JUNK = (None, -1, 0, 1, 2, 7, 129, 2000, 1.5, float("nan"), True, "", "auto", "x", [], {},
+        (1,), object(), np.int32(8), np.float32(2.0))
+
+
+@pytest.mark.parametrize("cls", [FusedOptions, RunConfig])
+def test_fuzzed_fields_raise_only_value_or_type_errors(cls):
+  """Any junk value in any field either builds a hashable config or raises ValueError /
+  TypeError naming the class (never another exception, never a silent bad config)."""
+  for field in dataclasses.fields(cls):
+    for value in JUNK:
+      try:
+        obj = cls(**{field.name: value})
+      except (ValueError, TypeError) as e:
+        assert cls.__name__ in str(e), (field.name, value, e)
+        continue
+      hash(obj)
+      assert getattr(obj, field.name) is value
+
+
+@pytest.mark.parametrize("value", JUNK)
+def test_fuzzed_op_arguments_raise_only_value_or_type_errors(value):
+  for name in ("eps", "axis_name", "backend"):
+    call = {**dict(eps=EPS, axis_name="tensor", backend="rs_ag"), name: value}
+    try:
+      _trace(lambda p, r, w: ops.reduce_add_norm(p, r, w, **call)[0])
+    except (ValueError, TypeError):
+      continue

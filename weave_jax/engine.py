@@ -180,9 +180,9 @@ class Engine:
     self._compiled: dict = {}
     self._warned_untuned_weave = False
 
-  def _make_workspace(self, workspace, max_tokens: int = MIN_WORKSPACE_TOKENS):
-    """The given workspace (checked against the mesh and model), or a new unopened one for a
-    fused backend; None for the XLA backends."""
+  def _make_workspace(self, workspace):
+    """The given workspace (checked against the mesh and model), or the shared one of these
+    devices for a fused backend; None for the XLA backends."""
     if self.run.backend not in FUSED:
       if workspace is not None:
         raise ValueError(f"Engine: backend {self.run.backend!r} takes no workspace")
@@ -191,7 +191,7 @@ class Engine:
     from weave_jax.fused import workspace as ws_lib
     transport = "multimem" if self.run.backend == "fused_multimem" else "peer"
     if workspace is None:
-      return ws_lib.shared(self.mesh, axis_name=AXIS, max_tokens=max_tokens,
+      return ws_lib.shared(self.mesh, axis_name=AXIS, max_tokens=MIN_WORKSPACE_TOKENS,
                            hidden=self.cfg.hidden_size, dtype=jnp.dtype(self.cfg.dtype),
                            transport=transport)
     if not isinstance(workspace, Workspace):

@@ -10,10 +10,8 @@ import warnings
 
 _REJECTED: set[str] = set()
 
-# Collective implementation by size: XLA itself lowers small all-reduces to its one-shot
-# collective kernels and large ones to NCCL.  Forcing NCCL through
-# xla_gpu_experimental_use_collective_kernels=0 fails to compile on JAX 0.11.2 ("Unsupported
-# collective: COLLECTIVE_KERNEL_INVALID", measured on 2xH200), so we keep XLA's choice.
+# XLA's own choice of collective implementation is kept: forcing NCCL
+# (xla_gpu_experimental_use_collective_kernels=0) failed to compile on JAX 0.11.2 (2026-11).
 
 
 def compile_options(platform: str, *, weave: bool) -> dict[str, object]:

@@ -22,11 +22,8 @@ TARGETS = {
     "weave_fused_start": "weave_fused_start",
     "weave_fused_done": "weave_fused_done",
 }
-# Targets XLA may capture into command buffers (CUDA graphs): registered with the
-# COMMAND_BUFFER_COMPATIBLE trait, which their handler symbols also carry (JAX 0.11.2's XLA reads
-# the symbol's).  Replay verified on 2 x H200 (2026-12-01, tests/test_fused_gpu.py: 10,000
-# replayed calls bitwise equal to the plain target's); ops.graph_target_default says where the
-# unsplit call uses it.  A plugin that refuses registration traits gets the target without them.
+# Targets XLA may capture into command buffers (CUDA graphs; replay verified 2026-12-01):
+# registered with the COMMAND_BUFFER_COMPATIBLE trait, which their handler symbols also carry.
 COMMAND_BUFFER_TARGETS = frozenset({"weave_fused_ran_graph"})
 
 

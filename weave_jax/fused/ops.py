@@ -193,10 +193,8 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, workspace: W
   target = "weave_fused_ran_graph" if cmd_buffer else "weave_fused_ran"
   out = (jax.ShapeDtypeStruct(partial.shape, partial.dtype),
          jax.ShapeDtypeStruct(residual.shape, residual.dtype))
-  # No side effect declared: programs with effects take JAX's slow dispatch path (the unsplit
-  # fused forward measured 0.80-0.99x psum with the flag, 1.02-1.07x without; 2 x H200,
-  # 2026-11-22).  Every rank runs the same SPMD program, so a call XLA drops or merges is
-  # dropped or merged on every rank and no barrier is left waiting.
+  # No side effect: effects send programs down JAX's slow dispatch path (2026-11-22).  SPMD: a
+  # call XLA drops or merges is dropped or merged on every rank, so no barrier waits alone.
   return jax.ffi.ffi_call(target, out, has_side_effect=False)(
       partial, residual, weight, eps=np.float32(eps), ctas=np.int32(grid),
       transport=np.int32(_TRANSPORTS[workspace.transport]), algo=np.int32(ALGORITHMS[algorithm]),
