@@ -185,12 +185,11 @@ def test_split_combine_weights_by_lse():
                                   "g8_d128_p128_split3"])
 def test_lowers_for_cuda(name):
   """The full Pallas -> Mosaic GPU lowering (layout inference, TMA/wgmma shapes) succeeds and
-  emits the Mosaic GPU custom call."""
+  emits the Mosaic GPU custom call, with the metadata traced as under the engine's jit."""
   args, kw = _layout_args(_layout(name))
 
   def attention(*a):
-    return rpa._attention(*a, sm_scale=0.1, num_splits=kw["num_splits"],
-                          consumers=kw["consumers"], interpret=False)
+    return ragged_paged_attention_mosaic(*a, sm_scale=0.1, **kw)
 
   text = jax.jit(attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
