@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 if "--dry-run" in sys.argv:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -424,7 +425,8 @@ def _log(msg: str) -> None:
 def table(res: dict) -> str:
   vs = res["variants"]
   base = "baseline" if "baseline" in vs else vs[0]
-  lines = [f"\n{res['preset']} ({res['layers']} layers{', cut: compare ratios' if res['cut'] else ''})"
+  cut = ", cut: compare ratios" if res["cut"] else ""
+  lines = [f"\n{res['preset']} ({res['layers']} layers{cut})"
            f", TP={res['tp']}, {res['device']}, chunk {res['chunk']}, {res['num_prompts']} "
            f"prompts, {res['output_len']} output tokens",
            f"{'input':>6} {'variant':>12} {'total tok/s':>12} {'output tok/s':>13} "
@@ -437,6 +439,7 @@ def table(res: dict) -> str:
       lines.append(f"{length:>6} {v:>12} {r['total_tok_s']:>12,.0f} {r['output_tok_s']:>13,.0f} "
                    f"{ratio:>11.3f}x {counts:>27} {r['preemptions']:>8}")
   lines += [f"note: {v}: {note}" for v, note in res.get("notes", {}).items()]
+  lines += [f"FAILED: {v}: {err}" for v, err in res.get("errors", {}).items()]
   if any(res.get("decode_ms", {}).values()):
     batches = list(next(iter(res["decode_ms"].values())))
     lines += ["", f"decode step latency (ms) at context {res['decode_context']}",
@@ -471,9 +474,12 @@ def plot(res: dict, path: str) -> bool:
     return False
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  vs = res["variants"]
-  base = "baseline" if "baseline" in vs else vs[0]
   lengths = list(res["throughput"])
+  vs = [v for v in res["variants"] if lengths and all(v in res["throughput"][n] for n in lengths)]
+  if not vs:
+    _log(f"no variant has results: no chart ({path})")
+    return False
+  base = "baseline" if "baseline" in vs else vs[0]
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
   w = 0.8 / len(vs)
   for i, v in enumerate(vs):
@@ -515,7 +521,7 @@ def run(args, on_gpu: bool, hf: dict | None = None) -> dict:
          "date": time.strftime("%Y-%m-%d"), "chunk": chunk, "num_prompts": args.num_prompts,
          "input_lens": args.input_lens, "output_len": args.output_len,
          "max_num_seqs": args.max_num_seqs, "decode_context": args.decode_context,
-         "variants": variant_names(tp, args.variants), "notes": {}, "throughput": {},
+         "variants": variant_names(tp, args.variants), "notes": {}, "errors": {}, "throughput": {},
          "decode_ms": {}, "command": " ".join(sys.argv)}
   if tp == 1:
     _log("TP=1: no communication, every variant is one program; running it once as 'tp1'")
@@ -523,40 +529,51 @@ def run(args, on_gpu: bool, hf: dict | None = None) -> dict:
                                                    "absolute tokens/s)" if args.layers else ""))
   if args.hf_reference:
     res["hf_reference"] = hf or hf_reference(cfg, args, "cpu", *HF_SCALE_CPU)
-    hf_scale = (res["hf_reference"]["n_prompts"], res["hf_reference"]["in_len"])
   model = init_random(cfg, make_mesh(tp))
   measured = measure_device(small=not on_gpu) if args.hf_reference else None
   for v in res["variants"]:
-    run_cfg, note = run_config(v, args, on_gpu)
-    if note:
-      res["notes"][v] = note
-      _log(f"{v}: {note}")
-    _log(f"{v}: building ({run_cfg})")
-    llm = build_llm(model, tp, run_cfg, max_model_len=max_model_len, chunk=chunk,
-                    max_num_seqs=args.max_num_seqs, num_pages=args.num_pages,
-                    memory_fraction=args.memory_fraction)
-    print(f"plan of {v}:\n" + "\n".join(plan_lines(llm)), flush=True)
-    throughput(llm, random_prompts(min(8, args.num_prompts), min(args.input_lens),
-                                   cfg.vocab_size, 99), 4, f"{v} warm-up")
-    for length in args.input_lens:
-      prompts = random_prompts(args.num_prompts, length, cfg.vocab_size, length)
-      res["throughput"].setdefault(str(length), {})[v] = throughput(
-          llm, prompts, args.output_len, f"{v} input {length}")
-    res["decode_ms"][v] = decode_latency(llm, args.decode_batches, args.decode_context,
-                                         args.decode_iters, v)
-    if args.greedy_prompts:
-      res.setdefault("greedy", {})[v] = greedy_check(llm, random_prompts(
-          args.greedy_prompts, min(args.input_lens), cfg.vocab_size, 3))
-    if args.hf_reference and v == res["variants"][-1]:
-      res["same_as_hf"] = throughput(llm, random_prompts(*hf_scale, cfg.vocab_size, 7),
-                                     args.output_len, f"{v} hf workload")
-    if args.profile:
-      res.setdefault("profiles", {})[v] = profile(llm, v, args, chunk)
-    del llm
+    try:
+      run_variant(v, model, cfg, tp, chunk, max_model_len, args, on_gpu, res)
+    except Exception as e:              # one variant's failure must not lose the others' numbers
+      traceback.print_exc()
+      res["errors"][v] = f"{type(e).__name__}: {e}"
+      _log(f"{v}: FAILED ({res['errors'][v]}); going on with the other variants")
     gc.collect()
   if measured:
     res["roofline"] = roofline(weight_bytes_per_rank(model), measured, cfg, tp, args, res)
   return res
+
+
+def run_variant(v: str, model, cfg, tp: int, chunk: int, max_model_len: int, args, on_gpu: bool,
+                res: dict) -> None:
+  """One variant: build its LLM on the shared weights, run every workload, record in ``res``."""
+  run_cfg, note = run_config(v, args, on_gpu)
+  if note:
+    res["notes"][v] = note
+    _log(f"{v}: {note}")
+  _log(f"{v}: building ({run_cfg})")
+  llm = build_llm(model, tp, run_cfg, max_model_len=max_model_len, chunk=chunk,
+                  max_num_seqs=args.max_num_seqs, num_pages=args.num_pages,
+                  memory_fraction=args.memory_fraction)
+  print(f"plan of {v}:\n" + "\n".join(plan_lines(llm)), flush=True)
+  throughput(llm, random_prompts(min(8, args.num_prompts), min(args.input_lens),
+                                 cfg.vocab_size, 99), 4, f"{v} warm-up")
+  for length in args.input_lens:
+    prompts = random_prompts(args.num_prompts, length, cfg.vocab_size, length)
+    res["throughput"].setdefault(str(length), {})[v] = throughput(
+        llm, prompts, args.output_len, f"{v} input {length}")
+  res["decode_ms"][v] = decode_latency(llm, args.decode_batches, args.decode_context,
+                                       args.decode_iters, v)
+  if args.greedy_prompts:
+    res.setdefault("greedy", {})[v] = greedy_check(llm, random_prompts(
+        args.greedy_prompts, min(args.input_lens), cfg.vocab_size, 3))
+  if args.hf_reference and v == res["variants"][-1]:
+    hf = res["hf_reference"]
+    res["same_as_hf"] = throughput(llm, random_prompts(hf["n_prompts"], hf["in_len"],
+                                                       cfg.vocab_size, 7),
+                                   args.output_len, f"{v} hf workload")
+  if args.profile:
+    res.setdefault("profiles", {})[v] = profile(llm, v, args, chunk)
 
 
 def greedy_check(llm, prompts) -> list[list[int]]:
@@ -631,9 +648,10 @@ def main(argv=None) -> int:
     for tp in args.dry_tps:
       res = run(dry_args(args, tp), on_gpu=False)
       print(table(res), flush=True)
-      failures += greedy_verdict(res)
+      failures += greedy_verdict(res) + len(res["errors"])
       write_results(res, _suffixed(args.json, f"_tp{tp}"), _suffixed(args.png, f"_tp{tp}"))
-    print(f"[dry-run] {'ok' if not failures else f'{failures} variant(s) differ'}", flush=True)
+    verdict = "ok" if not failures else f"{failures} variant(s) failed or differ"
+    print(f"[dry-run] {verdict}", flush=True)
     return 1 if failures else 0
   # transformers first, in a child process: once JAX starts it holds most of the GPU memory
   hf = hf_reference(model_config(args), args, "cuda", *HF_SCALE_GPU) if args.hf_reference else None
@@ -643,7 +661,7 @@ def main(argv=None) -> int:
                      "or use --dry-run for the CPU check")
   res = run(args, on_gpu=True, hf=hf)
   print(table(res), flush=True)
-  failures = greedy_verdict(res)
+  failures = greedy_verdict(res) + len(res["errors"])
   out = args.json or os.path.join(RESULTS, f"serve_{res['preset']}_"
                                   f"{res['device'].replace(' ', '_')}_tp{res['tp']}.json")
   write_results(res, out, args.png or os.path.splitext(out)[0] + ".png")

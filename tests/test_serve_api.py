@@ -33,8 +33,8 @@ def as_text(ids) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  """(llm, references of prompts(1) at 8 tokens, eos id, model directory).  EOS is a token that greedy decoding
-  of prompt 0 reaches at its 6th step."""
+  """(llm, references of prompts(1) at 8 tokens, eos id, model directory).  EOS is a token
+  that greedy decoding of prompt 0 reaches at its 6th step."""
   directory = str(tmp_path_factory.mktemp("llama_tok"))
   model = save_family("llama", directory)
   write_word_tokenizer(directory)
@@ -167,8 +167,8 @@ def test_sampling_is_seeded(served):
 
 def test_random_weights_take_token_ids_only():
   from test_serve_soak import CFG, numpy_random_model      # random weights, no tokenizer
-  llm = LLM(numpy_random_model(CFG, make_mesh(1)), tp=1, max_model_len=32, num_pages=8, max_num_batched_tokens=16,
-            max_num_seqs=4, compile_ahead=False)
+  llm = LLM(numpy_random_model(CFG, make_mesh(1)), tp=1, max_model_len=32, num_pages=8,
+            max_num_batched_tokens=16, max_num_seqs=4, compile_ahead=False)
   assert llm.tokenizer is None and llm.eos_token_ids == ()
   with pytest.raises(ValueError, match="request 0: a text prompt needs a tokenizer"):
     llm.generate("hello", progress=False)

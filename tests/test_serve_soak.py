@@ -43,8 +43,9 @@ def numpy_random_model(cfg: ModelConfig, mesh, seed: int = 0):
 
 
 def test_soak_2000_requests_equal_alone_runs_and_free_every_page():
-  llm = LLM(numpy_random_model(CFG, make_mesh(1)), tp=1, backend="psum", weave=False, max_model_len=64, page_size=4,
-            num_pages=40, max_num_batched_tokens=32, max_num_seqs=16, compile_ahead=False)
+  llm = LLM(numpy_random_model(CFG, make_mesh(1)), tp=1, backend="psum", weave=False,
+            max_model_len=64, page_size=4, num_pages=40, max_num_batched_tokens=32,
+            max_num_seqs=16, compile_ahead=False)
   free_at_start = llm.scheduler.blocks.num_free_pages
   rng = np.random.RandomState(0)
   prompts = [rng.randint(0, CFG.vocab_size, rng.randint(1, 41)).tolist()
