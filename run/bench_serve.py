@@ -125,14 +125,17 @@ def variant_names(tp: int, requested: list[str]) -> list[str]:
 
 
 def run_config(variant: str, args, on_gpu: bool):
-  """(RunConfig, note): fused_p2p becomes rs_ag off GPU (note says so)."""
+  """(RunConfig, note): fused_p2p becomes rs_ag off GPU (note says so).  Only fused+weave, the
+  library default, lets the tuning table pick the backend per bucket (``backend_by_size``);
+  the others run their own backend at every size (plan lines print each bucket's)."""
   from weave_jax import RunConfig
   backend, weave = VARIANTS.get(variant, ("psum", False))
   note = ""
   if backend == "fused_p2p" and not on_gpu:
     backend, note = "rs_ag", "fused_p2p needs GPUs: rs_ag (same layout, XLA collectives) runs"
   min_tokens = args.weave_min_tokens if weave else None
-  return RunConfig(backend=backend, weave=weave, weave_min_tokens=min_tokens), note
+  return RunConfig(backend=backend, weave=weave, weave_min_tokens=min_tokens,
+                   backend_by_size=variant == "fused+weave"), note
 
 
 def build_llm(model, tp: int, run, *, max_model_len: int, chunk: int, max_num_seqs: int,
