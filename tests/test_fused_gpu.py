@@ -18,9 +18,9 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from weave_jax.comm.base import AXIS, rms_norm
+from weave_jax.comm.base import AXIS
 
 pytestmark = pytest.mark.gpu
 

@@ -3,7 +3,6 @@ import gzip
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -143,7 +143,7 @@ def test_device_ownership_and_the_copy_engine_rendezvous(monkeypatch):
 def test_two_engines_with_their_own_workspaces_coexist():
   """Two engines in one process with different configurations and explicit Workspace objects
   (XLA backends run here; fused ones are checked against their workspace at construction)."""
-  cfg = preset("tiny", dtype="bfloat16")
+  cfg = preset("tiny", num_layers=1, dtype="bfloat16")
   mesh = make_mesh(2)
   model = init_random(cfg, mesh)
   ws_a = Workspace(mesh, max_tokens=128, hidden=cfg.hidden_size, dtype=cfg.dtype)
@@ -172,7 +172,7 @@ def test_two_engines_with_their_own_workspaces_coexist():
 
 def test_engines_without_a_workspace_share_one_that_grows(monkeypatch):
   monkeypatch.setattr(ws_lib, "_SHARED", {})
-  cfg = preset("tiny", dtype="bfloat16")
+  cfg = preset("tiny", num_layers=1, dtype="bfloat16")
   mesh = make_mesh(2)
   model = init_random(cfg, mesh)
   a = Engine(model, mesh, RunConfig(backend="fused_p2p"))
@@ -181,7 +181,7 @@ def test_engines_without_a_workspace_share_one_that_grows(monkeypatch):
   a.workspace.grow(max_tokens=40000)
   assert b.workspace.max_tokens == 40000 and b.workspace.hidden == cfg.hidden_size
   with pytest.raises(ValueError, match="needs its own Workspace"):
-    Engine(init_random(preset("tiny", dtype="float16"), mesh), mesh,
+    Engine(init_random(preset("tiny", num_layers=1, dtype="float16"), mesh), mesh,
            RunConfig(backend="fused_p2p"))
   with pytest.raises(ValueError, match="hidden=12 must be a multiple of 8"):
     a.workspace.grow(hidden=12)
