@@ -78,7 +78,9 @@ def test_bad_inputs_raise_before_launch(fake_ws, args, kw, exc, msg):
 def test_only_the_product_algorithms_have_codes():
   """The FFI ABI: 0 two_shot, 1 copy_engine, 2 one_shot; codes 3-6 (comparison variants) are
   never sent."""
+  from weave_jax import options
   assert ops.ALGORITHMS == {"two_shot": 0, "copy_engine": 1, "one_shot": 2}
+  assert set(options.ALGORITHMS) == set(ops.ALGORITHMS)
 
 
 def test_one_shot_capacity_and_auto_choice(monkeypatch):
