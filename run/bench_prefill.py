@@ -90,8 +90,8 @@ def parse_args(argv=None):
                       "fused+weave on GPU when the FFI library is built)")
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--shard-of", type=int, default=None, metavar="N",
-                 help="build one TP=N rank's shapes (heads, KV heads and FFN divided by N; "
-                      "dense presets) and run them on one device: the compute of a TP=N rank "
+                 help="build one TP=N rank's shapes (heads, KV heads and FFN divided by N, KV "
+                      "heads replicated first where N exceeds them; dense presets) and run them on one device: the compute of a TP=N rank "
                       "on one GPU.  Only the nocomm variants, which have no communication to "
                       "leave out")
   p.add_argument("--warmup", type=int, default=3)
@@ -153,13 +153,19 @@ def make_engine(model, mesh, variant: str, args) -> Engine:
 
 
 def rank_shapes(cfg, n: int):
-  """The shapes one rank of TP=n holds (dense models): heads, KV heads and FFN divided by n."""
+  """The shapes one rank of TP=n holds (dense models): heads, KV heads and FFN divided by n.
+
+  Where n exceeds the KV heads, they are first replicated as the TP=n model lays them out
+  (``cfg.for_tp(n)``), so each rank holds one KV head; the rank's model is standalone
+  (``kv_replicas=1``).
+  """
   if cfg.is_moe:
     raise ValueError("--shard-of: MoE presets shard their experts, not one rank's shapes; "
                      "use a dense preset")
-  cfg.check_tp(n)
-  return cfg.replace(num_heads=cfg.num_heads // n, num_kv_heads=cfg.num_kv_heads // n,
-                     intermediate_size=cfg.intermediate_size // n)
+  laid_out = cfg.for_tp(n)
+  return laid_out.replace(num_heads=laid_out.num_heads // n,
+                          num_kv_heads=laid_out.num_kv_heads // n, kv_replicas=1,
+                          intermediate_size=laid_out.intermediate_size // n)
 
 
 def build(args):

@@ -81,8 +81,10 @@ def test_shard_of_runs_one_ranks_shapes(bench_prefill, tmp_path):
       32, 4, 14336, 8192)
   with pytest.raises(ValueError, match="MoE"):
     bench_prefill.rank_shapes(preset("mixtral-8x22b"), 2)
-  with pytest.raises(ValueError, match="TP size 4 does not divide num_kv_heads=2"):
-    bench_prefill.rank_shapes(preset("tiny", num_kv_heads=2), 4)
+  replicated = bench_prefill.rank_shapes(preset("tiny", num_kv_heads=2), 4)   # KV heads x2
+  assert (replicated.num_heads, replicated.num_kv_heads, replicated.kv_replicas) == (4, 1, 1)
+  with pytest.raises(ValueError, match="TP size 8 is larger than num_kv_heads=3"):
+    bench_prefill.rank_shapes(preset("tiny", num_heads=24, num_kv_heads=3), 8)
   for bad in (["--shard-of", "2"], ["--shard-of", "2", "--variants", "baseline", "nocomm"],
               ["--shard-of", "3", "--variants", "nocomm"],
               ["--shard-of", "2", "--tp", "2", "--variants", "nocomm"]):
