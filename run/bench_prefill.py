@@ -91,9 +91,9 @@ def parse_args(argv=None):
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--shard-of", type=int, default=None, metavar="N",
                  help="build one TP=N rank's shapes (heads, KV heads and FFN divided by N, KV "
-                      "heads replicated first where N exceeds them; dense presets) and run them on one device: the compute of a TP=N rank "
-                      "on one GPU.  Only the nocomm variants, which have no communication to "
-                      "leave out")
+                      "heads replicated first where N exceeds them; dense presets) and run "
+                      "them on one device: the compute of a TP=N rank on one GPU.  Only the "
+                      "nocomm variants, which have no communication to leave out")
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--iters", type=int, default=20 if gpu else 5)
   p.add_argument("--weave-min-tokens", type=int, default=None,

@@ -32,7 +32,8 @@ def parse_variant(name: str) -> tuple[str, dict]:
   "weave_ctas": 8, "weave_algorithm": "two_shot"})``; ``"baseline"`` -> ``("baseline", {})``.
 
   Raises ValueError for an unknown name, or options on a variant without the fused kernel.
-  (``FusedOptions.from_dict`` validates the option names and values when the engine is built.)
+  (``variant_arg`` and the engine validate the option names and values with
+  ``FusedOptions.from_dict``.)
   """
   head, _, opts = name.partition(":")
   base, at, ctas = head.partition("@")
@@ -55,8 +56,11 @@ def parse_variant(name: str) -> tuple[str, dict]:
 
 
 def variant_arg(name: str) -> str:
-  """argparse ``type`` for variant names (argparse turns the ValueError into a usage error)."""
-  parse_variant(name)
+  """argparse ``type`` for variant names: the name and its fused options are validated at
+  parse time (argparse turns the ValueError into a usage error), before any model is built."""
+  _, options = parse_variant(name)
+  if options:
+    FusedOptions.from_dict(options)
   return name
 
 

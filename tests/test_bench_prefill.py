@@ -135,8 +135,8 @@ def test_datasheet_peaks(bench_prefill):
 def test_variant_names(bench_prefill):
   import run_common  # bench_prefill put run/ on sys.path
   assert run_common.parse_variant("fused+weave@8") == ("fused+weave", {"ctas": 8, "weave_ctas": 8})
-  assert run_common.parse_variant("fused+weave@16:side_priority=normal,algorithm=two_shot") == (
-      "fused+weave", {"ctas": 16, "weave_ctas": 16, "side_priority": "normal",
+  assert run_common.parse_variant("fused+weave@16:weave_algorithm=one_shot,algorithm=two_shot") == (
+      "fused+weave", {"ctas": 16, "weave_ctas": 16, "weave_algorithm": "one_shot",
                       "algorithm": "two_shot"})
   assert run_common.parse_variant("fused:ce_ctas=64") == ("fused", {"ce_ctas": 64})
   assert run_common.parse_variant("nocomm+weave") == ("nocomm+weave", {})
@@ -147,6 +147,9 @@ def test_variant_names(bench_prefill):
     bench_prefill.parse_args(["--variants", "baseline@8", "--allow-cpu"])
   with pytest.raises(SystemExit):
     bench_prefill.parse_args(["--variants", "nocomm", "nocomm", "--allow-cpu"])
+  for bad_options in ("fused+tuned:weave_algorithm=copy_engine_tma", "fused:side_priority=normal"):
+    with pytest.raises(SystemExit):   # FusedOptions refuses them at parse time
+      bench_prefill.parse_args(["--variants", bad_options, "--allow-cpu"])
   args = bench_prefill.parse_args(["--variants", "fused@16", "nocomm+weave", "--allow-cpu"])
   assert args.variants == ["fused@16", "nocomm+weave"]
 
