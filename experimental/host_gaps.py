@@ -22,7 +22,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -73,63 +72,59 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from weave_jax import fused
+  from weave_jax import Workspace
+  from weave_jax.bench import time_fn
   from weave_jax.comm.base import AXIS
   from weave_jax.comm.xla import Psum
   from weave_jax.fused import ops
-  from weave_jax.fused import workspace as ws_lib
 
   gpus = jax.devices("gpu")[:2]
   mesh = jax.sharding.Mesh(np.array(gpus), (AXIS,))
-  fused.init_workspace(mesh, max_tokens=max(args.tokens, 64), hidden=args.hidden,
-                       dtype=jnp.bfloat16)
+  ws = Workspace(mesh, max_tokens=max(args.tokens, 64), hidden=args.hidden,
+                 dtype=jnp.bfloat16, axis_name=AXIS).open()
   n = args.calls
 
   def trivial(p, r, w):  # one small XLA kernel per call: the barrier stops XLA fusing them
     return jax.lax.optimization_barrier(p * w + 1), r
 
+  fused_call = lambda p, r, w, **kw: ops.fused_reduce_add_norm(p, r, w, eps=EPS, workspace=ws,
+                                                               **kw)
   steps = {
-      "fused_auto_plain": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS,
-                                                                    cmd_buffer=False),
-      "fused_auto": lambda p, r, w: ops.fused_reduce_add_norm(p, r, w, eps=EPS),  # CUDA graphs
+      "fused_auto_plain": lambda p, r, w: fused_call(p, r, w, cmd_buffer=False),
+      "fused_auto": fused_call,  # CUDA graphs
       "xla_psum_norm": lambda p, r, w: Psum().reduce_add_norm(p, r, w, eps=EPS),
       "xla_trivial_kernel": trivial,
   }
   sharded = {"xla_psum_norm": False}
   partial, residual, weight = placed_inputs(mesh, args.tokens, args.hidden, seed=0)
-  rank0 = gpus[0].id
+  rank0 = ws.ordinals[0]
 
   def wall_ms(f, a):
     """Median ms of one execution after two warm-ups."""
-    jax.block_until_ready(f(*a))
-    jax.block_until_ready(f(*a))
-    times = []
-    for _ in range(args.reps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_fn(lambda: f(*a), warmup=2, iters=args.reps).median_ms
 
-  for name, step in steps.items():
-    a = (partial, residual[sharded.get(name, True)], weight)
-    f = chain(mesh, step, sharded.get(name, True), n)
-    before = ws_lib.handler_calls()[rank0]
-    ms_n = wall_ms(f, a)
-    after = ws_lib.handler_calls()[rank0]
-    ms_1 = wall_ms(chain(mesh, step, sharded.get(name, True), 1), a)
-    # per call from the slope between 1 and n calls: the execution's fixed cost cancels
-    print(f"{name}: {ms_n * 1e3 / n:.1f} us/call wall in a chain of {n}; 1 call {ms_1 * 1e3:.1f} "
-          f"us; slope {(ms_n - ms_1) * 1e3 / (n - 1):.1f} us/call; handler invocations "
-          f"{after[0] - before[0]} ({after[1] - before[1]} under capture) for "
-          f"{n * (args.reps + 2)} calls", flush=True)
-    if name == "fused_auto":  # graphs: profiling would change what runs
-      continue
-    with tempfile.TemporaryDirectory() as logdir:
-      with jax.profiler.trace(logdir):
-        with jax.profiler.StepTraceAnnotation("step", step_num=0):
-          jax.block_until_ready(f(*a))
-      print("\n".join(host_table(logdir, n, args.top)), flush=True)
-  fused.free_workspace()
+  try:
+    for name, step in steps.items():
+      a = (partial, residual[sharded.get(name, True)], weight)
+      f = chain(mesh, step, sharded.get(name, True), n)
+      before = ws.handler_calls()[rank0]
+      ms_n = wall_ms(f, a)
+      after = ws.handler_calls()[rank0]
+      ms_1 = wall_ms(chain(mesh, step, sharded.get(name, True), 1), a)
+      # per call from the slope between 1 and n calls: the execution's fixed cost cancels
+      print(f"{name}: {ms_n * 1e3 / n:.1f} us/call wall in a chain of {n}; 1 call "
+            f"{ms_1 * 1e3:.1f} us; slope {(ms_n - ms_1) * 1e3 / (n - 1):.1f} us/call; handler "
+            f"invocations {after[0] - before[0]} ({after[1] - before[1]} under capture) for "
+            f"{n * (args.reps + 2)} calls", flush=True)
+      if name == "fused_auto":  # graphs: profiling would change what runs
+        continue
+      with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+          with jax.profiler.StepTraceAnnotation("step", step_num=0):
+            jax.block_until_ready(f(*a))
+        print("\n".join(host_table(logdir, n, args.top)), flush=True)
+  finally:
+    ws.close()
 
 
 if __name__ == "__main__":
