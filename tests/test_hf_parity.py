@@ -25,30 +25,37 @@ from weave_jax.weights import load_hf_checkpoint  # noqa: E402
 VOCAB = 250          # not a multiple of 8: exercises the padded vocab rows
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               initializer_range=0.1, attn_implementation="eager")
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=16)
+HF_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig"),
+              "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+              "mixtral": ("MixtralForCausalLM", "MixtralConfig")}
+
+
+def tiny_hf(family: str, **config):
+  """A randomly initialised transformers model of ``family`` ("llama", "qwen2", "mixtral"):
+  ``COMMON`` sizes, overridden and extended by ``config``."""
+  model_class, config_class = HF_CLASSES[family]
+  hf_config = getattr(transformers, config_class)(**{**COMMON, **config})
+  return getattr(transformers, model_class)(hf_config)
 
 
 def _llama():
-  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **COMMON, num_attention_heads=8, num_key_value_heads=4,
-      rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
-                           low_freq_factor=1.0, high_freq_factor=4.0,
-                           original_max_position_embeddings=16)))
+  return tiny_hf("llama", num_attention_heads=8, num_key_value_heads=4,
+                 rope_parameters=LLAMA3_ROPE)
 
 
 def _llama_kv2():
-  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **COMMON, num_attention_heads=8, num_key_value_heads=2))
+  return tiny_hf("llama", num_attention_heads=8, num_key_value_heads=2)
 
 
 def _qwen2():
-  return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-      **COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+  return tiny_hf("qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 def _mixtral():
-  return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-      **COMMON, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-      num_experts_per_tok=2))
+  return tiny_hf("mixtral", num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                 num_experts_per_tok=2)
 
 
 # name -> (builder, how it is written, TP sizes)

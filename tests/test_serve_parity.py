@@ -13,38 +13,32 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-from test_hf_parity import _build  # noqa: E402
+from test_hf_parity import LLAMA3_ROPE, VOCAB, _build, tiny_hf  # noqa: E402
 
 from weave_jax.serve.llm import LLM  # noqa: E402
 from weave_jax.serve.sampling_params import SamplingParams  # noqa: E402
 
-VOCAB = 250
 NEW_TOKENS = 16
 LENGTHS = (1, 3, 7, 12, 17, 23, 31, 40)
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              initializer_range=0.1, attn_implementation="eager", max_position_embeddings=128)
+SIZES = dict(intermediate_size=128, max_position_embeddings=128)
 
 
 def tiny_llama():
   # 8 KV heads: TP 8 divides them
-  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **COMMON, num_attention_heads=16, num_key_value_heads=8, head_dim=8,
-      rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
-                           low_freq_factor=1.0, high_freq_factor=4.0,
-                           original_max_position_embeddings=16)))
+  return tiny_hf("llama", **SIZES, num_attention_heads=16, num_key_value_heads=8, head_dim=8,
+                 rope_parameters=LLAMA3_ROPE)
 
 
 def tiny_qwen2():
-  return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-      **COMMON, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+  return tiny_hf("qwen2", **SIZES, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=True)
 
 
 def tiny_mixtral():
-  return transformers.MixtralForCausalLM(transformers.MixtralConfig(
-      **COMMON, num_attention_heads=8, num_key_value_heads=4, num_local_experts=4,
-      num_experts_per_tok=2))
+  return tiny_hf("mixtral", **SIZES, num_attention_heads=8, num_key_value_heads=4,
+                 num_local_experts=4, num_experts_per_tok=2)
 
 
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mixtral": tiny_mixtral}
