@@ -11,16 +11,7 @@
 #include <vector>
 
 #include "ce_tma_kernel.cuh"  // and through it the library's kernels (-I ffi)
-
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,               \
-                   cudaGetErrorString(e_));                                        \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
+#include "check/cuda_check.h"  // CHECK (-I ffi)
 
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;

@@ -26,16 +26,7 @@
 #include <vector>
 
 #include "fused_reduce_add_norm.cuh"
-
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,                  \
-                   cudaGetErrorString(e_));                                             \
-      std::exit(2);                                                                     \
-    }                                                                                   \
-  } while (0)
+#include "check/cuda_check.h"  // CHECK (-I ffi)
 
 namespace {
 
