@@ -39,10 +39,6 @@ class SchedulerOutput:
   def num_tokens(self) -> int:
     return sum(c.token_ids.size for c in self.chunks)
 
-  @property
-  def is_decode_only(self) -> bool:
-    return all(c.token_ids.size == 1 and c.sample and c.start > 0 for c in self.chunks)
-
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
