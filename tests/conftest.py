@@ -1,12 +1,16 @@
 """Test set-up: 8 virtual CPU devices (set before JAX is imported) and the ``gpu`` marker."""
+import importlib.util
 import os
+import pathlib
 import subprocess
+import sys
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -21,6 +25,25 @@ def gpu_tp() -> int:
   """TP of the multi-GPU tests: $WEAVE_TEST_TP (default 2; run/gpu_all.sh sets it on larger
   machines)."""
   return int(os.environ.get("WEAVE_TEST_TP", "2"))
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_module(path, name: str):
+  """The Python file at ``path`` (a script of run/ or examples/) imported as module ``name`` and
+  registered in ``sys.modules`` (dataclasses look their module up there)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def rel_err(a, b) -> float:
+  """Relative L2 error ||a - b|| / ||b||, computed in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 GPU_MISSING_KEY = pytest.StashKey[bool]()

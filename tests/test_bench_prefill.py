@@ -3,7 +3,6 @@
 and the interleaved timing it uses.  Timings themselves are never asserted."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_module
 
 from weave_jax import bench
 
@@ -28,10 +28,7 @@ def test_time_interleaved_alternates_calls():
 
 @pytest.fixture(scope="module")
 def bench_prefill():
-  spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "run" / "bench_prefill.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_module(ROOT / "run" / "bench_prefill.py", "bench_prefill")
 
 
 def run_on_cpu(*args: str) -> subprocess.CompletedProcess:

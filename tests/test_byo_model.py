@@ -2,13 +2,12 @@
 schedule, computes our model's logits on the same weights: TP 2 and 4, woven and unsplit, over
 the psum and rs_ag backends."""
 import ast
-import importlib.util
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_module
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -21,11 +20,7 @@ TOKENS = np.random.RandomState(0).randint(0, CFG.vocab_size, 32)
 
 
 def _load_example():
-  spec = importlib.util.spec_from_file_location("byo_llama", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module            # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  return load_module(EXAMPLE, "byo_llama")
 
 
 byo = _load_example()

@@ -3,7 +3,7 @@ within bf16 tolerance, for each model family, on random token ids in several pac
 import numpy as np
 import pytest
 
-from conftest import gpu_count, gpu_tp
+from conftest import gpu_count, gpu_tp, rel_err
 from weave_jax import Engine, ModelConfig, RunConfig, init_random, make_mesh
 from weave_jax.comm import fused_available
 
@@ -16,11 +16,6 @@ FAMILIES = {
     "mixtral": ModelConfig("mixtral", 4096, 1024, 1408, 2, 16, 4, 64, 1e-5, 1e6,
                            num_experts=4, experts_per_token=2),
 }
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def check_close(out, ref, cfg, what):

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from conftest import rel_err  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from weave_jax import Engine, RunConfig, make_mesh  # noqa: E402
@@ -69,11 +70,6 @@ CASES = {
     "mixtral_fused": (_mixtral, "fused", (2,)),       # v5 in-memory names: mlp.experts.gate_up_proj
 }
 PARAMS = [(case, tp) for case, (_, _, tps) in CASES.items() for tp in tps]
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _build(builder):

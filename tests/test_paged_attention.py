@@ -8,7 +8,6 @@ pool, NaN in every slot and page a layout does not use and in the padding query 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -24,20 +23,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+from conftest import load_module  # noqa: E402
 from pallas_kernels import attention  # noqa: E402
 from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference  # noqa: E402
 
 
-def _load_check():
-  spec = importlib.util.spec_from_file_location("check_attention_gpu",
-                                                ROOT / "run" / "check_attention_gpu.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module                                 # dataclasses look it up
-  spec.loader.exec_module(module)
-  return module
-
-
-check = _load_check()
+check = load_module(ROOT / "run" / "check_attention_gpu.py", "check_attention_gpu")
 
 
 def small_layout(seed, *, page, kv_heads, group, head_dim, dtype, tokens=40, seqs=6,

@@ -7,22 +7,16 @@ this runs a sample of it.  A missing jax-triton fails here (it is a failure of t
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
+from conftest import load_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_check():
-  spec = importlib.util.spec_from_file_location("check_attention_gpu",
-                                                ROOT / "run" / "check_attention_gpu.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return load_module(ROOT / "run" / "check_attention_gpu.py", "check_attention_gpu")
 
 
 @pytest.mark.gpu

@@ -1,6 +1,5 @@
 """``LLM``'s API on a tiny Hugging Face Llama with a tokenizer: text prompts, EOS from
 generation_config.json, streaming, the add_request/step loop, bad input, sampling with seeds."""
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import ROOT, load_module  # noqa: E402
 from test_serve_parity import VOCAB, hf_greedy, prompts, save_family  # noqa: E402
 
 from weave_jax import make_mesh  # noqa: E402
@@ -177,11 +177,7 @@ def test_random_weights_take_token_ids_only():
 
 
 def _run_script(name: str):
-  path = os.path.join(os.path.dirname(__file__), "..", "run", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"run_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(ROOT / "run" / f"{name}.py", f"run_{name}")
 
 
 def test_generate_script_streams_text(served, capsys):

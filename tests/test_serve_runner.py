@@ -10,6 +10,7 @@ One 1-layer tiny model, float32, 32-token steps (one bucket per runner: one comp
 """
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
 from weave_jax import Engine, ModelConfig, RunConfig, init_random, make_mesh, preset
@@ -22,11 +23,6 @@ _rng = np.random.RandomState(0)
 SEQS = [_rng.randint(0, CFG.vocab_size, n) for n in (21, 20, 15)]
 # Scattered page ids, so that a wrong slot mapping reads someone else's keys.
 TABLES = [np.array([5, 9], np.int32), np.array([2, 7], np.int32), np.array([11, 3], np.int32)]
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ once for the whole module.
 """
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset
@@ -26,11 +27,6 @@ PACKED_SEGMENTS = np.repeat([0, 1, 2], [11, 18, 8])      # 37 tokens; split=16 c
 PACKED_SPLIT = 16                                         # a multiple of every TP size
 _rng = np.random.RandomState(0)
 TOKENS = {n: _rng.randint(0, 512, n) for n in TOKEN_COUNTS}
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")
