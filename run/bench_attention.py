@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pallas_kernels import attention  # noqa: E402
-from weave_jax.bench import progress, time_fn  # noqa: E402
+from weave_jax.bench import progress, time_fn, write_json  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -314,10 +313,7 @@ def main(argv=None) -> int:
   out = args.json or os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
       f"attention_{device.replace(' ', '_')}_{res['date']}{'_quick' if args.quick else ''}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(res, f, indent=1)
-  progress(f"results written to {os.path.normpath(out)} ({res['seconds']:.0f} s)")
+  write_json(res, out, f" ({res['seconds']:.0f} s)")
   try:
     plot(res, out[:-5] + ".png")
     progress(f"chart written to {os.path.normpath(out[:-5] + '.png')}")

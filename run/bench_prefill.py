@@ -31,7 +31,6 @@ measured on the same device in the same run (an 8192^3 jnp.dot).  The second can
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -48,7 +47,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset  # noqa: E402
-from weave_jax.bench import layer_flops_per_rank, matmul_tflops, progress, time_interleaved  # noqa: E402
+from weave_jax.bench import (layer_flops_per_rank, matmul_tflops, progress,  # noqa: E402
+                             time_interleaved, write_json)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_common import VARIANT_HELP, engine_for, is_fused, variant_arg  # noqa: E402
@@ -338,10 +338,7 @@ def main(argv=None):
       os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results",
       f"prefill_{res['preset']}_{res['device'].replace(' ', '_')}_tp{res['tp']}"
       + (f"_shard-of-{res['shard_of']}" if res["shard_of"] else "") + f"_{res['date']}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(res, f, indent=1)
-  progress(f"results written to {os.path.normpath(out)}")
+  write_json(res, out)
   if args.png:
     plot(res, args.png)
     progress(f"chart written to {args.png}")

@@ -237,20 +237,15 @@ def fake_decode_chunks(llm, batch: int, context: int, prefill: int = 0):
 
 def decode_latency(llm, batches, context: int, iters: int, label: str) -> dict:
   """Median ms of one decode step (host packing + device + sampled ids back) per batch size."""
+  from weave_jax.bench import time_fn
   out = {}
   for b in batches:
     if b > llm.runner.max_num_seqs:
       out[str(b)] = {"skipped": f"batch > max_num_seqs={llm.runner.max_num_seqs}"}
       continue
     chunks, shared = fake_decode_chunks(llm, b, context)
-    for _ in range(3):
-      llm.runner.execute(chunks)
-    times = []
-    for _ in range(iters):
-      t = time.perf_counter()
-      llm.runner.execute(chunks)
-      times.append((time.perf_counter() - t) * 1e3)
-    out[str(b)] = {"ms": statistics.median(times), "min_ms": min(times), "shared_pages": shared}
+    t = time_fn(lambda: llm.runner.execute(chunks), warmup=3, iters=iters)
+    out[str(b)] = {"ms": t.median_ms, "min_ms": t.min_ms, "shared_pages": shared}
     _log(f"{label}: decode batch {b} at context {context}: {out[str(b)]['ms']:.2f} ms"
          + (" (prefix pages shared: the pool cannot hold every context)" if shared else ""))
   return out
@@ -623,13 +618,11 @@ def dry_args(args, tp: int) -> argparse.Namespace:
 
 
 def write_results(res: dict, json_path: str | None, png_path: str | None) -> None:
-  for path in (json_path, png_path):
-    if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  from weave_jax.bench import write_json
   if json_path:
-    with open(json_path, "w") as f:
-      json.dump(res, f, indent=1)
-    _log(f"results written to {os.path.normpath(json_path)}")
+    write_json(res, json_path)
+  if png_path:
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
   if png_path and plot(res, png_path):
     _log(f"chart written to {png_path}")
 

@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset, trace  # noqa: E402
-from weave_jax.bench import time_fn, time_interleaved  # noqa: E402
+from weave_jax.bench import time_fn, time_interleaved, write_json  # noqa: E402
 from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk, step_inputs  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -198,8 +197,7 @@ def main(argv=None):
                         "execute_ms": execute.median_ms,
                         "engine_ms": t["Engine forward"].median_ms, "ratio": ratio}
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+    write_json(results, args.json)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
 import sys
 import time
@@ -93,3 +95,12 @@ def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 50) -> float:
 def progress(msg: str) -> None:
   """One line of progress on stderr (the table goes to stdout)."""
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_json(res: dict, path: str, note: str = "") -> None:
+  """Write a benchmark's results as indented JSON to ``path`` (its folder created if missing)
+  and say so on stderr, followed by ``note``."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(res, f, indent=1)
+  progress(f"results written to {os.path.normpath(path)}{note}")
