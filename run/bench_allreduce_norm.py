@@ -334,7 +334,7 @@ def table(rows, sizes, hidden, world=2):
   return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--tp", type=int, default=2, help="GPUs in the group (the first --tp)")
   ap.add_argument("--hidden", type=int, default=8192)
@@ -356,7 +356,11 @@ def main():
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--json", help="also write the results JSON here")
-  args = ap.parse_args()
+  return ap.parse_args(argv)
+
+
+def main():
+  args = parse_args()
   sizes, t = [], args.min_tokens
   while t <= args.max_tokens:
     sizes.append(t)
