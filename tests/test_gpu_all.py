@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 import subprocess
 
 import pytest
 from conftest import ROOT, load_module
-from test_setup_env import GPU_LIST   # fake nvidia-smi -L listing $FAKE_GPUS GPUs
+from test_setup_env import GPU_LIST, fake_programs   # GPU_LIST: nvidia-smi -L of $FAKE_GPUS
 
 PYTHON_RECORDER = """#!/usr/bin/env bash
 printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"
@@ -20,11 +19,7 @@ PARSED = ("bench_allreduce_norm", "bench_prefill", "bench_serve", "bench_attenti
 
 
 def recorded_calls(tmp_path, gpus: int) -> list[list[str]]:
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  for name, text in (("recorder", PYTHON_RECORDER), ("nvidia-smi", GPU_LIST)):
-    (bin_dir / name).write_text(text)
-    (bin_dir / name).chmod(stat.S_IRWXU)
+  bin_dir = fake_programs(tmp_path / "bin", recorder=PYTHON_RECORDER, **{"nvidia-smi": GPU_LIST})
   calls = tmp_path / "calls"
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              PY=str(bin_dir / "recorder"), FAKE_GPUS=str(gpus), CALLS=str(calls),

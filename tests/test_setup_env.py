@@ -28,14 +28,20 @@ echo "Cuda compilation tools, release $FAKE_NVCC, V$FAKE_NVCC.88"
 """
 
 
+def fake_programs(directory: pathlib.Path, **programs: str) -> pathlib.Path:
+  """``directory`` (created) holding each named program's script text, executable."""
+  directory.mkdir(exist_ok=True)
+  for name, text in programs.items():
+    (directory / name).write_text(text)
+    (directory / name).chmod(stat.S_IRWXU)
+  return directory
+
+
 @pytest.fixture(scope="module")
 def fake_bin(tmp_path_factory):
   """A directory with fake nvidia-smi and nvcc, driven by FAKE_* variables."""
-  d = tmp_path_factory.mktemp("fake_bin")
-  for name, text in (("nvidia-smi", NVIDIA_SMI), ("nvcc", NVCC)):
-    (d / name).write_text(text)
-    (d / name).chmod(stat.S_IRWXU)
-  return d
+  return fake_programs(tmp_path_factory.mktemp("fake_bin"), **{"nvidia-smi": NVIDIA_SMI},
+                       nvcc=NVCC)
 
 
 def setup(fake_bin, tmp_path, extra, *, gpu=False, driver="13.0", nvcc="", cuda=None):
@@ -129,11 +135,7 @@ while [ "$i" -lt "${FAKE_GPUS:-0}" ]; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UU
 def test_bench_fits_the_machine(tmp_path, gpus):
   """bash run/bench.sh: the prefill benchmark with several GPUs or none; with one GPU the split's
   compute at one TP=2 rank's shapes, then the single-GPU benchmarks that exist."""
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  for name, text in (("python3", PYTHON_RECORDER), ("nvidia-smi", GPU_LIST)):
-    (bin_dir / name).write_text(text)
-    (bin_dir / name).chmod(stat.S_IRWXU)
+  bin_dir = fake_programs(tmp_path / "bin", python3=PYTHON_RECORDER, **{"nvidia-smi": GPU_LIST})
   calls = tmp_path / "calls"
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WEAVE_SETUP="none",
              FAKE_GPUS=str(gpus), CALLS=str(calls))
@@ -165,10 +167,7 @@ def test_on_gpu():
     (True, "cpu", "1 skipped"),     # CPU-only JAX asked for: skipped
     (False, "", "1 skipped")])      # no GPU: skipped
 def test_gpu_tests_fail_where_jax_misses_the_gpus(tmp_path, driver, platforms, want):
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "nvidia-smi").write_text(GPU_LIST)
-  (bin_dir / "nvidia-smi").chmod(stat.S_IRWXU)
+  bin_dir = fake_programs(tmp_path / "bin", **{"nvidia-smi": GPU_LIST})
   (tmp_path / "test_gpu_marked.py").write_text(GPU_TEST)
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
              FAKE_GPUS="1" if driver else "0", JAX_PLATFORMS=platforms,
