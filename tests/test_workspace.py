@@ -115,15 +115,22 @@ class _FakeLib:
     return call
 
 
-def test_device_ownership_and_the_copy_engine_rendezvous(monkeypatch):
-  """A device belongs to one open workspace; one open workspace may use the copy engines; the
-  device memory is freed when the last one closes."""
+@pytest.fixture
+def fake_lib(monkeypatch):
+  """A library that accepts every call and records its name, with no workspace open yet."""
   from weave_jax.fused import _lib
   lib = _FakeLib()
   monkeypatch.setattr(_lib, "load", lambda: lib)
   monkeypatch.setattr(_lib, "available", lambda: True)
   monkeypatch.setattr(ws_lib, "_DEVICE_OWNER", {})
   monkeypatch.setattr(ws_lib, "_RENDEZVOUS_OWNER", [])
+  return lib
+
+
+def test_device_ownership_and_the_copy_engine_rendezvous(fake_lib):
+  """A device belongs to one open workspace; one open workspace may use the copy engines; the
+  device memory is freed when the last one closes."""
+  lib = fake_lib
   gpus = [_FakeDevice(i) for i in range(6)]
   a = _ws(gpus[0:2]).open()
   assert a.is_open and a.peer_ok and lib.calls.count("weave_ws_init_local") == 1
@@ -187,13 +194,8 @@ def test_engines_without_a_workspace_share_one_that_grows(monkeypatch):
     a.workspace.grow(hidden=12)
 
 
-def test_grow_reallocates_an_open_workspace(monkeypatch):
-  from weave_jax.fused import _lib
-  lib = _FakeLib()
-  monkeypatch.setattr(_lib, "load", lambda: lib)
-  monkeypatch.setattr(_lib, "available", lambda: True)
-  monkeypatch.setattr(ws_lib, "_DEVICE_OWNER", {})
-  monkeypatch.setattr(ws_lib, "_RENDEZVOUS_OWNER", [])
+def test_grow_reallocates_an_open_workspace(fake_lib):
+  lib = fake_lib
   ws = _ws([_FakeDevice(0), _FakeDevice(1)]).open()
   ws.grow(max_tokens=32)              # already covered: nothing happens
   assert lib.calls.count("weave_ws_init_local") == 1
