@@ -32,8 +32,12 @@ def make_half(cfg: ModelConfig, tokens, positions, segments, start: int, stop: i
   return Half(tokens[start:stop], info, layers.rope_tables(cfg, info.positions))
 
 
-def build_stages(model: Transformer, attn_impl: str | None) -> list[Stage]:
-  """[embed, (attention, mlp) per layer]; each with the norm weight that follows it."""
+def chain_stages(model: Transformer, attention_stage) -> list[Stage]:
+  """[embed, (attention, mlp) per layer]; each with the norm weight that follows it.
+
+  ``attention_stage(i, layer)`` returns layer ``i``'s attention stage ``(n, h, ctx) -> (out,
+  ctx)``: the prefill's (``build_stages``) or the serving step's over KV pages.
+  """
   stages: list[Stage] = []
   embed = model.embed
   stages.append((lambda n, h, ctx: (embed(h.tokens), None),
@@ -42,15 +46,21 @@ def build_stages(model: Transformer, attn_impl: str | None) -> list[Stage]:
   for i, layer in enumerate(model.layers):
     nxt = (model.layers[i + 1].attn_norm if i + 1 < n_layers else model.final_norm).weight[...]
 
-    def attn(n, h, ctx, layer=layer):
-      return layer.attn(n, h.rope, h.info, ctx, attn_impl)
-
     def mlp(n, h, ctx, layer=layer):
       return layer.mlp(n), None
 
-    stages.append((attn, layer.mlp_norm.weight[...], f"layer_{i}/attn"))
+    stages.append((attention_stage(i, layer), layer.mlp_norm.weight[...], f"layer_{i}/attn"))
     stages.append((mlp, nxt, f"layer_{i}/mlp"))
   return stages
+
+
+def build_stages(model: Transformer, attn_impl: str | None) -> list[Stage]:
+  """The prefill chain (``chain_stages``): each attention over its half's own tokens."""
+  def attention_stage(i, layer):
+    def attn(n, h, ctx):
+      return layer.attn(n, h.rope, h.info, ctx, attn_impl)
+    return attn
+  return chain_stages(model, attention_stage)
 
 
 def forward_rank(model: Transformer, tokens, positions, segments, *, backend: CommBackend,

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import attention as paged_kernels
-from weave_jax import layers, weave, xla_options
+from weave_jax import forward, layers, weave, xla_options
 from weave_jax.comm import AXIS
 from weave_jax.engine import Engine, RunConfig
 from weave_jax.model import Transformer, lm_logits
@@ -114,30 +114,19 @@ def write_pages(pages, new, slots):
 
 
 def serve_stages(model: Transformer, cache, attention) -> list[weave.Stage]:
-  """[embed, (attention over pages, mlp) per layer]: the prefill chain (forward.build_stages)
+  """[embed, (attention over pages, mlp) per layer]: the prefill chain (forward.chain_stages)
   with each attention's ctx the layer's pages (k_pages, v_pages)."""
-  embed = model.embed
-  stages = [(lambda n, h, ctx: (embed(h.tokens), None),
-             model.layers[0].attn_norm.weight[...], "embed")]
-  n_layers = len(model.layers)
-  for i, layer in enumerate(model.layers):
-    nxt = (model.layers[i + 1].attn_norm if i + 1 < n_layers else model.final_norm).weight[...]
-
-    def attn(n, h: ServeHalf, ctx, layer=layer, pages=cache[i]):
-      k_pages, v_pages = pages if ctx is None else ctx     # half B: the pages A wrote
+  def attention_stage(i, layer):
+    def attn(n, h: ServeHalf, ctx):
+      k_pages, v_pages = cache[i] if ctx is None else ctx     # half B: the pages A wrote
       q, k, v = layer.attn.project_qkv(n, h.rope)
       k_pages = write_pages(k_pages, k, h.slots)
       v_pages = write_pages(v_pages, v, h.slots)
       o = attention(q, k_pages, v_pages, h.kv_lens, h.block_tables, h.query_start_loc,
                     h.num_seqs)
       return layer.attn.project_out(o), (k_pages, v_pages)
-
-    def mlp(n, h, ctx, layer=layer):
-      return layer.mlp(n), None
-
-    stages.append((attn, layer.mlp_norm.weight[...], f"layer_{i}/attn"))
-    stages.append((mlp, nxt, f"layer_{i}/mlp"))
-  return stages
+    return attn
+  return forward.chain_stages(model, attention_stage)
 
 
 def step_rank(graphdef, state, cache, fields, *, shape: StepShape, backend, tp: int, attention):
