@@ -29,12 +29,14 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset, trace  # noqa: E402
 from weave_jax.bench import time_fn, time_interleaved, write_json  # noqa: E402
 from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk, step_inputs  # noqa: E402

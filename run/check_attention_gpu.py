@@ -112,6 +112,7 @@ def random_layout(rng: np.random.Generator, kind: Kind, page: int, num_pages: in
     num_reqs = int(np.exp(rng.uniform(0, math.log(max_reqs + 1))))
   num_reqs = max(1, min(num_reqs, max_reqs))
   budget = t - int(rng.integers(0, max(1, t // 8)))             # leave some padding tokens
+  num_reqs = min(num_reqs, budget)                               # every request >= 1 token
   q_lens = []
   for i in range(num_reqs):
     left = budget - sum(q_lens) - (num_reqs - i - 1)
@@ -276,6 +277,9 @@ def run_check(num_layouts: int = 216, impls: list[str] | None = None, seed: int 
       rows.append(dict(impl=impl, config=cfg.name, kind=kind.name, layouts=count,
                        worst=stats[impl]["worst"], tol=TOLERANCE[cfg.dtype],
                        failures=stats[impl]["failures"]))
+      r = rows[-1]                                # progress: a long check may be cut short
+      print(f"[check_attention] {impl} {cfg.name} {kind.name}: {count} layouts, max rel err "
+            f"{r['worst']:.2e}, {len(r['failures'])} failed", flush=True)
   return rows
 
 
