@@ -71,25 +71,25 @@ def unavailable_reason(impl: str, arch: str, dtype: str = "bfloat16") -> str | N
   """Why ``impl`` cannot run on ``arch`` for inputs of ``dtype`` here, or None when it can."""
   if impl == "reference":
     return None
+  if impl not in ("triton", "mosaic"):
+    raise ValueError(f"{_OP}: impl={impl!r} is not one of {IMPLS}")
   if not arch.startswith("sm_"):
     return f"it needs an NVIDIA GPU and the device is {arch}"
+  if dtype not in ("bfloat16", "float16"):     # the inputs first: no install changes this
+    return f"it supports bfloat16/float16, the inputs are {dtype}"
   if impl == "triton":
     if int(arch[3:]) < 80:
       return f"it needs sm_80 or newer, the device is {arch}"
     for module in ("triton", "jax_triton"):
       if importlib.util.find_spec(module) is None:
         return f"{module} is not installed (`pip install weave_jax[triton]`)"
-  elif impl == "mosaic":
-    if arch != "sm_90":
-      return f"Mosaic GPU (TMA, wgmma) needs Hopper sm_90, the device is {arch}"
-    try:
-      mosaic_kernel()
-    except ImportError as err:
-      return str(err)
-  else:
-    raise ValueError(f"{_OP}: impl={impl!r} is not one of {IMPLS}")
-  if dtype not in ("bfloat16", "float16"):
-    return f"it supports bfloat16/float16, the inputs are {dtype}"
+    return None
+  if arch != "sm_90":
+    return f"Mosaic GPU (TMA, wgmma) needs Hopper sm_90, the device is {arch}"
+  try:
+    mosaic_kernel()
+  except ImportError as err:
+    return str(err)
   return None
 
 
