@@ -70,6 +70,11 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="llama-3.1-8b")
+  p.add_argument("--paged-attention", default=None,
+                 choices=("auto", "reference", "triton", "mosaic"),
+                 help="RunConfig.paged_attention (default: triton on GPU, where 'auto' picks only "
+                      "kernels verified on that GPU and may fall back to the jnp reference, "
+                      "which does not fit 2K-token steps; auto elsewhere)")
   p.add_argument("--layers", type=int, default=None, help="keep N layers (ratios reported)")
   p.add_argument("--tp", type=int, default=None, help="default: all local devices")
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -134,8 +139,9 @@ def run_config(variant: str, args, on_gpu: bool):
   if backend == "fused_p2p" and not on_gpu:
     backend, note = "rs_ag", "fused_p2p needs GPUs: rs_ag (same layout, XLA collectives) runs"
   min_tokens = args.weave_min_tokens if weave else None
+  attention = args.paged_attention or ("triton" if on_gpu else "auto")
   return RunConfig(backend=backend, weave=weave, weave_min_tokens=min_tokens,
-                   backend_by_size=variant == "fused+weave"), note
+                   backend_by_size=variant == "fused+weave", paged_attention=attention), note
 
 
 def build_llm(model, tp: int, run, *, max_model_len: int, chunk: int, max_num_seqs: int,
