@@ -46,10 +46,6 @@ VERIFIED: dict[str, tuple[str, ...]] = {
     "sm_80": (),
 }
 
-#: Where the Mosaic GPU kernel ``ragged_paged_attention_mosaic`` lives (first importable wins).
-MOSAIC_MODULES = ("pallas_kernels.ragged_paged_attention_mosaic",
-                  "pallas_kernels.ragged_paged_attention")
-
 #: impl="auto" on a GPU: preference order by architecture (fastest expected first).
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "sm_90": ("mosaic", "triton"),
@@ -94,18 +90,12 @@ def unavailable_reason(impl: str, arch: str, dtype: str = "bfloat16") -> str | N
 
 
 def mosaic_kernel():
-  """``ragged_paged_attention_mosaic`` from the first of MOSAIC_MODULES that provides it."""
-  errors = []
-  for name in MOSAIC_MODULES:
-    if importlib.util.find_spec(name) is None:
-      continue
-    try:
-      return importlib.import_module(name).ragged_paged_attention_mosaic
-    except (ImportError, AttributeError) as err:
-      errors.append(f"{name}: {err}")
-  detail = f" ({'; '.join(errors)})" if errors else ""
-  raise ImportError(f"no importable ragged_paged_attention_mosaic in "
-                    f"{' or '.join(MOSAIC_MODULES)}{detail}")
+  """``ragged_paged_attention_mosaic`` (imported on first use: CPU users never load Mosaic GPU)."""
+  try:
+    from pallas_kernels.ragged_paged_attention_mosaic import ragged_paged_attention_mosaic
+  except ImportError as err:
+    raise ImportError(f"the Mosaic GPU kernel does not import here: {err}") from err
+  return ragged_paged_attention_mosaic
 
 
 @functools.cache
