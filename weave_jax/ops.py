@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from weave_jax.comm import BACKENDS, FUSED, CommBackend, get_backend
+from weave_jax.comm.base import axis_size
 from weave_jax.options import FusedOptions
 
 
@@ -42,8 +43,7 @@ def backend(name: str, *, axis_name: str, workspace=None,
 
 def _axis_size(axis_name: str) -> int:
   try:
-    return jax.lax.axis_size(axis_name) if hasattr(jax.lax, "axis_size") else \
-        jax.lax.psum(1, axis_name)
+    return axis_size(axis_name)
   except NameError as e:
     raise ValueError(f"reduce_add_norm: axis_name={axis_name!r} is not an axis of the enclosing "
                      "shard_map") from e

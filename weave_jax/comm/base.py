@@ -36,6 +36,13 @@ import jax.numpy as jnp
 AXIS = "tp"
 
 
+def axis_size(axis_name: str) -> int:
+  """The size of a shard_map axis while tracing (``jax.lax.axis_size`` where it exists)."""
+  if hasattr(jax.lax, "axis_size"):
+    return jax.lax.axis_size(axis_name)
+  return jax.lax.psum(1, axis_name)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   """RMSNorm in float32, cast back to ``x.dtype``. x: (..., H), weight: (H,)."""
   xf = x.astype(jnp.float32)

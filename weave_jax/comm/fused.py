@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import jax
 
-from weave_jax.comm.base import CommBackend
+from weave_jax.comm.base import CommBackend, axis_size
 from weave_jax.comm.xla import ReduceScatterAllGather
 from weave_jax.fused import _lib
 from weave_jax.fused import ops
@@ -69,13 +69,6 @@ def make_backend(name: str, *, workspace: Workspace, options: FusedOptions | Non
   return cls(axis_name=axis_name, options=options, workspace=workspace)
 
 
-def _axis_size(axis_name: str) -> int:
-  """The size of a shard_map axis while tracing (``jax.lax.axis_size`` where it exists)."""
-  if hasattr(jax.lax, "axis_size"):
-    return jax.lax.axis_size(axis_name)
-  return jax.lax.psum(1, axis_name)
-
-
 @dataclasses.dataclass(frozen=True)
 class FusedP2P(CommBackend):
   name: str = "fused_p2p"
@@ -92,7 +85,7 @@ class FusedP2P(CommBackend):
     call then computes rs_ag, with one warning)."""
     ws = self.workspace
     ws.require_open(self.name)
-    tp = _axis_size(self.axis_name)
+    tp = axis_size(self.axis_name)
     if tp != ws.world:
       raise ValueError(f"{self.name}: the shard_map axis {self.axis_name!r} has {tp} ranks, the "
                        f"workspace {ws.world}")
