@@ -41,7 +41,6 @@ from weave_jax.serve.sampling_params import SamplingParams
 from weave_jax.serve.step_inputs import StepShape
 
 MIN_BUCKET = 16
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seeds", "steps")
 
 
 @dataclasses.dataclass
@@ -291,7 +290,7 @@ class ModelRunner:
       logits, cache = sharded(state, cache, fields)
       # Full rows on every device: the sampler's softmax and sort run over the whole vocab.
       logits = jax.lax.with_sharding_constraint(logits[:, :vocab], self._replicated)
-      return logits, tuple(fields[name] for name in SAMPLING_FIELDS), cache
+      return logits, tuple(fields[name] for name, _ in step_inputs.SAMPLING_FIELDS), cache
 
     return step
 
@@ -308,8 +307,7 @@ class ModelRunner:
 
       spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._replicated)
       args = [spec((rows, self.cfg.vocab_size), jnp.float32)]
-      args += [spec((rows,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32,
-                                            jnp.int32)]
+      args += [spec((rows,), dt) for _, dt in step_inputs.SAMPLING_FIELDS]
       self._samplers[key] = jax.jit(fn).lower(*args).compile()
     return self._samplers[key]
 

@@ -35,8 +35,10 @@ from weave_jax.serve import sampler
 
 _HALF_FIELDS = ("tokens", "positions", "slots", "query_start_loc", "kv_lens", "block_tables",
                 "num_seqs")
-_SAMPLE_FIELDS = (("sample_rows", np.int32), ("temperature", np.float32), ("top_k", np.int32),
-                  ("top_p", np.float32), ("seeds", np.uint32), ("steps", np.int32))
+# The sampler's inputs (sampler.sample's arguments after the logits), in its argument order.
+SAMPLING_FIELDS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+                   ("seeds", np.uint32), ("steps", np.int32))
+_SAMPLE_FIELDS = (("sample_rows", np.int32),) + SAMPLING_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
