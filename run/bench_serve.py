@@ -423,7 +423,9 @@ def roofline(weights: int, measured: tuple[float, float], cfg, tp: int, args, re
 # --- output ----------------------------------------------------------------------------------
 
 def _log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+  """weave_jax.bench.progress, imported here: the transformers child must not import jax."""
+  from weave_jax.bench import progress
+  progress(msg)
 
 
 def table(res: dict) -> str:
