@@ -225,7 +225,10 @@ class LLM:
     ValueError here and nothing else changes: the requests already queued keep running."""
     params = SamplingParams() if params is None else params
     text, ids = self._tokens_of(prompt)
-    ids = self.scheduler.check_request(ids, params)
+    return self._enqueue(text, self.scheduler.check_request(ids, params), params)
+
+  def _enqueue(self, text: str | None, ids: list[int], params: SamplingParams) -> int:
+    """Queue a checked request (``Scheduler.check_request`` accepted it); returns its id."""
     rid = next(self._ids)
     seq = Sequence(rid, ids, params)
     self._requests[rid] = _Request(seq, text)
@@ -283,14 +286,7 @@ class LLM:
         checked.append((text, self.scheduler.check_request(ids, p), p))
       except (ValueError, TypeError) as e:
         raise type(e)(f"{where}: request {i}: {e}") from None
-    ids = []
-    for text, tokens, p in checked:
-      rid = next(self._ids)
-      seq = Sequence(rid, tokens, p)
-      self._requests[rid] = _Request(seq, text)
-      self.scheduler.add(seq)
-      ids.append(rid)
-    return ids
+    return [self._enqueue(text, tokens, p) for text, tokens, p in checked]
 
   def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                *, progress: bool = True) -> list[RequestOutput]:
