@@ -197,8 +197,7 @@ class Engine:
     if not isinstance(workspace, Workspace):
       raise TypeError(f"Engine: workspace must be a weave_jax.fused.Workspace, got "
                       f"{type(workspace).__name__}")
-    grid = np.moveaxis(self.mesh.devices, self.mesh.axis_names.index(AXIS), -1)
-    groups = tuple(tuple(row) for row in grid.reshape(-1, self.tp))
+    groups = ws_lib.tp_groups(self.mesh, AXIS)
     if workspace.groups != groups or workspace.axis_name != AXIS:
       raise ValueError(f"Engine: the workspace's TP groups {workspace.groups} (axis "
                        f"{workspace.axis_name!r}) are not the mesh's {groups} (axis {AXIS!r})")

@@ -60,7 +60,7 @@ class FusedTimeoutError(RuntimeError):
   """A fused kernel's barrier timed out: a peer never arrived."""
 
 
-def _groups(devices_or_mesh, axis_name: str) -> tuple[tuple, ...]:
+def tp_groups(devices_or_mesh, axis_name: str) -> tuple[tuple, ...]:
   """TP groups in rank order: one per index of the mesh's other axes, or the one device list."""
   if isinstance(devices_or_mesh, jax.sharding.Mesh):
     mesh = devices_or_mesh
@@ -114,7 +114,7 @@ class Workspace:
     if not isinstance(axis_name, str) or not axis_name:
       raise TypeError(f"{op}: axis_name must be a non-empty str, got {axis_name!r}")
     self.axis_name = axis_name
-    self.groups = _groups(devices_or_mesh, axis_name)
+    self.groups = tp_groups(devices_or_mesh, axis_name)
     self.world = len(self.groups[0])
     if not 2 <= self.world <= 8:
       raise ValueError(f"{op}: world size {self.world} outside 2..8")
