@@ -41,6 +41,13 @@ def check_algorithm(op: str, field: str, value) -> None:
     raise ValueError(f"{op}: {field}={value!r} must be 'auto' or one of {ALGORITHMS}")
 
 
+def check_cmd_buffer(op: str, cmd_buffer, algorithm: str) -> None:
+  """Raises ValueError for cmd_buffer=True with the copy-engine algorithm."""
+  if cmd_buffer and algorithm == "copy_engine":
+    raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks "
+                     "meet on the host every call, which a replayed CUDA graph skips)")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class FusedOptions:
   """Options of the fused AllReduce + RMSNorm backends.
@@ -74,9 +81,7 @@ class FusedOptions:
     check_chunks(op, self.ce_chunks)
     if not (self.cmd_buffer is None or isinstance(self.cmd_buffer, bool)):
       raise ValueError(f"{op}: cmd_buffer={self.cmd_buffer!r} must be True, False or None")
-    if self.cmd_buffer and self.algorithm == "copy_engine":
-      raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks "
-                       "meet on the host every call, which a replayed CUDA graph skips)")
+    check_cmd_buffer(op, self.cmd_buffer, self.algorithm)
 
   @classmethod
   def from_dict(cls, options: dict) -> "FusedOptions":

@@ -40,7 +40,8 @@ import numpy as np
 from weave_jax import tuned
 from weave_jax.fused import _lib
 from weave_jax.fused.workspace import Workspace
-from weave_jax.options import MAX_CE_CTAS, MAX_CTAS, check_algorithm, check_chunks, check_grid
+from weave_jax.options import (MAX_CE_CTAS, MAX_CTAS, check_algorithm, check_chunks,
+                               check_cmd_buffer, check_grid)
 
 _TRANSPORTS = {"peer": 0, "multimem": 1}
 #: FFI attribute ``algo`` codes (the ABI of ``ffi/handlers.cu``), one per public algorithm.
@@ -177,9 +178,7 @@ def fused_reduce_add_norm(partial, residual, weight, *, eps: float, workspace: W
   """
   op = "fused_reduce_add_norm"
   _validate(op, workspace, partial, residual, weight)
-  if cmd_buffer and algorithm == "copy_engine":
-    raise ValueError(f"{op}: cmd_buffer=True cannot run algorithm='copy_engine' (its ranks meet "
-                     "on the host every call, which a replayed CUDA graph skips)")
+  check_cmd_buffer(op, cmd_buffer, algorithm)
   if cmd_buffer and concurrent_command_buffers():
     raise ValueError(f"{op}: cmd_buffer=True with --xla_gpu_command_buffer_scheduling_mode="
                      "CONCURRENT in XLA_FLAGS: XLA could run two fused calls at once, and they "
