@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pallas_kernels.attention import IMPLS as PAGED_IMPLS
 from weave_jax import split as split_mod
 from weave_jax import xla_options
 from weave_jax.comm import AXIS, BACKENDS, FUSED, get_backend
@@ -30,9 +31,6 @@ from weave_jax.sharding import state_specs
 # The smallest shared workspace an Engine asks for (tokens): later larger batches grow it, so
 # most processes allocate once.
 MIN_WORKSPACE_TOKENS = 16384
-
-
-PAGED_ATTENTION_IMPLS = ("auto", "reference", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +88,8 @@ class RunConfig:
       raise TypeError(f"RunConfig: attn_impl must be a str or None, got {self.attn_impl!r}")
     if self.logits not in ("all", "last"):
       raise ValueError(f"RunConfig: logits must be 'all' or 'last', got {self.logits!r}")
-    if self.paged_attention not in PAGED_ATTENTION_IMPLS:
-      raise ValueError(f"RunConfig: paged_attention must be one of {PAGED_ATTENTION_IMPLS}, got "
+    if self.paged_attention not in PAGED_IMPLS:
+      raise ValueError(f"RunConfig: paged_attention must be one of {PAGED_IMPLS}, got "
                        f"{self.paged_attention!r}")
 
 
