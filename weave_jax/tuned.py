@@ -42,11 +42,8 @@ class KernelParams:
 
 
 #: The model for a device without a table entry: the values measured on 2 x H200 (TP=2,
-#: JAX 0.11.2, 2026-11-22..30), with the copy-engine reduce kernel at one block per SM of the
-#: device (``sms``; 132 when unknown).  128 blocks unsplit, 32 woven (leaves the SMs to the
-#: overlapped GEMMs), one-shot up to 256 KiB, woven calls on the copy engines from 8 MiB, two
-#: copy-engine chunks from 32 MiB per rank, weave from 1024 tokens (dense) / 2048 (MoE);
-#: split offsets wave-aware (``weave_jax.split``).
+#: JAX 0.11.2, 2026-11-22..30); woven calls get fewer blocks to leave the SMs to the overlapped
+#: GEMMs.  ``ce_ctas`` is filled in per call: one block per SM of the device (132 when unknown).
 FALLBACK = dict(ctas=128, weave_ctas=32, ce_ctas=None, one_shot_max_bytes=256 << 10,
                 woven_copy_engine_min_bytes=8 << 20, ce_two_chunks_min_slice_bytes=32 << 20,
                 weave_min_tokens_dense=1024, weave_min_tokens_moe=2048)
