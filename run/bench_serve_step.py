@@ -12,8 +12,8 @@ Printed:
 - per decode batch B (every request one new token after ``--context`` cached tokens): the step
   through ``ModelRunner.execute`` (host metadata + one device_put + the step and sampler
   programs + fetching the sampled ids), the two programs alone (``ModelRunner.launch`` on an
-  input already placed) and the host-side metadata build alone.  Where B x pages exceeds the
-  pool, requests share pages (said so);
+  input already placed) and the host-side metadata build alone (``ModelRunner.prepare``).
+  Where B x pages exceeds the pool, requests share pages (said so);
 - the prefill step of ``--prefill-tokens`` tokens (one request, empty cache) against
   ``Engine`` with RunConfig(logits="last") on the same weights, timed interleaved, and the
   ratio (target: <= 1.05);
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset, trace  # noqa: E402
 from weave_jax.bench import time_fn, time_interleaved, write_json  # noqa: E402
-from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk, step_inputs  # noqa: E402
+from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -107,10 +107,7 @@ def launches(fn, steps: int = 5) -> str:
 
 def placed_step(runner: ModelRunner, chunks):
   """(step shape, its packed input already on device): a step with no host work left."""
-  batch = step_inputs.check_and_flatten(chunks, runner.limits)
-  shape = runner.shape(runner.bucket(batch.num_tokens), decode=batch.is_decode)
-  packed = step_inputs.pack(batch, shape, runner.real_split(shape, batch.num_tokens), chunks,
-                            [0] * len(chunks))
+  _, shape, packed = runner.prepare(chunks)
   return shape, jax.device_put(packed, runner._replicated)
 
 
@@ -163,9 +160,7 @@ def main(argv=None):
     step = time_fn(lambda: runner.execute(chunks), warmup=args.warmup, iters=args.iters)
     shape, buf = placed_step(runner, chunks)
     device = time_fn(launcher(runner, shape, buf), warmup=args.warmup, iters=args.iters)
-    host = time_fn(lambda: step_inputs.pack(
-        step_inputs.check_and_flatten(chunks, runner.limits), shape, None, chunks, [0] * b),
-        warmup=args.warmup, iters=args.iters)
+    host = time_fn(lambda: runner.prepare(chunks), warmup=args.warmup, iters=args.iters)
     notes = f"bucket {shape.bucket}"
     if jax.default_backend() == "gpu":
       notes += f"; {launches(launcher(runner, shape, buf))}"

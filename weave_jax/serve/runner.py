@@ -328,18 +328,22 @@ class ModelRunner:
     """
     return self.collect(self.submit(chunks), return_logits)
 
-  def submit(self, chunks) -> PendingStep:
-    """Check the chunks, build the metadata, and enqueue the step and its sampler; returns at
-    once (JAX dispatch is asynchronous), so host work can overlap the device's."""
+  def prepare(self, chunks) -> tuple[step_inputs.Batch, StepShape, np.ndarray]:
+    """The host side of a step: check the chunks, pick the program shape and pack its input.
+    Returns (the flattened batch, the shape, the packed (size,) int32 host buffer)."""
     batch = step_inputs.check_and_flatten(chunks, self.limits)
     n = batch.num_tokens
     shape = self.shape(self.bucket(n), decode=batch.is_decode)
-    which = np.flatnonzero(batch.sample)
-    params = [chunks[i].params for i in which]
     seeds = [sampler.default_seed(self.seed, c.request_id) if c.params.seed is None
              else c.params.seed for c in chunks]
-    packed = step_inputs.pack(batch, shape, self.real_split(shape, n), chunks, seeds)
-    mode = sampler.mode_for(params, self.cfg.vocab_size)
+    return batch, shape, step_inputs.pack(batch, shape, self.real_split(shape, n), chunks, seeds)
+
+  def submit(self, chunks) -> PendingStep:
+    """Check the chunks, build the metadata, and enqueue the step and its sampler; returns at
+    once (JAX dispatch is asynchronous), so host work can overlap the device's."""
+    batch, shape, packed = self.prepare(chunks)
+    which = np.flatnonzero(batch.sample)
+    mode = sampler.mode_for([chunks[i].params for i in which], self.cfg.vocab_size)
     with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
       out, logits = self.launch(shape, jax.device_put(packed, self._replicated), mode)
     kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
