@@ -224,20 +224,16 @@ class Scheduler:
 
   def abort(self, seq: Sequence) -> None:
     """Drop an unfinished request: its pages freed, finish_reason "abort"."""
+    if not seq.is_finished:
+      self._finish(seq, "abort", time.perf_counter())
+
+  def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+    """Take a running or waiting request out of its queue (a waiting one holds no pages)."""
     if seq.status is Status.RUNNING:
       self.running.remove(seq)
       self.blocks.free(seq)
-    elif seq.status is Status.WAITING:
-      self.waiting.remove(seq)
     else:
-      return
-    seq.finish_reason = "abort"
-    seq.finish_time = time.perf_counter()
-    seq.status = Status.FINISHED
-
-  def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+      self.waiting.remove(seq)
     seq.finish_reason = reason
     seq.finish_time = now
     seq.status = Status.FINISHED
-    self.running.remove(seq)
-    self.blocks.free(seq)
