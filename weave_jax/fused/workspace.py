@@ -87,6 +87,14 @@ def _positive_int(op: str, name: str, value, lo: int, hi: int | None = None) -> 
   return int(value)
 
 
+def _hidden(op: str, value) -> int:
+  """``value`` as a hidden size the kernel takes: a multiple of 8 in 8..MAX_HIDDEN."""
+  hidden = _positive_int(op, "hidden", value, 8, MAX_HIDDEN)
+  if hidden % 8:
+    raise ValueError(f"{op}: hidden={hidden} must be a multiple of 8 in 8..{MAX_HIDDEN}")
+  return hidden
+
+
 class Workspace:
   """The fused kernel's buffers for one TP group (or the TP groups of a multi-axis mesh).
 
@@ -119,9 +127,7 @@ class Workspace:
     if not 2 <= self.world <= 8:
       raise ValueError(f"{op}: world size {self.world} outside 2..8")
     self.max_tokens = _positive_int(op, "max_tokens", max_tokens, 1)
-    self.hidden = _positive_int(op, "hidden", hidden, 8, MAX_HIDDEN)
-    if self.hidden % 8:
-      raise ValueError(f"{op}: hidden={hidden} must be a multiple of 8 in 8..{MAX_HIDDEN}")
+    self.hidden = _hidden(op, hidden)
     try:
       self.dtype = np.dtype(dtype)
     except TypeError as e:
@@ -256,9 +262,7 @@ class Workspace:
     op = "Workspace.grow"
     want_t = self.max_tokens if max_tokens is None else _positive_int(op, "max_tokens",
                                                                        max_tokens, 1)
-    want_h = self.hidden if hidden is None else _positive_int(op, "hidden", hidden, 8, MAX_HIDDEN)
-    if want_h % 8:
-      raise ValueError(f"{op}: hidden={want_h} must be a multiple of 8")
+    want_h = self.hidden if hidden is None else _hidden(op, hidden)
     if want_t <= self.max_tokens and want_h <= self.hidden:
       return
     reopen = self._open
