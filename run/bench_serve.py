@@ -176,6 +176,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 def throughput(llm, prompts, output_len: int, label: str) -> dict:
   """Run the workload once; tokens/s and the steps by kind."""
   from weave_jax.serve import SamplingParams
+  from weave_jax.serve.llm import steps_by_kind
   params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
   start = len(llm.step_log)
   pre = llm.scheduler.num_preemptions
@@ -184,12 +185,7 @@ def throughput(llm, prompts, output_len: int, label: str) -> dict:
   seconds = time.perf_counter() - t
   n_in = sum(len(p) for p in prompts)
   n_out = sum(len(o.token_ids) for o in outs)
-  kinds: dict = {}
-  for kind, tokens, seqs, sec in llm.step_log[start:]:
-    k = kinds.setdefault(kind, {"steps": 0, "tokens": 0, "seconds": 0.0})
-    k["steps"] += 1
-    k["tokens"] += tokens
-    k["seconds"] += sec
+  kinds = steps_by_kind(llm.step_log[start:])
   ttft = [o.metrics.ttft for o in outs]
   tpot = [o.metrics.tpot for o in outs if o.metrics.tpot is not None]
   res = {"seconds": seconds, "input_tokens": n_in, "output_tokens": n_out,

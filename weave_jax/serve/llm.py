@@ -327,15 +327,22 @@ class LLM:
         self.abort(rid)
 
   def stats(self) -> dict:
-    """Steps run per kind ("woven" / "unsplit" / "decode"), tokens and seconds."""
-    out: dict = {}
-    for kind, tokens, seqs, seconds in self.step_log:
-      k = out.setdefault(kind, {"steps": 0, "tokens": 0, "seconds": 0.0})
-      k["steps"] += 1
-      k["tokens"] += tokens
-      k["seconds"] += seconds
+    """Steps run per kind (``steps_by_kind``) and the preemptions so far."""
+    out = steps_by_kind(self.step_log)
     out["preemptions"] = self.scheduler.num_preemptions
     return out
+
+
+def steps_by_kind(step_log) -> dict:
+  """{kind: {"steps", "tokens", "seconds"}} summed over ``LLM.step_log`` entries (kind
+  "woven" / "unsplit" / "decode")."""
+  out: dict = {}
+  for kind, tokens, _, seconds in step_log:
+    k = out.setdefault(kind, {"steps": 0, "tokens": 0, "seconds": 0.0})
+    k["steps"] += 1
+    k["tokens"] += tokens
+    k["seconds"] += seconds
+  return out
 
 
 def _as_prompt_list(prompts) -> list:
