@@ -81,6 +81,16 @@ def test_engine_plan_threshold_and_padding():
     Engine(model, mesh, RunConfig(weave=True, weave_min_tokens=8, split=6)).plan(40)
 
 
+def test_engine_at_tp1_weaves_only_when_told():
+  """One device has no collective for the other half to hide: the default plan never splits;
+  an explicit threshold still does (tests and comparisons)."""
+  model = init_random(preset("tiny"), make_mesh(1))
+  eng = Engine(model, make_mesh(1), RunConfig(backend="psum", weave=True))
+  assert eng.plan(1 << 16).split is None
+  forced = Engine(model, make_mesh(1), RunConfig(backend="psum", weave=True, weave_min_tokens=8))
+  assert forced.plan(64).split is not None
+
+
 def _fixture(name):
   with gzip.open(os.path.join(FIXTURES, name), "rt") as f:
     return f.read()

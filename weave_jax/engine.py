@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import warnings
 
 import jax
@@ -44,7 +45,7 @@ class RunConfig:
   weave_min_tokens: batches smaller than this run unsplit.  None = what ``run/tune_split.py``
     measured for this device/model/TP/backend: the per-bucket verdict (woven faster or not)
     for measured buckets, its threshold for the others, else the device's dense / MoE
-    threshold (``weave_jax.tuned``).
+    threshold (``weave_jax.tuned``); at TP=1 never (no communication to overlap).
   split: fixed offset of half B (tokens); None = tuned / wave-aware.
   attn_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU when possible).
   logits: "all" (every token) or "last" (the last real token only, as a prefill server does).
@@ -227,7 +228,9 @@ class Engine:
     tp, run = self.tp, self.run
     min_tokens = run.weave_min_tokens
     measured = None  # the tuned per-bucket verdict, used only when no threshold is given
-    if min_tokens is None:
+    if min_tokens is None and tp == 1:
+      min_tokens = sys.maxsize    # one device: no collective for the other half to hide
+    elif min_tokens is None:
       min_tokens = split_mod.weave_threshold(self.device_kind, self.cfg, tp, run.backend,
                                              sms=self.sms)
       measured = split_mod.tuned_weave(self.device_kind, self.cfg, tp, run.backend, n_tokens)
