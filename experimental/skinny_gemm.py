@@ -206,7 +206,8 @@ def check_inputs(x, w, *, transpose_w: bool = False, out_dtype=None) -> tuple[in
   if w.dtype != x.dtype:
     raise TypeError(f"{_OP}: w dtype {w.dtype} differs from x dtype {x.dtype}")
   if out_dtype is not None and jnp.dtype(out_dtype) not in OUT_DTYPES:
-    raise TypeError(f"{_OP}: out_dtype {jnp.dtype(out_dtype)} not supported (bfloat16, float16, float32)")
+    raise TypeError(f"{_OP}: out_dtype {jnp.dtype(out_dtype)} not supported "
+                    "(bfloat16, float16, float32)")
   m, k = x.shape
   n, wk = w.shape if transpose_w else w.shape[::-1]
   layout = "(N, K)" if transpose_w else "(K, N)"

@@ -25,6 +25,8 @@ aborts XLA) is reported and the run goes on:
   xla_no_autotune  --xla_gpu_autotune_level=0 (XLA's heuristic tiles)
   xla_triton_only  --xla_gpu_cublas_fallback=false (the autotuner may not pick cuBLAS)
   xla_exhaustive   --xla_gpu_exhaustive_tiling_search=true (slow compiles: budget-bound)
+  xla_cublas_opt   (only when named) xla_cublas's flag as a per-compile option, the route
+                   ``weave_jax/xla_options.py`` takes, to check it gives the same kernels
 (flag names checked in jaxlib 0.12.1 and in XLA's debug_options_flags.cc of older releases.)
 
 Timing: R copies of each weight (R * size >= 256 MiB, so L2 never holds the next one, as in a
@@ -41,11 +43,12 @@ Output: one table, the winner per GEMM and M, and per M the GEMM time of one dec
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
 import os
-import statistics
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +64,8 @@ XLA_VARIANTS = {
     "xla_triton_only": "--xla_gpu_cublas_fallback=false",
     "xla_exhaustive": "--xla_gpu_exhaustive_tiling_search=true",
 }
+# the same options per compile (``weave_jax/xla_options.py``'s route; not run by default)
+OPTION_VARIANTS = {"xla_cublas_opt": {"xla_gpu_enable_triton_gemm": False}}
 # run order and weight in the split of the remaining budget (the baseline and the kernel get
 # the most; the exhaustive search runs last and takes what the others left)
 ORDER = ("xla", "triton", "xla_cublas", "xla_cublaslt", "xla_no_autotune", "xla_triton_only",
@@ -156,13 +161,39 @@ def triton_fn(g: Gemm, cfg, launch):
   return f
 
 
-def seconds_per_gemm(fn, xs, ws, *, jit: bool, samples: int, warmup: int) -> float:
+def build(fn, xs, ws, *, jit: bool, options: dict | None = None):
+  """(call, compiled HLO text): ``call(xs, ws)`` runs ``fn`` on every copy in one program
+  compiled with ``options`` (or eagerly, for the interpreter, with no HLO)."""
+  import jax
+  many = lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)]
+  if not jit:
+    return many, ""
+  compiled = jax.jit(many).lower(xs, ws).compile(options or None)
+  return compiled, compiled.as_text()
+
+
+def xla_kernels(hlo: str) -> str:
+  """What a compiled module runs for its GEMMs: cuBLAS calls and the tiles of XLA's Triton
+  GEMM fusions (from their backend configs, named like the kernel's configs: m16n64k256s4w4p4
+  is block_m 16, block_n 64, block_k 256, split_k 4, 4 warps, 4 stages)."""
+  found = []
+  for target in re.findall(r'custom_call_target="(__cublas[^"]*)"', hlo):
+    found.append(target.strip("_"))
+  for cfg in re.findall(r'"triton_gemm_config":(\{[^}]*\})', hlo):
+    found.append("triton m{block_m}n{block_n}k{block_k}s{split_k}w{num_warps}p{num_stages}"
+                 .format_map(collections.defaultdict(str, json.loads(cfg))))
+  for part in hlo.split('"block_level_fusion_config":')[1:]:
+    sizes = re.search(r'"sizes":\[([^\]]*)\]', part[:400])
+    warps = re.search(r'"num_warps":"?(\d+)', part[:400])
+    found.append("triton tile " + (sizes.group(1).replace('"', "") if sizes else "?")
+                 + (f" warps{warps.group(1)}" if warps else ""))
+  return ", ".join(dict.fromkeys(found)) or ("dot" if " dot(" in hlo else "?")
+
+
+def seconds_per_gemm(call, xs, ws, *, samples: int, warmup: int) -> float:
   """Median seconds of one GEMM: each sample issues calls of ``len(xs)`` GEMMs back to back
   (>= 1 ms in all) and waits once."""
-  import jax
   from weave_jax.bench import time_fn
-  many = lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)]
-  call = jax.jit(many) if jit else many
   once = time_fn(lambda: call(xs, ws), warmup=warmup, iters=warmup).median_ms
   reps = max(1, math.ceil(1.0 / once))
   t = time_fn(lambda: [call(xs, ws) for _ in range(reps)], warmup=1, iters=samples)
@@ -208,8 +239,10 @@ def run_child(variant: str, plan: dict) -> None:
       moved = w_bytes + m * g.k * dtype.itemsize + m * g.n * (4 if g.f32_out else dtype.itemsize)
       timing = dict(samples=plan["samples"], warmup=plan["warmup"])
       if variant != "triton":
-        t = seconds_per_gemm(xla_fn(g), xs, ws, jit=True, **timing)
-        emit("ROW", {**base, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws)})
+        call, hlo = build(xla_fn(g), xs, ws, jit=True, options=OPTION_VARIANTS.get(variant))
+        t = seconds_per_gemm(call, xs, ws, **timing)
+        emit("ROW", {**base, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws),
+                     "kernels": xla_kernels(hlo)})
         continue
       from experimental.skinny_gemm import configs_for, reference
       w0 = ws[0].reshape((g.n, g.k) if g.transpose_w else (g.k, g.n))
@@ -220,12 +253,12 @@ def run_child(variant: str, plan: dict) -> None:
         if time.time() > plan["deadline"]:
           emit("ROW", {**row, "status": "skipped (budget)"})
           continue
-        fn = triton_fn(g, cfg, launch)
-        err = rel_err(jax.jit(fn)(xs[0], ws[0]) if launch is None else fn(xs[0], ws[0]), ref)
+        call, _ = build(triton_fn(g, cfg, launch), xs, ws, jit=launch is None)
+        err = rel_err(call(xs, ws)[0], ref)
         if not err < 1e-2:
           emit("ROW", {**row, "status": f"WRONG (rel err {err:.2e})"})
           continue
-        t = seconds_per_gemm(fn, xs, ws, jit=launch is None, **timing)
+        t = seconds_per_gemm(call, xs, ws, **timing)
         emit("ROW", {**row, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws),
                      "rel_err": err})
 
@@ -320,7 +353,7 @@ def report(rows: list[dict], gemms: list[Gemm], layers: int, ms: list[int], vari
       r["pct_copy"] = 100 * r["GBps"] / copy_gbps
   print(f"\n{'gemm':8} {'M':>4} {'variant':16} {'us':>9} {'GB/s':>8} {'% copy':>7}  note")
   for r in table:
-    note = r.get("config", "") if "us" in r else r.get("status", "")
+    note = r.get("config", r.get("kernels", "")) if "us" in r else r.get("status", "")
     if "us" in r:
       pct = f"{r['pct_copy']:6.1f}%" if "pct_copy" in r else "      -"
       print(f"{r['gemm']:8} {r['m']:4d} {r['variant']:16} {r['us']:9.2f} {r['GBps']:8.1f} "
@@ -373,8 +406,8 @@ def main(argv=None) -> int:
   ap.add_argument("--dry-run", action="store_true",
                   help="CPU: tiny shapes, float16, Triton's interpreter")
   ap.add_argument("--variants", default=None,
-                  help=f"comma-separated, from {', '.join(ORDER)} (default: all, in that order; "
-                       f"--quick: {', '.join(QUICK_ORDER)})")
+                  help=f"comma-separated, from {', '.join(ORDER + tuple(OPTION_VARIANTS))} "
+                       f"(default: {', '.join(ORDER)}; --quick: {', '.join(QUICK_ORDER)})")
   ap.add_argument("--variant-flags", action="append", default=[], metavar="NAME=FLAGS",
                   help="an extra XLA variant: its name and its XLA_FLAGS (repeatable)")
   ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=None,
@@ -394,9 +427,10 @@ def main(argv=None) -> int:
   extra = dict(item.split("=", 1) for item in args.variant_flags)
   chosen = args.variants.split(",") if args.variants else QUICK_ORDER if args.quick else ORDER
   variants = [v for v in chosen if v] + list(extra)
-  unknown = [v for v in variants if v not in ORDER and v not in extra]
+  unknown = [v for v in variants if v not in (*ORDER, *OPTION_VARIANTS, *extra)]
   if unknown:
-    ap.error(f"unknown variant(s) {unknown}: choose from {', '.join(ORDER)} or --variant-flags")
+    names = ", ".join(ORDER + tuple(OPTION_VARIANTS))
+    ap.error(f"unknown variant(s) {unknown}: choose from {names} or --variant-flags")
   if "xla" not in variants:
     variants.insert(0, "xla")                    # the baseline; it also measures copy bandwidth
   start = time.time()
@@ -434,7 +468,8 @@ def main(argv=None) -> int:
   res.update(device=device, copy_GBps=copy_gbps, infos=infos, failures=failures,
              args=vars(args), variants=variants, layers=layers,
              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             flags={v: extra.get(v, XLA_VARIANTS.get(v, "")) for v in variants if v != "triton"})
+             flags={v: extra.get(v, XLA_VARIANTS.get(v, OPTION_VARIANTS.get(v, "")))
+                    for v in variants if v != "triton"})
   if args.json:
     from weave_jax.bench import write_json
     write_json(res, args.json)
