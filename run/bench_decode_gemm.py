@@ -206,6 +206,37 @@ def rel_err(y, ref) -> float:
   return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def timed_row(row: dict, call, xs, ws, moved: int, plan: dict) -> dict:
+  t = seconds_per_gemm(call, xs, ws, samples=plan["samples"], warmup=plan["warmup"])
+  return {**row, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws)}
+
+
+def xla_row(row: dict, g: Gemm, xs, ws, moved: int, plan: dict) -> dict:
+  call, hlo = build(xla_fn(g), xs, ws, jit=True, options=OPTION_VARIANTS.get(row["variant"]))
+  return {**timed_row(row, call, xs, ws, moved, plan), "kernels": xla_kernels(hlo)}
+
+
+def triton_row(row: dict, g: Gemm, cfg, xs, ws, ref, moved: int, plan: dict, launch) -> dict:
+  """The kernel at ``cfg``, timed only if its first product matches float32 (rel err < 1e-2)."""
+  call, _ = build(triton_fn(g, cfg, launch), xs, ws, jit=launch is None)
+  err = rel_err(call(xs, ws)[0], ref)
+  if not err < 1e-2:
+    return {**row, "status": f"WRONG (rel err {err:.2e})"}
+  return {**timed_row(row, call, xs, ws, moved, plan), "rel_err": err}
+
+
+def attempt(row: dict, plan: dict, make) -> None:
+  """Emit ``make()``'s row, or the row marked skipped past the deadline or FAILED with the
+  error (a config that does not compile must not end the others' measurement)."""
+  if time.time() > plan["deadline"]:
+    emit("ROW", {**row, "status": "skipped (budget)"})
+    return
+  try:
+    emit("ROW", make())
+  except Exception as e:  # noqa: BLE001 -- reported in the table, the run goes on
+    emit("ROW", {**row, "status": f"FAILED: {type(e).__name__}: {str(e)[:300]}"})
+
+
 def run_child(variant: str, plan: dict) -> None:
   import jax
   import jax.numpy as jnp
@@ -219,48 +250,36 @@ def run_child(variant: str, plan: dict) -> None:
     info["copy_GBps"] = copy_bandwidth(1 << 20 if plan["dry_run"] else 1 << 28) / 1e9
   emit("INFO", info)
   launch = None
-  if variant == "triton" and plan["dry_run"]:
-    from experimental.skinny_gemm import interpreter_launch as launch
+  if variant == "triton":
+    from experimental.skinny_gemm import configs_for, reference
+    if plan["dry_run"]:
+      from experimental.skinny_gemm import interpreter_launch as launch
   gemms = [Gemm(**{**gd, "x_dims": tuple(gd["x_dims"]), "w_dims": tuple(gd["w_dims"])})
            for gd in plan["gemms"]]
   weights = {}                                   # gemm name -> its copies, made when first used
   for m in plan["ms"]:                           # M outer: a cut run leaves whole decode steps
     for gi, g in enumerate(gemms):
-      base = {"gemm": g.name, "m": m, "k": g.k, "n": g.n, "variant": variant}
+      row = {"gemm": g.name, "m": m, "k": g.k, "n": g.n, "variant": variant}
       if time.time() > plan["deadline"]:
-        emit("ROW", {**base, "status": "skipped (budget)"})
+        emit("ROW", {**row, "status": "skipped (budget)"})
         continue
       if g.name not in weights:
         weights[g.name] = make_weights(g, plan, dtype, seed=gi)
       ws = weights[g.name]
       xs = [normal((m, *g.x_dims), dtype, 10000 + 100 * gi + i, host=plan["dry_run"])
             for i in range(len(ws))]
-      w_bytes = math.prod(g.w_dims) * dtype.itemsize
-      moved = w_bytes + m * g.k * dtype.itemsize + m * g.n * (4 if g.f32_out else dtype.itemsize)
-      timing = dict(samples=plan["samples"], warmup=plan["warmup"])
+      moved = (math.prod(g.w_dims) * dtype.itemsize + m * g.k * dtype.itemsize
+               + m * g.n * (4 if g.f32_out else dtype.itemsize))
       if variant != "triton":
-        call, hlo = build(xla_fn(g), xs, ws, jit=True, options=OPTION_VARIANTS.get(variant))
-        t = seconds_per_gemm(call, xs, ws, **timing)
-        emit("ROW", {**base, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws),
-                     "kernels": xla_kernels(hlo)})
+        attempt(row, plan, lambda: xla_row(row, g, xs, ws, moved, plan))
         continue
-      from experimental.skinny_gemm import configs_for, reference
-      w0 = ws[0].reshape((g.n, g.k) if g.transpose_w else (g.k, g.n))
-      ref = reference(xs[0].reshape(m, g.k), w0, transpose_w=g.transpose_w,
-                      out_dtype=jnp.float32)
+      ref = reference(xs[0].reshape(m, g.k),
+                      ws[0].reshape((g.n, g.k) if g.transpose_w else (g.k, g.n)),
+                      transpose_w=g.transpose_w, out_dtype=jnp.float32)
       for cfg in configs_for(m, g.k, g.n)[:plan["max_configs"]]:
-        row = {**base, "config": cfg.name}
-        if time.time() > plan["deadline"]:
-          emit("ROW", {**row, "status": "skipped (budget)"})
-          continue
-        call, _ = build(triton_fn(g, cfg, launch), xs, ws, jit=launch is None)
-        err = rel_err(call(xs, ws)[0], ref)
-        if not err < 1e-2:
-          emit("ROW", {**row, "status": f"WRONG (rel err {err:.2e})"})
-          continue
-        t = seconds_per_gemm(call, xs, ws, **timing)
-        emit("ROW", {**row, "us": t * 1e6, "GBps": moved / t / 1e9, "copies": len(ws),
-                     "rel_err": err})
+        cfg_row = {**row, "config": cfg.name}
+        attempt(cfg_row, plan,
+                lambda: triton_row(cfg_row, g, cfg, xs, ws, ref, moved, plan, launch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +412,12 @@ def report(rows: list[dict], gemms: list[Gemm], layers: int, ms: list[int], vari
   print(f"  {'M':>4}  " + "  ".join(f"{v:>15}" for v in [*variants, "best", "copy_bw"]))
   for m, per in steps.items():
     cells = ["{:>15}".format("-" if t is None else f"{t:.3f}") for t in per.values()]
+    print(f"  {m:>4}  " + "  ".join(cells))
+  print("  the same as % of the copy-bandwidth time (the HBM roofline of these GEMMs):")
+  for m, per in steps.items():
+    bound = per["copy_bw"]
+    cells = ["{:>15}".format("-" if t is None or not bound else f"{100 * bound / t:.0f}%")
+             for t in per.values()]
     print(f"  {m:>4}  " + "  ".join(cells))
   for v, why in failures.items():
     print(f"variant {v} FAILED: {why}")
