@@ -363,32 +363,32 @@ def step_summary(table: list[dict], gemms: list[Gemm], layers: int, ms: list[int
   return out
 
 
-def report(rows: list[dict], gemms: list[Gemm], layers: int, ms: list[int], variants: list[str],
-           copy_gbps: float | None, failures: dict) -> dict:
-  order = {g.name: i for i, g in enumerate(gemms)}
-  table = sorted(best_rows(rows), key=lambda r: (order[r["gemm"]], r["m"], r.get("us", math.inf)))
-  for r in table:
-    if "us" in r and copy_gbps:
-      r["pct_copy"] = 100 * r["GBps"] / copy_gbps
+def print_table(table: list[dict]) -> None:
   print(f"\n{'gemm':8} {'M':>4} {'variant':16} {'us':>9} {'GB/s':>8} {'% copy':>7}  note")
   for r in table:
-    note = r.get("config", r.get("kernels", "")) if "us" in r else r.get("status", "")
-    if "us" in r:
-      pct = f"{r['pct_copy']:6.1f}%" if "pct_copy" in r else "      -"
-      print(f"{r['gemm']:8} {r['m']:4d} {r['variant']:16} {r['us']:9.2f} {r['GBps']:8.1f} "
-            f"{pct}  {note}")
-    else:
-      print(f"{r['gemm']:8} {r['m']:4d} {r['variant']:16} {'-':>9} {'-':>8} {'-':>7}  {note}")
+    head = f"{r['gemm']:8} {r['m']:4d} {r['variant']:16}"
+    if "us" not in r:
+      print(f"{head} {'-':>9} {'-':>8} {'-':>7}  {r.get('status', '')}")
+      continue
+    pct = f"{r['pct_copy']:6.1f}%" if "pct_copy" in r else "      -"
+    note = r.get("config", r.get("kernels", ""))
+    print(f"{head} {r['us']:9.2f} {r['GBps']:8.1f} {pct}  {note}")
+
+
+def print_configs(rows: list[dict], gemms: list[Gemm], ms: list[int]) -> None:
   configs = [r for r in rows if r["variant"] == "triton" and "us" in r]
   if configs:
     print("\nTriton configs (us):")
-    for g in gemms:
-      for m in ms:
-        mine = sorted((r for r in configs if r["gemm"] == g.name and r["m"] == m),
-                      key=lambda r: r["us"])
-        if mine:
-          print(f"  {g.name:8} M={m:<4d} " + "  ".join(f"{r['config']} {r['us']:.1f}"
-                                                      for r in mine))
+  for g in gemms:
+    for m in ms:
+      mine = sorted((r for r in configs if r["gemm"] == g.name and r["m"] == m),
+                    key=lambda r: r["us"])
+      if mine:
+        print(f"  {g.name:8} M={m:<4d} " + "  ".join(f"{r['config']} {r['us']:.1f}"
+                                                    for r in mine))
+
+
+def print_winners(table: list[dict], gemms: list[Gemm], ms: list[int]) -> list[dict]:
   print("\nWinners:")
   winners = []
   for g in gemms:
@@ -399,29 +399,72 @@ def report(rows: list[dict], gemms: list[Gemm], layers: int, ms: list[int], vari
       win = min(timed, key=lambda r: r["us"])
       xla = next((r["us"] for r in timed if r["variant"] == "xla"), None)
       gain = f", {xla / win['us']:.2f}x xla default" if xla and win["variant"] != "xla" else ""
-      others = ", ".join(f"{r['variant']} {r['us']:.1f}" for r in timed if r is not win)
       pct = f", {win['pct_copy']:.0f}% copy" if "pct_copy" in win else ""
+      others = ", ".join(f"{r['variant']} {r['us']:.1f}" for r in timed if r is not win)
       print(f"  {g.name:8} M={m:<4d} {win['variant']} {win['us']:.1f} us "
             f"({win['GBps']:.0f} GB/s{pct}{gain}) | {others}")
       winners.append({"gemm": g.name, "m": m, "variant": win["variant"],
                       "config": win.get("config"), "us": win["us"]})
-  steps = step_summary(table, gemms, layers, ms, variants, copy_gbps)
+  return winners
+
+
+def print_steps(steps: dict, gemms: list[Gemm], layers: int) -> None:
   layer_names = "+".join(g.name for g in gemms if g.per_layer)
-  tail = " + " + "+".join(g.name for g in gemms if not g.per_layer) if len(gemms) > 4 else ""
+  tail = "".join(f" + {g.name}" for g in gemms if not g.per_layer)
   print(f"\nDecode-step GEMM time, ms ({layers} layers x ({layer_names}){tail}):")
-  print(f"  {'M':>4}  " + "  ".join(f"{v:>15}" for v in [*variants, "best", "copy_bw"]))
+  names = next(iter(steps.values()), {})
+  print(f"  {'M':>4}  " + "  ".join(f"{v:>15}" for v in names))
   for m, per in steps.items():
-    cells = ["{:>15}".format("-" if t is None else f"{t:.3f}") for t in per.values()]
-    print(f"  {m:>4}  " + "  ".join(cells))
+    print(f"  {m:>4}  " + "  ".join("{:>15}".format("-" if t is None else f"{t:.3f}")
+                                    for t in per.values()))
   print("  the same as % of the copy-bandwidth time (the HBM roofline of these GEMMs):")
   for m, per in steps.items():
     bound = per["copy_bw"]
-    cells = ["{:>15}".format("-" if t is None or not bound else f"{100 * bound / t:.0f}%")
-             for t in per.values()]
-    print(f"  {m:>4}  " + "  ".join(cells))
+    print(f"  {m:>4}  " + "  ".join(
+        "{:>15}".format("-" if t is None or not bound else f"{100 * bound / t:.0f}%")
+        for t in per.values()))
+
+
+def report(rows: list[dict], gemms: list[Gemm], layers: int, ms: list[int], variants: list[str],
+           copy_gbps: float | None, failures: dict) -> dict:
+  """Print the table, the Triton configs, the winners and the decode-step sums; return them."""
+  order = {g.name: i for i, g in enumerate(gemms)}
+  table = sorted(best_rows(rows), key=lambda r: (order[r["gemm"]], r["m"], r.get("us", math.inf)))
+  for r in table:
+    if "us" in r and copy_gbps:
+      r["pct_copy"] = 100 * r["GBps"] / copy_gbps
+  print_table(table)
+  print_configs(rows, gemms, ms)
+  winners = print_winners(table, gemms, ms)
+  steps = step_summary(table, gemms, layers, ms, variants, copy_gbps)
+  print_steps(steps, gemms, layers)
   for v, why in failures.items():
     print(f"variant {v} FAILED: {why}")
   return {"rows": rows, "table": table, "winners": winners, "step_ms": steps}
+
+
+def run_variants(variants: list[str], extra: dict, plan: dict, budget: float):
+  """(rows, infos, failures) of every variant's process, run one after another, each with a
+  share of the budget left (by WEIGHT): a variant that ends early leaves its time to the rest."""
+  start = time.time()
+  rows, infos, failures = [], {}, {}
+  for i, v in enumerate(variants):
+    left = budget - (time.time() - start)
+    share = left * WEIGHT.get(v, 1.0) / sum(WEIGHT.get(u, 1.0) for u in variants[i:])
+    now = time.time()
+    # the child starts no row in the last quarter of its share (10 s at most): a row's compile
+    # may take that long; the process is killed 5 s after its share
+    child_plan = {**plan, "deadline": now + share - min(10.0, share / 4),
+                  "measure_copy": v == "xla"}
+    print(f"[{time.strftime('%H:%M:%S')}] {v}: {share:.0f} s", file=sys.stderr, flush=True)
+    got, info, failure = run_variant(v, extra.get(v, XLA_VARIANTS.get(v, "")), child_plan,
+                                     kill_at=now + share + 5)
+    rows += got
+    infos[v] = info
+    if failure:
+      failures[v] = failure
+      print(f"[{time.strftime('%H:%M:%S')}] {v} FAILED: {failure}", file=sys.stderr, flush=True)
+  return rows, infos, failures
 
 
 def main(argv=None) -> int:
@@ -438,7 +481,7 @@ def main(argv=None) -> int:
   ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=None,
                   help="token counts M (default 1,16,64,256; --quick 1,16,64; --dry-run 1,5,16)")
   ap.add_argument("--budget", type=float, default=None,
-                  help="seconds for the variants' processes (default 135; --quick 78; "
+                  help="seconds for the variants' processes (default 135; --quick 75; "
                        "--dry-run 60); one that overruns its share is killed 5 s after it")
   ap.add_argument("--samples", type=int, default=20, help="timed samples per row (>= 20)")
   ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
@@ -459,7 +502,7 @@ def main(argv=None) -> int:
   if "xla" not in variants:
     variants.insert(0, "xla")                    # the baseline; it also measures copy bandwidth
   start = time.time()
-  budget = args.budget or (60 if args.dry_run else 78 if args.quick else 135)
+  budget = args.budget or (60 if args.dry_run else 75 if args.quick else 135)
   ms = args.ms or ([1, 5, 16] if args.dry_run else [1, 16, 64] if args.quick else
                    [1, 16, 64, 256])
   gemms, layers = plan_gemms(args)
@@ -467,23 +510,7 @@ def main(argv=None) -> int:
           "dtype": "float16" if args.dry_run else "bfloat16", "dry_run": args.dry_run,
           "samples": 2 if args.dry_run else max(20, args.samples),
           "warmup": 1 if args.dry_run else 3, "max_configs": 2 if args.dry_run else 16}
-  rows, infos, failures = [], {}, {}
-  for i, v in enumerate(variants):
-    left = budget - (time.time() - start)
-    share = left * WEIGHT.get(v, 1.0) / sum(WEIGHT.get(u, 1.0) for u in variants[i:])
-    now = time.time()
-    # the child starts no row in the last quarter of its share (10 s at most): a row's compile
-    # may take that long; the process is killed 5 s after its share
-    child_plan = {**plan, "deadline": now + share - min(10.0, share / 4),
-                  "measure_copy": v == "xla"}
-    print(f"[{time.strftime('%H:%M:%S')}] {v}: {share:.0f} s", file=sys.stderr, flush=True)
-    got, info, failure = run_variant(v, extra.get(v, XLA_VARIANTS.get(v, "")), child_plan,
-                                     kill_at=now + share + 5)
-    rows += got
-    infos[v] = info
-    if failure:
-      failures[v] = failure
-      print(f"[{time.strftime('%H:%M:%S')}] {v} FAILED: {failure}", file=sys.stderr, flush=True)
+  rows, infos, failures = run_variants(variants, extra, plan, budget)
   copy_gbps = infos.get("xla", {}).get("copy_GBps")
   device = next((i["device"] for i in infos.values() if i), "?")
   print(f"\ndevice {device}, copy bandwidth "
