@@ -96,9 +96,10 @@ def _split_k(m: int, k: int, n: int, block_m: int, block_n: int, block_k: int,
   return split
 
 
-# (block_m or 0 for the M-derived one, block_n, block_k, num_warps, num_stages, waves aimed at)
+# (block_m or 0 for the M-derived one, block_n, block_k, num_warps, num_stages, waves aimed at;
+# 0 waves: never split, offered only where the grid fills the SMs without)
 _TILES_SMALL_M = ((16, 128, 128, 4, 4, 4), (16, 64, 256, 4, 4, 4), (16, 256, 64, 8, 4, 2),
-                  (16, 128, 64, 4, 6, 2))
+                  (16, 128, 64, 4, 6, 2), (16, 64, 128, 4, 4, 0))
 _TILES_LARGE_M = ((0, 128, 64, 4, 4, 2), (0, 64, 64, 4, 4, 2), (0, 128, 64, 8, 3, 2),
                   (64, 128, 64, 4, 4, 2))
 
@@ -107,7 +108,8 @@ def configs_for(m: int, k: int, n: int, *, num_sms: int = 132) -> list[Config]:
   """Configs worth timing for x (m, k) @ w (k, n), the heuristic pick first.
 
   M <= 16: one 16-row block, tiles 64-256 columns wide, K split until the grid holds about 4
-  waves of ``num_sms`` programs (2 for the last two).  Larger M: 64-128-row blocks with
+  waves of ``num_sms`` programs (2 for the next two), and for wide N (>= one program per SM
+  without it) no split at all: no partials to sum.  Larger M: 64-128-row blocks with
   MMA-friendly tiles, K split only while the grid is short of 2 waves and the partials stay
   small (at M = 256, K = 4096 they would cost as much as the weights: no split).
   """
@@ -117,6 +119,8 @@ def configs_for(m: int, k: int, n: int, *, num_sms: int = 132) -> list[Config]:
       _TILES_SMALL_M if bm == 16 else _TILES_LARGE_M):
     block_m = block_m or bm
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    if not waves and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) < num_sms:
+      continue
     split = _split_k(m, k, n, block_m, block_n, block_k, waves * num_sms)
     cfg = Config(block_m, block_n, block_k, split, warps, stages)
     if cfg.smem_bytes() <= SMEM_BUDGET and cfg not in out:
