@@ -13,8 +13,11 @@ out for that:
 * SPLIT_K multiplies the programs so that narrow outputs (N = 4096: 32 slices of 128 columns)
   still fill 132 SMs several times over.  Partial sums go to a float32 (SPLIT_K, M, N) buffer
   that one XLA reduction sums in a fixed order (deterministic, unlike float32 atomics).  The
-  partials add 4 * SPLIT_K * M / K of the weight bytes in writes and as much in reads, mostly
-  in L2: 0.4% at M = 1, K = 4096, SPLIT_K = 4; 6% at M = 16; ``configs_for`` caps it.
+  partials add 2 * SPLIT_K * M / K of the weight bytes in writes and as much in reads (mostly
+  in L2): in all 0.4% at M = 1, K = 4096, SPLIT_K = 4, 6% at M = 16; ``configs_for`` caps it.
+  (A hand-over in the kernel, the last program of a column slice summing the others, would
+  save the second launch but needs a counter, fences and a zeroed buffer: not before the
+  measurement shows the launch matters.)
 * Row blocks are the fastest grid axis, so for M > BLOCK_M the programs sharing a w tile run
   together and all but the first read it from L2.
 * M = 1..16 uses tl.dot with BLOCK_M = 16 (its minimum), rows beyond M masked to zero.  The 16x

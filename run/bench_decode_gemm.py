@@ -35,7 +35,8 @@ dot merging), calls issued back to back (>= 1 ms per sample, launch costs overla
 of ``--samples`` samples after warm-up.  GB/s = (weight + x + y bytes) / time; "% copy" divides
 by the copy bandwidth (y = x + 1 over 512 MiB, read + write counted, ``bench_serve``) measured
 in the same run.  The run is bound by ``--budget`` seconds: each process gets a share of what
-is left and marks what it could not reach "skipped (budget)".
+is left and marks what it could not reach "skipped (budget)"; rerun those rows with
+``--variants``, ``--ms`` and a larger ``--budget``.
 
 Output: one table, the winner per GEMM and M, and per M the GEMM time of one decode step
 (32 layers x (qkv + o + gate_up + down) + lm_head) per variant.  ``--json PATH`` writes it all.
