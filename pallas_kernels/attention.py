@@ -5,7 +5,7 @@
 
 Implementations (layout and semantics: ``pallas_kernels.paged_attention_ref``):
 
-    "reference"  float32 jnp on gathered pages, any device; O(T x S x M x page) memory
+    "reference"  float32 jnp on gathered pages, any device; memory bounded, slow
     "triton"     Triton kernel through jax-triton (``ragged_paged_attention_triton``), NVIDIA GPUs
     "mosaic"     Pallas Mosaic GPU kernel (``ragged_paged_attention_mosaic``), Hopper (sm_90)
     "auto"       CPU -> reference; GPU -> the first kernel of the device's preference order that
@@ -117,7 +117,7 @@ def resolve_impl(impl: str, arch: str, dtype: str = "bfloat16") -> str:
       return candidate
   warnings.warn(f"{_OP}: no attention kernel is verified and runnable on {arch} for {dtype} "
                 f"(VERIFIED[{arch!r}] = {verified}); impl='auto' falls back to the float32 jnp "
-                "reference, whose memory grows as T x S x max_model_len", stacklevel=3)
+                "reference (slow: every query row gathers its request's pages)", stacklevel=3)
   return "reference"
 
 

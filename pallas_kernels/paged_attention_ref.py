@@ -110,36 +110,55 @@ def token_requests(query_start_loc, num_seqs, num_tokens: int):
   return req.astype(jnp.int32), tok - query_start_loc[req], valid
 
 
+#: Float32 bytes of the keys one block of query rows gathers (values as many again): bounds the
+#: reference's memory at long contexts and large batches.
+BLOCK_BYTES = 256 << 20
+
+
 def ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc,
                                      num_seqs, *, sm_scale: float | None = None) -> jax.Array:
   """Float32 softmax attention on gathered pages.  Returns (T, N, D) in ``q.dtype``.
 
-  Memory is O(T x S x M x page): meant for tests and small CPU batches, not for speed.
+  Query rows run in blocks (``lax.map``); each row gathers its own request's pages, so memory
+  is about 2 x ``BLOCK_BYTES`` whatever T, S and the context: meant for tests and CPU serving,
+  not for speed (every row of a prefill chunk gathers its request's pages again).
   """
   check_shapes(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc)
   t, n, d = q.shape
   _, page, k, _ = k_pages.shape
-  s, m = block_tables.shape
+  m = block_tables.shape[1]
   g = n // k
   scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
   length = m * page                                              # L: key slots per request
-  # (S, L, K, D): every request's slots in position order; slots >= kv_len zeroed
-  keys = k_pages[block_tables].reshape(s, length, k, d).astype(jnp.float32)
-  vals = v_pages[block_tables].reshape(s, length, k, d).astype(jnp.float32)
-  live = jnp.arange(length)[None, :] < kv_lens[:, None]          # (S, L)
-  keys = jnp.where(live[..., None, None], keys, 0.0)
-  vals = jnp.where(live[..., None, None], vals, 0.0)
+  kv_lens, block_tables, query_start_loc = (jnp.asarray(a) for a in
+                                            (kv_lens, block_tables, query_start_loc))
   req, offset, valid = token_requests(query_start_loc, num_seqs, t)
   q_len = query_start_loc[req + 1] - query_start_loc[req]
   pos = kv_lens[req] - q_len + offset                            # (T,) query positions
   qf = q.astype(jnp.float32).reshape(t, k, g, d) * scale
-  k_tok, v_tok = keys[req], vals[req]                            # (T, L, K, D)
+  rows = max(1, min(t, BLOCK_BYTES // (length * k * d * 4)))
+  blocks = -(-t // rows)
+  pad = blocks * rows - t
+  def blocked(x):                                                # (T, ...) -> (blocks, rows, ...)
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(blocks, rows, *x.shape[1:])
   # HIGHEST: float32 products on GPUs too (their default float32 dot may round inputs to TF32)
   hi = jax.lax.Precision.HIGHEST
-  scores = jnp.einsum("tkgd,tlkd->tkgl", qf, k_tok, precision=hi)
-  allowed = jnp.arange(length)[None, :] <= pos[:, None]          # (T, L)
-  scores = jnp.where(allowed[:, None, None, :], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("tkgl,tlkd->tkgd", probs, v_tok, precision=hi).reshape(t, n, d)
+  slot = jnp.arange(length)
+
+  def block(args):
+    qb, rb, pb = args                                            # (R, K, G, D), (R,), (R,)
+    live = slot[None, :] < kv_lens[rb][:, None]                  # (R, L): slots in the cache
+    def gather(pages):                                           # (R, L, K, D), dead slots 0
+      x = pages[block_tables[rb]].reshape(rows, length, k, d).astype(jnp.float32)
+      return jnp.where(live[..., None, None], x, 0.0)
+    scores = jnp.einsum("rkgd,rlkd->rkgl", qb, gather(k_pages), precision=hi)
+    allowed = live & (slot[None, :] <= pb[:, None])              # causal within the request
+    scores = jnp.where(allowed[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("rkgl,rlkd->rkgd", probs, gather(v_pages), precision=hi)
+
+  out = jax.lax.map(block, (blocked(qf), blocked(req), blocked(pos)))
+  out = out.reshape(blocks * rows, n, d)[:t]
   out = jnp.where(valid[:, None, None], out, 0.0)
   return out.astype(q.dtype)
