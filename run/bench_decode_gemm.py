@@ -469,7 +469,7 @@ def run_variants(variants: list[str], extra: dict, plan: dict, budget: float):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="M 1/16/64, the 4 layer GEMMs")
   ap.add_argument("--dry-run", action="store_true",
@@ -493,6 +493,8 @@ def main(argv=None) -> int:
     run_child(args.child, json.loads(args.plan))
     return 0
 
+  if any("=" not in item for item in args.variant_flags):
+    ap.error(f"--variant-flags takes NAME=FLAGS, got {args.variant_flags}")
   extra = dict(item.split("=", 1) for item in args.variant_flags)
   chosen = args.variants.split(",") if args.variants else QUICK_ORDER if args.quick else ORDER
   variants = [v for v in chosen if v] + list(extra)
