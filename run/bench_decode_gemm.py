@@ -377,16 +377,18 @@ def print_table(table: list[dict]) -> None:
 
 
 def print_configs(rows: list[dict], gemms: list[Gemm], ms: list[int]) -> None:
-  configs = [r for r in rows if r["variant"] == "triton" and "us" in r]
+  configs = [r for r in rows if r["variant"] == "triton" and "config" in r]
   if configs:
-    print("\nTriton configs (us):")
+    print("\nTriton configs (us; rows not timed are counted as such):")
   for g in gemms:
     for m in ms:
-      mine = sorted((r for r in configs if r["gemm"] == g.name and r["m"] == m),
-                    key=lambda r: r["us"])
+      mine = [r for r in configs if r["gemm"] == g.name and r["m"] == m]
+      timed = sorted((r for r in mine if "us" in r), key=lambda r: r["us"])
+      cells = [f"{r['config']} {r['us']:.1f}" for r in timed]
+      if len(timed) < len(mine):
+        cells.append(f"({len(mine) - len(timed)} not timed: skipped, WRONG or FAILED)")
       if mine:
-        print(f"  {g.name:8} M={m:<4d} " + "  ".join(f"{r['config']} {r['us']:.1f}"
-                                                    for r in mine))
+        print(f"  {g.name:8} M={m:<4d} " + "  ".join(cells))
 
 
 def print_winners(table: list[dict], gemms: list[Gemm], ms: list[int]) -> list[dict]:
