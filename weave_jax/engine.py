@@ -337,16 +337,18 @@ class Engine:
     plan = self.plan(n_tokens)
     key = (plan, packed)
     if key not in self._compiled:
-      self._ensure_workspace(plan.padded)
+      self.open_workspace(plan.padded)
       args = self._example_args(plan, packed)
       opts = xla_options.compile_options(self.platform, weave=plan.split is not None)
       lowered = self._build(plan, packed).lower(*args)
       self._compiled[key] = (plan, xla_options.compile_with(lowered, opts))
     return self._compiled[key]
 
-  def _ensure_workspace(self, tokens: int) -> None:
-    """Opens the fused workspace, first growing the shared one when it is smaller than
-    ``tokens`` (a given one that is too small raises)."""
+  def open_workspace(self, tokens: int) -> None:
+    """Opens the fused workspace for batches of up to ``tokens`` (padded), first growing the
+    engine's own one when it is smaller (a given one that is too small raises).  Callers that
+    build their own programs over this engine's backend (the serving runner) call it before
+    compiling."""
     ws = self.workspace
     if ws is None:
       return
@@ -357,8 +359,10 @@ class Engine:
       ws.grow(max_tokens=max(tokens, 2 * ws.max_tokens))
     ws.open()
 
-  def _timeouts(self):
-    """Turns a fused kernel's timeout into FusedTimeoutError (rank, barrier)."""
+  def timeout_errors(self):
+    """Context manager that turns a fused kernel's timeout into FusedTimeoutError (rank,
+    barrier); wrap every call of a program that runs the fused kernel, and block on its result
+    inside."""
     if self.workspace is None:
       return contextlib.nullcontext()
     return self.workspace.raise_on_timeout()
@@ -389,7 +393,7 @@ class Engine:
     """Prefill forward.  tokens (T,) int; optional positions (T,), segment_ids (T,) for packed
     prompts.  Returns float32 logits (T, vocab), or (1, vocab) with ``logits="last"``."""
     plan, exe, args = self.prepare(tokens, positions, segment_ids)
-    with self._timeouts():
+    with self.timeout_errors():
       logits = exe(*args)
       if self.workspace is not None:  # a trapped kernel surfaces here, inside the handler
         logits = jax.block_until_ready(logits)

@@ -186,7 +186,7 @@ class ModelRunner:
     self.buckets = token_buckets(max_num_batched_tokens)
     # The fused backends' workspace, sized once for the largest bucket before any program is
     # built (growing it later would rebuild the backends under compiled programs).
-    self.engine._ensure_workspace(self.buckets[-1])
+    self.engine.open_workspace(self.buckets[-1])
     self.cfg, self.mesh, self.run, self.tp = self.engine.cfg, mesh, run, self.engine.tp
     self.page_size, self.max_model_len = page_size, max_model_len
     self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
@@ -344,7 +344,7 @@ class ModelRunner:
     batch, shape, packed = self.prepare(chunks)
     which = np.flatnonzero(batch.sample)
     mode = sampler.mode_for([chunks[i].params for i in which], self.cfg.vocab_size)
-    with self.engine._timeouts():          # a fused kernel's timeout names its rank and barrier
+    with self.engine.timeout_errors():          # a fused kernel's timeout names its rank and barrier
       out, logits = self.launch(shape, jax.device_put(packed, self._replicated), mode)
     kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
     return PendingStep(out, logits, which, len(chunks), kind)
@@ -352,7 +352,7 @@ class ModelRunner:
   def collect(self, pending: PendingStep, return_logits: bool = False) -> StepResult:
     """Wait for a submitted step's sampled ids (the only transfer back) and return them."""
     which = pending.which
-    with self.engine._timeouts():
+    with self.engine.timeout_errors():
       host = np.asarray(pending.out)[:, :which.size]
     tokens = np.zeros(pending.num_chunks, np.int32)
     logprobs = np.zeros(pending.num_chunks, np.float32)
