@@ -139,6 +139,8 @@ INTERPRETER_CASES = [
     (16, 96, 80, False, False, sg.Config(16, 32, 32, split_k=4)),            # uneven splits
     (64, 128, 96, False, False, sg.Config(64, 64, 32, split_k=2, num_stages=2)),  # N tail
     (40, 64, 32, True, False, sg.Config(16, 32, 64)),                        # 3 row blocks
+    (1, 512, 64, True, True, sg.Config(16, 64, 64, split_k=4)),              # lm_head-like
+    (256, 64, 32, False, False, sg.Config(128, 32, 32)),                     # M = 256
 ]
 
 
