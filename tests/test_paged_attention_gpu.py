@@ -1,5 +1,6 @@
 """Ragged paged attention kernels on one GPU: every impl present (Triton always; Mosaic on
-Hopper) against the float32 reference on random ragged layouts with NaN-poisoned unused slots and pages.
+Hopper) against the float32 reference on random ragged layouts with NaN-poisoned unused slots
+and pages.
 
 The full check (216 layouts, every config and kind) is ``python run/check_attention_gpu.py``;
 this runs a sample of it.  A missing jax-triton fails here (it is a failure of the Triton impl).
