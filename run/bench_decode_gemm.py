@@ -470,7 +470,7 @@ def run_variants(variants: list[str], extra: dict, plan: dict, budget: float):
   return rows, infos, failures
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="M 1/16/64, the 4 layer GEMMs")
@@ -491,19 +491,24 @@ def main(argv=None) -> int:
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--plan", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
-  if args.child:
-    run_child(args.child, json.loads(args.plan))
-    return 0
-
   if any("=" not in item for item in args.variant_flags):
     ap.error(f"--variant-flags takes NAME=FLAGS, got {args.variant_flags}")
-  extra = dict(item.split("=", 1) for item in args.variant_flags)
+  args.extra = dict(item.split("=", 1) for item in args.variant_flags)
   chosen = args.variants.split(",") if args.variants else QUICK_ORDER if args.quick else ORDER
-  variants = [v for v in chosen if v] + list(extra)
-  unknown = [v for v in variants if v not in (*ORDER, *OPTION_VARIANTS, *extra)]
+  args.variant_list = [v for v in chosen if v] + list(args.extra)
+  unknown = [v for v in args.variant_list if v not in (*ORDER, *OPTION_VARIANTS, *args.extra)]
   if unknown:
     names = ", ".join(ORDER + tuple(OPTION_VARIANTS))
     ap.error(f"unknown variant(s) {unknown}: choose from {names} or --variant-flags")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.child:
+    run_child(args.child, json.loads(args.plan))
+    return 0
+  extra, variants = args.extra, args.variant_list
   if "xla" not in variants:
     variants.insert(0, "xla")                    # the baseline; it also measures copy bandwidth
   start = time.time()

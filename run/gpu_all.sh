@@ -2,14 +2,15 @@
 # Everything on a GPU node in one call: build the FFI library, run the GPU tests, the fused-kernel
 # microbenchmark, the prefill, serving and paged-attention benchmarks.  Logs, JSON and charts go
 # to $OUT (default ./gpu_out).  Stages can be chosen:
-#   bash run/gpu_all.sh [build] [test] [fused] [ce] [grid] [prefill] [serve] [attention] [tune]
+#   bash run/gpu_all.sh [build] [test] [fused] [ce] [grid] [prefill] [serve] [attention] [gemm] [tune]
 # Not in the default set:
 #   ce:   the copy-engine algorithm's local reduce kernel at 16 and 132 blocks, pipelined in 1, 2
 #         and 4 chunks, 2K-16K tokens of H 8192 (microbenchmark; needs >= 2 GPUs)
 #   grid: the woven copy-engine calls' reduce grid in the model (Llama-3.3-70B shapes, 16 layers,
 #         4K and 16K tokens): the tuned grid against 16, 32 and 528 blocks (needs >= 2 GPUs)
 # serve runs run/bench_serve.py --quick (TP = all local GPUs); attention checks the paged
-# attention kernels against the float32 reference, then times them (one GPU).
+# attention kernels against the float32 reference, then times them (one GPU); gemm times the
+# decode-sized GEMMs of Llama-3.1-8B: XLA's choices against experimental/skinny_gemm.py (one GPU).
 # On one GPU the prefill stage runs one TP=2 rank's shapes (--shard-of 2, dense presets): with
 # TP=1 there is no communication to compare.
 # All stages together take more than 10 minutes: the fused-kernel test file alone needs > 5 min
@@ -27,7 +28,7 @@ PRESETS=${PRESETS:-"llama-3.3-70b qwen2.5-72b mixtral-8x22b"}
 # the multi-GPU tests run at TP = every local GPU (at most 8) unless WEAVE_TEST_TP says otherwise
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")
 export WEAVE_TEST_TP=${WEAVE_TEST_TP:-$(( gpus > 8 ? 8 : (gpus < 2 ? 2 : gpus) ))}
-stages=${*:-build test fused prefill serve attention}
+stages=${*:-build test fused prefill serve attention gemm}
 rc=0
 quiet() { grep --line-buffered -vE "^(W|I)0000 "; }   # drop absl/XLA info chatter
 for stage in $stages; do
@@ -82,7 +83,11 @@ for stage in $stages; do
         | tee "$OUT/attention_check.log" || rc=1
       timeout ${ATTENTION_TIMEOUT:-300} $PY run/bench_attention.py --quick \
         --json "$OUT/attention.json" 2>&1 | quiet | tee "$OUT/attention.log" || rc=1 ;;
-    *) echo "unknown stage $stage (build test fused ce grid prefill serve attention tune)"; rc=2 ;;
+    gemm)
+      timeout ${GEMM_TIMEOUT:-200} $PY run/bench_decode_gemm.py --json "$OUT/decode_gemm.json" 2>&1 \
+        | quiet | tee "$OUT/decode_gemm.log" || rc=1 ;;
+    *) echo "unknown stage $stage (build test fused ce grid prefill serve attention gemm tune)"
+       rc=2 ;;
   esac
 done
 exit $rc

@@ -14,8 +14,9 @@ PYTHON_RECORDER = """#!/usr/bin/env bash
 printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"
 echo "ran $1"   # the stages filter the output with grep, which fails on none
 """
-STAGES = ["fused", "ce", "grid", "prefill", "serve", "attention", "tune"]
-PARSED = ("bench_allreduce_norm", "bench_prefill", "bench_serve", "bench_attention")
+STAGES = ["fused", "ce", "grid", "prefill", "serve", "attention", "gemm", "tune"]
+PARSED = ("bench_allreduce_norm", "bench_prefill", "bench_serve", "bench_attention",
+          "bench_decode_gemm")
 
 
 def recorded_calls(tmp_path, gpus: int) -> list[list[str]]:
@@ -35,7 +36,7 @@ def test_every_stage_parses(tmp_path, gpus):
   calls = recorded_calls(tmp_path, gpus)
   scripts = [argv[0] for argv in calls]
   want = {"run/bench_prefill.py", "run/bench_serve.py", "run/check_attention_gpu.py",
-          "run/bench_attention.py", "run/tune_split.py"}
+          "run/bench_attention.py", "run/bench_decode_gemm.py", "run/tune_split.py"}
   if gpus > 1:
     want.add("run/bench_allreduce_norm.py")
   assert set(scripts) == want, scripts
