@@ -49,6 +49,17 @@ def rel_err(a, b) -> float:
 GPU_MISSING_KEY = pytest.StashKey[bool]()
 
 
+def run_interpreter_cases(test_file: str, num_cases: int, timeout: int) -> None:
+  """Run ``test_file --interpret`` in a fresh process under Triton's interpreter (it must be
+  set before triton is imported) and require every case to print " ok"."""
+  env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, test_file, "--interpret"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  print(proc.stdout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count(" ok") == num_cases
+
+
 def nvidia_driver_gpus() -> bool:
   """Whether nvidia-smi lists a GPU on this machine (whatever JAX sees)."""
   try:

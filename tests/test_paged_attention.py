@@ -8,9 +8,7 @@ pool, NaN in every slot and page a layout does not use and in the padding query 
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
 import sys
 import warnings
 
@@ -23,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from conftest import load_module  # noqa: E402
+from conftest import load_module, run_interpreter_cases  # noqa: E402
 from pallas_kernels import attention  # noqa: E402
 from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference  # noqa: E402
 
@@ -316,12 +314,7 @@ def _interpreter_main() -> int:
 
 
 def test_triton_kernel_in_interpreter():
-  env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  print(proc.stdout)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count(" ok") == len(INTERPRETER_CASES)
+  run_interpreter_cases(__file__, len(INTERPRETER_CASES), timeout=600)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:

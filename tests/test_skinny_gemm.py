@@ -9,7 +9,6 @@ Llama-3.1-8B's decode shapes.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, run_interpreter_cases  # noqa: E402
 from experimental import skinny_gemm as sg  # noqa: E402
 
 # Llama-3.1-8B's decode GEMMs at TP = 1: (name, K, N, w stored (N, K), float32 out)
@@ -162,12 +161,7 @@ def _interpreter_main() -> int:
 
 
 def test_kernel_in_interpreter():
-  env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  print(proc.stdout)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count(" ok") == len(INTERPRETER_CASES)
+  run_interpreter_cases(__file__, len(INTERPRETER_CASES), timeout=300)
 
 
 @pytest.mark.timeout(30)          # ~9 s on 2 cores: three short processes
