@@ -41,7 +41,7 @@ IMPLS = ("auto", "reference", "triton", "mosaic")
 #: architecture.  Only these are candidates for impl="auto".  Add an impl after its check passes
 #: on that architecture (state the date and device in the commit).
 VERIFIED: dict[str, tuple[str, ...]] = {
-    "sm_90": (),
+    "sm_90": ("mosaic", "triton"),     # H100, 432 kernel-layouts, 2026-12-07
     "sm_89": (),
     "sm_80": (),
 }

@@ -41,22 +41,12 @@ if __package__ in (None, ""):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pallas_kernels import attention  # noqa: E402
-from weave_jax.bench import progress, time_fn, write_json  # noqa: E402
+from weave_jax.bench import progress, stream_gbps, time_fn, write_json  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
 MAX_MODEL_LEN = 32768
 REFERENCE_BYTES_CAP = 16 << 30
-
-
-def streaming_gbps(nbytes: int = 2 << 30) -> dict:
-  """Read + write GB/s of a device-to-device copy and of an elementwise negation."""
-  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  out = {}
-  for name, fn in (("copy", jax.jit(lambda a: jnp.copy(a))), ("neg", jax.jit(lambda a: -a))):
-    t = time_fn(lambda: fn(x), warmup=3, iters=10)
-    out[name] = 2 * nbytes / (t.median_ms * 1e-3) / 1e9
-  return out
 
 
 def build_step(rng: np.random.Generator, q_lens, kv_lens, page: int, key):
@@ -298,7 +288,7 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   device = jax.devices()[0].device_kind
   impls = impls_here(arch)
-  stream = streaming_gbps()
+  stream = stream_gbps()
   bandwidth = max(stream.values())
   progress(f"{device}: copy {stream['copy']:.0f} GB/s, neg {stream['neg']:.0f} GB/s (read+write)")
   rng, key = np.random.default_rng(0), jax.random.key(0)

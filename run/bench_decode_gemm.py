@@ -33,7 +33,7 @@ Timing: R copies of each weight (R * size >= 256 MiB, so L2 never holds the next
 decode step where every layer's weights differ), R GEMMs per jitted call with distinct x (no
 dot merging), calls issued back to back (>= 1 ms per sample, launch costs overlapped), median
 of ``--samples`` samples after warm-up.  GB/s = (weight + x + y bytes) / time; "% copy" divides
-by the copy bandwidth (y = x + 1 over 512 MiB, read + write counted, ``bench_serve``) measured
+by the copy bandwidth (the faster of a 4 GiB copy and negation, read + write counted) measured
 in the same run.  The run is bound by ``--budget`` seconds: each process gets a share of what
 is left and marks what it could not reach "skipped (budget)"; rerun those rows with
 ``--variants``, ``--ms`` and a larger ``--budget``.
@@ -248,7 +248,7 @@ def run_child(variant: str, plan: dict) -> None:
   if plan["measure_copy"]:
     sys.path.insert(0, os.path.join(ROOT, "run"))
     from bench_serve import copy_bandwidth
-    info["copy_GBps"] = copy_bandwidth(1 << 20 if plan["dry_run"] else 1 << 28) / 1e9
+    info["copy_GBps"] = copy_bandwidth(1 << 21 if plan["dry_run"] else 4 << 30) / 1e9
   emit("INFO", info)
   launch = None
   if variant == "triton":

@@ -96,7 +96,8 @@ def test_example_fused_on_gpu():
   from conftest import gpu_tp
   from weave_jax.fused import Workspace
   tp = gpu_tp()
-  assert len(jax.devices("gpu")) >= tp, f"needs {tp} GPUs, JAX sees {len(jax.devices('gpu'))}"
+  if len(jax.devices("gpu")) < max(2, tp):
+    pytest.skip(f"needs {max(2, tp)} GPUs")
   cfg = byo.Config(vocab=256, hidden=128, ffn=256, layers=2, heads=8, kv_heads=8, head_dim=16)
   mesh = Mesh(np.array(jax.devices("gpu")[:tp]), (byo.AXIS,))
   weights = byo.init(cfg, jax.random.key(0), jnp.bfloat16)

@@ -92,6 +92,18 @@ def matmul_tflops(n: int = 8192, dtype=jnp.bfloat16, iters: int = 50) -> float:
   return 2 * n ** 3 / (t.median_ms * 1e-3) / 1e12
 
 
+def stream_gbps(nbytes: int = 4 << 30, iters: int = 20) -> dict[str, float]:
+  """Read + write GB/s of one device: a device-to-device copy and an elementwise negation of
+  ``nbytes`` (bf16).  The buffer is large (4 GiB) because each timed call carries the host's
+  dispatch and sync (~0.1-0.2 ms): at 512 MiB that hid 20-30% of an H100's rate."""
+  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+  out = {}
+  for name, fn in (("copy", jax.jit(lambda a: jnp.copy(a))), ("neg", jax.jit(lambda a: -a))):
+    t = time_fn(lambda: fn(x), warmup=10, iters=iters)
+    out[name] = 2 * x.nbytes / (t.median_ms * 1e-3) / 1e9
+  return out
+
+
 def progress(msg: str) -> None:
   """One line of progress on stderr (the table goes to stdout)."""
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
