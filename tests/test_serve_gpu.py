@@ -2,9 +2,9 @@
 
 Weaving changes the order of the bf16 arithmetic (two halves, each with its own GEMMs and
 attention calls), so logits differ in the last bits, and a greedy choice between two nearly tied
-tokens may flip. The tolerance, stated once: the two runs' tokens agree up to the first position
-where they differ, and there the log-probabilities of the two chosen tokens differ by less than
-``TIE_LOGPROB`` (a near tie); the first new token of every prompt agrees.
+tokens may flip, the first new token (the woven prefill step's) included. The tolerance, stated
+once: the two runs' tokens agree up to the first position where they differ, and there the
+log-probabilities of the two chosen tokens differ by less than ``TIE_LOGPROB`` (a near tie).
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ def generate(cfg, weave: bool, attention: str):
 
 def check_agree(woven, unsplit) -> None:
   for i, (w, u) in enumerate(zip(woven, unsplit)):
-    assert w.token_ids[0] == u.token_ids[0], f"prompt {i}: first tokens differ"
     for j, (tw, tu) in enumerate(zip(w.token_ids, u.token_ids)):
       if tw != tu:
         gap = abs(w.logprobs[j] - u.logprobs[j])
@@ -57,7 +56,7 @@ def check_agree(woven, unsplit) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_woven_greedy_equals_unsplit_bf16(family):
-  attention = "triton" if jax.default_backend() == "gpu" else "reference"
+  attention = "auto" if jax.default_backend() == "gpu" else "reference"
   woven, kinds = generate(FAMILIES[family], True, attention)
   assert "woven" in kinds, f"no step was woven ({kinds})"
   unsplit, kinds = generate(FAMILIES[family], False, attention)

@@ -183,6 +183,24 @@ def test_bucket_plan(model_at):
   assert [s.sample_rows for s in shapes] == [16, 20, 20, 20, 20]
 
 
+@pytest.mark.parametrize("split", [None, 24])
+def test_packed_fields_start_256_byte_aligned(split):
+  """Every field of the packed step buffer starts at a multiple of 256 bytes (a custom call may
+  get it as a view into the buffer) and no two fields overlap."""
+  import jax.numpy as jnp
+  from weave_jax.serve import step_inputs
+  shape = step_inputs.StepShape(bucket=40, split=split, max_num_seqs=5, pages_per_seq=7)
+  fields, offsets = shape.fields(), shape.offsets()
+  assert all(off * 4 % 256 == 0 for off in offsets)
+  ends = [off + int(np.prod(shp)) for (_, shp, _), off in zip(fields, offsets)]
+  assert all(end <= nxt for end, nxt in zip(ends, offsets[1:])) and ends[-1] == shape.size()
+  buf = np.arange(shape.size(), dtype=np.int32)
+  out = step_inputs.unpack(shape, jnp.asarray(buf))
+  for (name, shp, dt), off in zip(fields, offsets):
+    want = buf[off:off + int(np.prod(shp))].reshape(shp).view(dt)
+    np.testing.assert_array_equal(np.asarray(out[name]), want, err_msg=name)
+
+
 def test_compile_ahead_prints_progress_and_covers_steps(model_at, capsys):
   runner = make_runner(model_at, 1, RunConfig(), max_num_batched_tokens=16, compile_ahead=True)
   out = capsys.readouterr().out

@@ -19,7 +19,10 @@ and for sampling (R rows = the chunks with ``sample``, padded)::
     sample_rows (R,) int32 (row of the program's concatenated halves), temperature (R,) f32,
     top_k (R,) int32, top_p (R,) f32, seeds (R,) uint32, steps (R,) int32
 
-float32 / uint32 fields travel bit-cast inside the int32 buffer.
+float32 / uint32 fields travel bit-cast inside the int32 buffer.  Every field starts at a
+multiple of ``FIELD_ALIGN`` int32s (256 bytes): XLA may hand a field to a custom call as a view
+into the buffer rather than a copy, and the Mosaic GPU attention kernel refuses inputs that are
+not 256-byte aligned.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 
 from weave_jax.serve import sampler
 
+FIELD_ALIGN = 64            # int32s: 256 bytes
 _HALF_FIELDS = ("tokens", "positions", "slots", "query_start_loc", "kv_lens", "block_tables",
                 "num_seqs")
 # The sampler's inputs (sampler.sample's arguments after the logits), in its argument order.
@@ -85,19 +89,27 @@ class StepShape:
     out += [(name, (self.sample_rows,), dt) for name, dt in _SAMPLE_FIELDS]
     return out
 
+  def offsets(self) -> list[int]:
+    """Where each field of ``fields()`` starts in the buffer (multiples of FIELD_ALIGN)."""
+    out, off = [], 0
+    for _, shape, _ in self.fields():
+      out.append(off)
+      off += -(-math.prod(shape) // FIELD_ALIGN) * FIELD_ALIGN
+    return out
+
   def size(self) -> int:
-    return sum(math.prod(shape) for _, shape, _ in self.fields())
+    _, shape, _ = self.fields()[-1]
+    return self.offsets()[-1] + math.prod(shape)
 
 
 def unpack(shape: StepShape, buf: jax.Array) -> dict[str, jax.Array]:
   """Device side: the packed (size,) int32 buffer -> named fields (bit-cast back)."""
-  out, off = {}, 0
-  for name, shp, dt in shape.fields():
-    n = math.prod(shp)
-    x = buf[off:off + n].reshape(shp)
+  out = {}
+  for (name, shp, dt), off in zip(shape.fields(), shape.offsets()):
+    x = buf[off:off + math.prod(shp)].reshape(shp)
     if dt != np.int32:
       x = jax.lax.bitcast_convert_type(x, jnp.dtype(dt))
-    out[name], off = x, off + n
+    out[name] = x
   return out
 
 
@@ -253,5 +265,9 @@ def pack(batch: Batch, shape: StepShape, real_split: int | None, chunks: Sequenc
   steps = np.zeros(shape.sample_rows, np.int32)
   steps[:which.size] = [chunks[i].rng_step for i in which]
   values += [rows, temperature, top_k, top_p, seed, steps]
-  return np.concatenate([v.reshape(-1).view(np.int32) for v in values])
+  buf = np.zeros(shape.size(), np.int32)
+  for v, off in zip(values, shape.offsets()):
+    flat = v.reshape(-1).view(np.int32)
+    buf[off:off + flat.size] = flat
+  return buf
 
