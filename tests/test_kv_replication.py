@@ -102,6 +102,17 @@ def test_init_random_is_one_model_at_every_tp(random_models):
   _assert_same(_unreplicated_state(big), _unreplicated_state(small))
 
 
+def test_init_random_repeats_per_seed_and_draws_every_layer_apart(random_models):
+  small = random_models[2]
+  _assert_same(_unreplicated_state(init_random(KV2, make_mesh(2), seed=5)),
+               _unreplicated_state(small))
+  two = init_random(preset("tiny", num_layers=2), make_mesh(2), seed=5)
+  first, second = (jax.tree.leaves(nnx.state(layer)) for layer in two.layers)
+  assert len(first) == len(second) > 0
+  for a, b in zip(first, second):
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("save_tp,restore_tp", [(8, 2), (2, 4)])
 def test_checkpoint_across_replica_counts(tmp_path, random_models, save_tp, restore_tp):
   save_checkpoint(random_models[save_tp], tmp_path / "ckpt")
