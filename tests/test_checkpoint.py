@@ -2,6 +2,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset
@@ -43,8 +44,10 @@ def test_round_trip(tmp_path, name, restore_tp):
   tokens = np.arange(11) * 7 % cfg.vocab_size
   out = Engine(restored, mesh, RunConfig(backend="rs_ag"))(tokens)
   ref = Engine(saved, make_mesh(2), RunConfig(backend="rs_ag"))(tokens)
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             rtol=2e-2, atol=2e-2)
+  # Same weights at another TP: the all-reduces add in another order, which moves bf16 logits by
+  # a few units in their last place; compare the whole logits array, not each element.
+  err = rel_err(out, ref)
+  assert err < (2e-2 if cfg.dtype == "bfloat16" else 1e-5), err
 
 
 @pytest.mark.parametrize("change, says", [
