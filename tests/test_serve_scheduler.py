@@ -240,3 +240,20 @@ def test_abort_frees_pages_of_running_and_drops_waiting():
   assert (running.finish_reason, waiting.finish_reason) == ("abort", "abort")
   assert running.is_finished and waiting.is_finished and not sched.has_unfinished
   assert sched.blocks.num_free_pages == sched.config.num_pages
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "8"])
+def test_counts_are_positive_ints_everywhere(bad):
+  """SchedulerConfig, the KV-cache layout and SamplingParams.max_tokens share one meaning of a
+  count: an int >= 1 (NumPy integers included, bools not)."""
+  from weave_jax import preset
+  from weave_jax.serve import kv_cache
+  with pytest.raises(ValueError, match=f"SchedulerConfig: max_num_seqs={bad!r} must be a "
+                                       "positive int"):
+    SchedulerConfig(64, 4, 64, 16, bad)
+  with pytest.raises(ValueError, match=f"kv_cache: page_size={bad!r} must be a positive int"):
+    kv_cache.check_layout(preset("tiny"), 1, num_pages=8, page_size=bad)
+  with pytest.raises(ValueError, match="max_tokens must be a positive int"):
+    SamplingParams(max_tokens=bad)
+  SchedulerConfig(np.int64(64), 4, 64, 16, np.int32(8))
+  kv_cache.check_layout(preset("tiny"), 1, num_pages=np.int64(8), page_size=16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
+from weave_jax.checks import is_int
 
 #: the kernel algorithms a user may name; "auto" picks among them by message size.
 ALGORITHMS = ("one_shot", "two_shot", "copy_engine")
@@ -17,13 +17,9 @@ MAX_CE_CTAS = 1024              # kMaxCeCtas: the copy-engine kernel's blocks ar
 MAX_CE_CHUNKS = 32              # kMaxCeChunks: the copy-engine pipeline's depth
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def check_grid(op: str, field: str, value, hi: int) -> None:
   """Raises ValueError unless ``value`` is an integer grid size in MIN_CTAS..hi."""
-  if not (_is_int(value) and MIN_CTAS <= value <= hi):
+  if not (is_int(value) and MIN_CTAS <= value <= hi):
     raise ValueError(f"{op}: {field}={value!r} must be an integer in {MIN_CTAS}..{hi}")
 
 
@@ -31,7 +27,7 @@ def check_chunks(op: str, value) -> None:
   """Raises ValueError unless ``value`` is "auto" or an integer in 1..MAX_CE_CHUNKS."""
   if isinstance(value, str) and value == "auto":
     return
-  if not (_is_int(value) and 1 <= value <= MAX_CE_CHUNKS):
+  if not (is_int(value) and 1 <= value <= MAX_CE_CHUNKS):
     raise ValueError(f"{op}: ce_chunks={value!r} must be 'auto' or an integer in "
                      f"1..{MAX_CE_CHUNKS}")
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from weave_jax.checks import positive_int
 from weave_jax.comm.base import AXIS
 from weave_jax.config import ModelConfig
 from weave_jax.model import padded_vocab
@@ -89,10 +90,8 @@ def pages_for_memory(cfg: ModelConfig, mesh: Mesh, *, page_size: int, memory_fra
 
 
 def check_layout(cfg: ModelConfig, tp: int, num_pages: int, page_size: int) -> None:
-  if not isinstance(page_size, int) or page_size < 1:
-    raise ValueError(f"kv_cache: page_size={page_size!r} must be a positive int")
-  if not isinstance(num_pages, int) or num_pages < 1:
-    raise ValueError(f"kv_cache: num_pages={num_pages!r} must be a positive int")
+  positive_int("kv_cache", "page_size", page_size)
+  positive_int("kv_cache", "num_pages", num_pages)
   if cfg.num_kv_heads % tp:
     raise ValueError(f"kv_cache: num_kv_heads={cfg.num_kv_heads} not divisible by TP={tp} "
                      "(the weights replicate KV heads when TP exceeds them)")

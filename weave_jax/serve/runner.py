@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import attention as paged_kernels
 from weave_jax import forward, layers, weave, xla_options
+from weave_jax.checks import positive_int
 from weave_jax.comm import AXIS
 from weave_jax.engine import Engine, RunConfig
 from weave_jax.model import Transformer, lm_logits
@@ -177,11 +178,10 @@ class ModelRunner:
                memory_fraction: float = 0.9, max_model_len: int = 4096,
                max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, seed: int = 0,
                compile_ahead: bool = True):
-    for name, value in (("max_model_len", max_model_len), ("page_size", page_size),
-                        ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("max_num_seqs", max_num_seqs)):
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"ModelRunner: {name}={value!r} must be a positive int")
+    max_model_len, page_size, max_num_batched_tokens, max_num_seqs = (
+        positive_int("ModelRunner", name, value) for name, value in (
+            ("max_model_len", max_model_len), ("page_size", page_size),
+            ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)))
     self.engine = Engine(model, mesh, run)
     self.buckets = token_buckets(max_num_batched_tokens)
     # The fused backends' workspace, sized once for the largest bucket before any program is

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from weave_jax.checks import positive_int
 from weave_jax.serve.block_manager import BlockManager, pages_for
 from weave_jax.serve.runner import ScheduledChunk
 from weave_jax.serve.sampling_params import SamplingParams
@@ -51,9 +52,7 @@ class SchedulerConfig:
   def __post_init__(self):
     for name in ("num_pages", "page_size", "max_model_len", "max_num_batched_tokens",
                  "max_num_seqs"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"SchedulerConfig: {name} must be a positive int, got {value!r}")
+      positive_int("SchedulerConfig", name, getattr(self, name))
 
 
 class Scheduler:
