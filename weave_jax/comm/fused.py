@@ -104,10 +104,9 @@ class FusedP2P(CommBackend):
   def woven_as_tuned(self) -> bool:
     """False when "auto" would run large woven calls on the two-shot kernel instead of the copy
     engines, with which the tuning table's woven-vs-unsplit verdicts were measured: on a
-    workspace without the copy engines (e.g. one process per GPU).  That kernel path measured
-    slower than unsplit calls in the model (0.94-1.00x the psum baseline against 1.03-1.07x,
-    Llama shapes, 2 x H200, 2026-11-22).  An explicit ``weave_algorithm`` keeps the table's
-    verdicts."""
+    workspace without the copy engines (e.g. one process per GPU).  Woven, that kernel path was
+    no faster than the psum baseline in the model (BENCHMARKS.md, "The copy engines against the
+    kernel, woven").  An explicit ``weave_algorithm`` keeps the table's verdicts."""
     return self.options.weave_algorithm != "auto" or self.workspace.copy_engine
 
   def reduce_add_norm(self, partial, residual, weight, *, eps: float):
