@@ -246,9 +246,8 @@ def run_child(variant: str, plan: dict) -> None:
   info = {"variant": variant, "device": dev.device_kind, "platform": dev.platform,
           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if plan["measure_copy"]:
-    sys.path.insert(0, os.path.join(ROOT, "run"))
-    from bench_serve import copy_bandwidth
-    info["copy_GBps"] = copy_bandwidth(1 << 21 if plan["dry_run"] else 4 << 30) / 1e9
+    from weave_jax.bench import stream_gbps
+    info["copy_GBps"] = max(stream_gbps(1 << 21 if plan["dry_run"] else 4 << 30).values())
   emit("INFO", info)
   launch = None
   if variant == "triton":

@@ -138,9 +138,9 @@ def run_config(variant: str, args, on_gpu: bool):
   if backend == "fused_p2p" and not on_gpu:
     backend, note = "rs_ag", "fused_p2p needs GPUs: rs_ag (same layout, XLA collectives) runs"
   min_tokens = args.weave_min_tokens if weave else None
-  attention = args.paged_attention
   return RunConfig(backend=backend, weave=weave, weave_min_tokens=min_tokens,
-                   backend_by_size=variant == "fused+weave", paged_attention=attention), note
+                   backend_by_size=variant == "fused+weave",
+                   paged_attention=args.paged_attention), note
 
 
 def build_llm(model, tp: int, run, *, max_model_len: int, chunk: int, max_num_seqs: int,

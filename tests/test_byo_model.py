@@ -93,10 +93,10 @@ def test_example_refuses_uneven_halves(reference):
 def test_example_fused_on_gpu():
   """The example's woven fused_p2p forward against its unsplit psum one, bf16, TP $WEAVE_TEST_TP."""
   import jax.numpy as jnp
-  from conftest import gpu_tp
+  from conftest import gpu_count, gpu_tp
   from weave_jax.fused import Workspace
   tp = gpu_tp()
-  if len(jax.devices("gpu")) < max(2, tp):
+  if gpu_count() < max(2, tp):
     pytest.skip(f"needs {max(2, tp)} GPUs")
   cfg = byo.Config(vocab=256, hidden=128, ffn=256, layers=2, heads=8, kv_heads=8, head_dim=16)
   mesh = Mesh(np.array(jax.devices("gpu")[:tp]), (byo.AXIS,))

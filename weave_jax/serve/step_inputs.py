@@ -27,6 +27,7 @@ not 256-byte aligned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -89,17 +90,22 @@ class StepShape:
     out += [(name, (self.sample_rows,), dt) for name, dt in _SAMPLE_FIELDS]
     return out
 
-  def offsets(self) -> list[int]:
-    """Where each field of ``fields()`` starts in the buffer (multiples of FIELD_ALIGN)."""
-    out, off = [], 0
+  @functools.cached_property
+  def _layout(self) -> tuple[list[int], int]:
+    """(offsets, size): where each field of ``fields()`` starts (multiples of FIELD_ALIGN) and
+    the buffer's length.  Computed once per shape: ``pack`` asks for it every step."""
+    offsets, off = [], 0
     for _, shape, _ in self.fields():
-      out.append(off)
-      off += -(-math.prod(shape) // FIELD_ALIGN) * FIELD_ALIGN
-    return out
+      offsets.append(off)
+      end = off + math.prod(shape)
+      off = -(-end // FIELD_ALIGN) * FIELD_ALIGN
+    return offsets, end
+
+  def offsets(self) -> list[int]:
+    return self._layout[0]
 
   def size(self) -> int:
-    _, shape, _ = self.fields()[-1]
-    return self.offsets()[-1] + math.prod(shape)
+    return self._layout[1]
 
 
 def unpack(shape: StepShape, buf: jax.Array) -> dict[str, jax.Array]:
