@@ -101,11 +101,21 @@ def check_metadata(kv_lens, block_tables, query_start_loc, num_seqs: int, *, num
                        f"{pages[(pages < 0) | (pages >= num_pages)][:4].tolist()}")
 
 
+def searchsorted_right(sorted_values, x):
+  """``jnp.searchsorted(sorted_values, x, side="right")`` as one comparison fusion.
+
+  The default method is a binary search in a loop, which XLA on GPU runs as a while loop that
+  reads each trip's predicate back on the host: tens of microseconds per call inside every
+  attention layer.  Here the operands are request or tile counts (at most a few hundred
+  thousand comparisons)."""
+  return jnp.searchsorted(sorted_values, x, side="right", method="compare_all").astype(jnp.int32)
+
+
 def token_requests(query_start_loc, num_seqs, num_tokens: int):
   """(request of each query row, its position offset j within the request, valid) (T,) each."""
   tok = jnp.arange(num_tokens, dtype=jnp.int32)
   s = query_start_loc.shape[0] - 1
-  req = jnp.clip(jnp.searchsorted(query_start_loc[1:], tok, side="right"), 0, s - 1)
+  req = jnp.clip(searchsorted_right(query_start_loc[1:], tok), 0, s - 1)
   valid = tok < query_start_loc[num_seqs]
   return req.astype(jnp.int32), tok - query_start_loc[req], valid
 

@@ -184,7 +184,7 @@ def _tile_metadata(kv_lens, query_start_loc, num_seqs, *, group: int, tiles: int
   tile_start = jnp.concatenate([jnp.zeros((1,), jnp.int32),
                                 jnp.cumsum(pl.cdiv(rows, tile_rows)).astype(jnp.int32)])
   tid = jnp.arange(tiles, dtype=jnp.int32)
-  req = jnp.clip(jnp.searchsorted(tile_start[1:], tid, side="right"), 0, s - 1).astype(jnp.int32)
+  req = jnp.clip(ref.searchsorted_right(tile_start[1:], tid), 0, s - 1)
   live = tid < tile_start[s]
   row_off = (tid - tile_start[req]) * tile_rows
   pos_base = kv_lens[req] - q_lens[req]

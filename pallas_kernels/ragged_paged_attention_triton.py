@@ -47,7 +47,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from pallas_kernels.paged_attention_ref import check_shapes
+from pallas_kernels.paged_attention_ref import check_shapes, searchsorted_right
 
 _OP = "ragged_paged_attention_triton"
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -223,7 +223,7 @@ def prefill_schedule(q_lens, decode_block_q: int, prefill_block_q: int, num_bloc
   nb = jnp.where(q_lens > decode_block_q, -(-q_lens // prefill_block_q), 0)
   ends = jnp.cumsum(nb)
   b = jnp.arange(num_blocks, dtype=jnp.int32)
-  req = jnp.minimum(jnp.searchsorted(ends, b, side="right"), s - 1).astype(jnp.int32)
+  req = jnp.minimum(searchsorted_right(ends, b), s - 1)
   busy = b < ends[-1]
   qb = b - (ends - nb)[req]
   return jnp.where(busy, req, -1), jnp.where(busy, qb, 0).astype(jnp.int32)
@@ -257,7 +257,7 @@ def token_owner(query_start_loc, num_tokens: int):
   """(T,) request of each query row (clipped into 0..S-1)."""
   s = query_start_loc.shape[0] - 1
   tok = jnp.arange(num_tokens, dtype=jnp.int32)
-  return jnp.clip(jnp.searchsorted(query_start_loc[1:], tok, side="right"), 0, s - 1)
+  return jnp.clip(searchsorted_right(query_start_loc[1:], tok), 0, s - 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ D=128, bfloat16).
     python run/bench_attention.py                     # every shape below, pages 16 and 64
 
 * decode: batch 1/16/64/256 x context 1K/4K/16K/32K: achieved HBM GB/s (K/V bytes read plus q
-  read and out written) and its fraction of the device's streaming bandwidth measured in the
-  same run (the faster of a device-to-device copy and an elementwise negation, read + write).
+  read and out written) and its fraction of the device's read rate measured in the same run (a
+  4 GiB sum: decode attention only streams data in).  The copy rate (read + write, the faster
+  of a device-to-device copy and a negation) is measured and recorded too; on an H100 reads
+  alone run faster than that.
 * prefill chunks: one 2K-token chunk over prefixes 0..16K: TFLOP/s (the causal FLOPs the chunk
   needs) against ``jax.nn.dot_product_attention(implementation="cudnn")`` on the same dense
   shapes (causal at prefix 0; at prefix > 0 the cuDNN causal mask is used only if its output
@@ -16,8 +18,9 @@ D=128, bfloat16).
 
 Every impl present is timed (triton; mosaic when importable on sm_90; the jnp reference
 wherever its O(T x L) gather fits in 16 GB).  Each timing is the median over calls of a jitted
-function that runs the kernel ``--inner`` times back to back (each call's num_seqs depends on
-the previous output, so none can be hoisted), divided by ``--inner``.  Block tables are
+function that runs the kernel ``--inner`` times back to back, divided by ``--inner``.  Each
+call's block tables and num_seqs depend on the previous output, so XLA can neither hoist the
+reference's page gathers out of the repeats nor merge the calls.  Block tables are
 shuffled pages of a pool, as in a serving engine; the block-table width is that of a 32K-token
 engine (max_model_len 32K), as the engine compiles it.
 
@@ -41,7 +44,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pallas_kernels import attention  # noqa: E402
-from weave_jax.bench import progress, stream_gbps, time_fn, write_json  # noqa: E402
+from weave_jax.bench import progress, read_gbps, stream_gbps, time_fn, write_json  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -82,8 +85,9 @@ def build_step(rng: np.random.Generator, q_lens, kv_lens, page: int, key):
 
 
 def looped(impl: str, inner: int):
-  """jit(args -> sum of ``inner`` outputs' [0, 0, 0]); each call's num_seqs depends on the last
-  output (adds 0 unless it is NaN), so XLA cannot hoist or merge the calls."""
+  """jit(args -> sum of ``inner`` outputs' [0, 0, 0]); each call's block tables and num_seqs
+  depend on the last output (they add 0 unless it is NaN), so XLA cannot hoist any part of a
+  call (the reference's page gathers read only the block tables) or merge the calls."""
   fn = functools.partial(attention.ragged_paged_attention, impl=impl)
 
   @jax.jit
@@ -91,7 +95,7 @@ def looped(impl: str, inner: int):
     acc = jnp.zeros((), jnp.float32)
     for _ in range(inner):
       dep = jnp.where(jnp.isnan(acc), 1, 0).astype(jnp.int32)
-      out = fn(q, k_pages, v_pages, kv_lens, block_tables, qsl, num_seqs + dep)
+      out = fn(q, k_pages, v_pages, kv_lens, block_tables + dep, qsl, num_seqs + dep)
       acc = acc + out[0, 0, 0].astype(jnp.float32)
     return acc
   return run
@@ -137,7 +141,7 @@ def decode_rows(args, impls, bandwidth, rng, key) -> list[dict]:
           row = dict(page=page, batch=batch, context=ctx, impl=impl, bytes=nbytes, **r)
           if "ms" in r:
             row["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
-            row["frac_of_stream"] = row["gbps"] / bandwidth
+            row["frac_of_read"] = row["gbps"] / bandwidth
           rows.append(row)
           progress(_fmt(row, "gbps"))
         del step
@@ -220,7 +224,7 @@ def _fmt(row: dict, metric: str | None) -> str:
   if "error" in row:
     return f"{row['impl']:9} {head}: ERROR {row['error']}"
   extra = f" {metric} {row[metric]:.1f}" if metric and metric in row else ""
-  frac = f" ({row['frac_of_stream']:.0%} of streaming)" if "frac_of_stream" in row else ""
+  frac = f" ({row['frac_of_read']:.0%} of read rate)" if "frac_of_read" in row else ""
   mask = f" mask={row['mask']}" if "mask" in row else ""
   return f"{row['impl']:9} {head}: {row['ms'] * 1e3:.1f} us{extra}{frac}{mask}"
 
@@ -238,7 +242,7 @@ def plot(res: dict, path: str) -> None:
                    and (r["impl"], r["batch"], r["page"]) == (impl, batch, page))
       if pts:
         ax1.plot(*zip(*pts), styles.get(impl, "-"), marker="o", label=f"{impl} b={batch}")
-  ax1.axhline(res["stream_gbps"], color="k", lw=0.8, label="streaming bandwidth")
+  ax1.axhline(res["read_gbps"], color="k", lw=0.8, label="read rate (4 GiB sum)")
   ax1.set_xscale("log", base=2)
   ax1.set_xlabel("context (tokens)")
   ax1.set_ylabel("GB/s")
@@ -289,13 +293,14 @@ def main(argv=None) -> int:
   device = jax.devices()[0].device_kind
   impls = impls_here(arch)
   stream = stream_gbps()
-  bandwidth = max(stream.values())
-  progress(f"{device}: copy {stream['copy']:.0f} GB/s, neg {stream['neg']:.0f} GB/s (read+write)")
+  bandwidth = read_gbps()
+  progress(f"{device}: read {bandwidth:.0f} GB/s (sum); copy {stream['copy']:.0f} GB/s, neg "
+           f"{stream['neg']:.0f} GB/s (read + write)")
   rng, key = np.random.default_rng(0), jax.random.key(0)
   res = dict(device=device, arch=arch, date=datetime.date.today().isoformat(),
              jax=jax.__version__, quick=args.quick, heads=[Q_HEADS, KV_HEADS, HEAD_DIM],
              dtype="bfloat16", chunk=args.chunk, inner=args.inner, iters=args.iters,
-             stream=stream, stream_gbps=bandwidth, impls=impls)
+             stream=stream, read_gbps=bandwidth, impls=impls)
   res["decode"] = decode_rows(args, impls, bandwidth, rng, key)
   res["prefill"] = prefill_rows(args, impls, rng, jax.random.fold_in(key, 1))
   res["mixed"] = [] if args.no_mixed else mixed_rows(args, impls, rng, jax.random.fold_in(key, 2))

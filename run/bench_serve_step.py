@@ -52,10 +52,9 @@ def parse_args(argv=None):
   p.add_argument("--tp", type=int, default=1)
   p.add_argument("--backend", default="psum")
   p.add_argument("--weave", action="store_true")
-  p.add_argument("--paged-attention", default="triton" if gpu else "auto",
-                 help="RunConfig.paged_attention (default on GPU: triton; 'auto' picks only "
-                      "verified kernels and may fall back to the reference, which does not fit "
-                      "2K contexts)")
+  p.add_argument("--paged-attention", default="auto",
+                 help="RunConfig.paged_attention (default auto: the fastest kernel verified on "
+                      "this device, Mosaic GPU on Hopper)")
   p.add_argument("--context", type=int, default=2048, help="cached tokens of each decode request")
   p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
   p.add_argument("--prefill-tokens", type=int, default=2048)

@@ -156,6 +156,45 @@ def _call(args, meta, **over):
                                           meta["num_seqs"])
 
 
+def test_searchsorted_right_matches_numpy_without_a_loop():
+  """The requests/tiles/programs lookup the kernels' XLA side runs every attention layer: same
+  answer as a binary search, lowered without a while loop (on GPU each trip's predicate goes
+  back to the host)."""
+  from pallas_kernels.paged_attention_ref import searchsorted_right
+  rng = np.random.default_rng(0)
+  ends = np.sort(rng.integers(0, 50, 17)).astype(np.int32)
+  x = np.arange(-2, 60, dtype=np.int32)
+  got = searchsorted_right(jnp.asarray(ends), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(got), np.searchsorted(ends, x, side="right"))
+  assert got.dtype == jnp.int32
+  text = jax.jit(searchsorted_right).lower(ends, x).as_text()
+  assert "while" not in text
+
+
+def test_triton_wrapper_metadata_lowers_without_loops():
+  """The Triton path's XLA-side schedule (request of each row, query blocks, split counts) holds
+  no while loop either."""
+  pytest.importorskip("triton")
+  from pallas_kernels import ragged_paged_attention_triton as rpt
+  qsl = jnp.asarray([0, 1, 2, 40, 41], jnp.int32)
+  kv_lens = jnp.asarray([300, 20, 64, 7], jnp.int32)
+  plan = rpt.make_plan(48, 4, 8, 2, 64, 16, 32)
+
+  def metadata(qsl, kv_lens, num_seqs):
+    q_lens = rpt.query_lens(qsl, num_seqs)
+    return (rpt.token_owner(qsl, 48), rpt.decode_schedule(q_lens, 1),
+            rpt.prefill_schedule(q_lens, 1, 16, 8), rpt.split_counts(kv_lens, q_lens, num_seqs, 2,
+                                                                     plan))
+
+  text = jax.jit(metadata).lower(qsl, kv_lens, jnp.int32(4)).as_text()
+  assert "while" not in text
+  owner, _, (req, qb), _ = jax.jit(metadata)(qsl, kv_lens, jnp.int32(4))
+  want = np.minimum(np.searchsorted(np.asarray(qsl[1:]), np.arange(48), side="right"), 3)
+  np.testing.assert_array_equal(np.asarray(owner), want)
+  np.testing.assert_array_equal(np.asarray(req[:3]), [2, 2, 2])
+  np.testing.assert_array_equal(np.asarray(qb[:3]), [0, 1, 2])
+
+
 def test_input_checks_name_the_argument():
   args, meta, layout = _host_case()
   pages = args[1].shape[0]
