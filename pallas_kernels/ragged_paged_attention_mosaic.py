@@ -36,7 +36,7 @@ Masking, so that unused or poisoned (NaN) cache slots cannot reach the result:
     before the P V wgmma (0 * NaN would still be NaN);
   * rows fully masked within a split get l = 0, O = 0 and lse = -inf (weight 0 in the combine).
 
-Split-KV (flash-decoding): with few (tile, kv head) pairs for the 132 SMs and long block
+Split-KV (flash-decoding): with fewer (tile, kv head) pairs than the device has SMs and long block
 tables, each pair's KV range is cut into ``num_splits`` contiguous step ranges (decided per
 tile at run time from its real length), combined afterwards in float32.
 """
@@ -60,8 +60,8 @@ PAGE_SIZES = (16, 32, 64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 #: Query rows per compute warpgroup: the wgmma M.
 WG_ROWS = 64
-#: H100 SXM streaming multiprocessors: below this many CTAs the split-KV path is worth it.
-_NUM_SMS = 132
+#: SMs assumed where the device does not say (H100 SXM and H200).
+_DEFAULT_SMS = 132
 #: Fewest KV steps a split should own, so that the combine does not dominate.
 _MIN_STEPS_PER_SPLIT = 4
 _MAX_SPLITS = 32
@@ -156,15 +156,23 @@ def default_consumers(t: int, s: int, group: int) -> int:
   return 2 if t >= 4 * s and t * group >= 4 * 2 * WG_ROWS else 1
 
 
+def device_sms() -> int:
+  """Streaming multiprocessors of the first device (``_DEFAULT_SMS`` where it does not say)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or _DEFAULT_SMS)
+
+
 def default_num_splits(t: int, n: int, k: int, page: int, block_tables_shape,
-                       consumers: int) -> int:
-  """Enough splits to give every SM about two CTAs, when the block table is long enough."""
+                       consumers: int, num_sms: int | None = None) -> int:
+  """Enough splits to give every SM about two CTAs when the grid has fewer CTAs than SMs and
+  the block table is long enough (measured against other split counts: BENCHMARKS.md, paged
+  attention kernels)."""
+  num_sms = num_sms or device_sms()
   s, m = block_tables_shape
   ctas = num_tiles(t, n // k, s, consumers * WG_ROWS) * k
   max_steps = pl.cdiv(m * page, kv_step(page))
-  if ctas >= _NUM_SMS or max_steps < 2 * _MIN_STEPS_PER_SPLIT:
+  if ctas >= num_sms or max_steps < 2 * _MIN_STEPS_PER_SPLIT:
     return 1
-  want = pl.cdiv(2 * _NUM_SMS, ctas)
+  want = pl.cdiv(2 * num_sms, ctas)
   return int(max(1, min(want, max_steps // _MIN_STEPS_PER_SPLIT, _MAX_SPLITS)))
 
 

@@ -77,13 +77,22 @@ def parse_args(argv=None):
 
 
 def decode_chunks(batch: int, context: int, page_size: int, num_pages: int):
-  """``batch`` requests, each one token at position ``context``; block tables take consecutive
-  pages and wrap around the pool when it is too small (then requests share pages)."""
+  """``batch`` requests, each one token at position ``context``.  Each request gets its own
+  consecutive pages when the pool holds them all; otherwise the requests share their prefix
+  pages and only the last page, which the step writes, is per request.  Returns (chunks,
+  shared)."""
   pages = math.ceil((context + 1) / page_size)
-  chunks = [ScheduledChunk(i, np.array([1 + i % 100], np.int32), context,
-                           (np.arange(i * pages, (i + 1) * pages) % num_pages).astype(np.int32),
-                           True, GREEDY, 0) for i in range(batch)]
-  return chunks, batch * pages > num_pages
+  shared = batch * pages > num_pages
+  if shared and pages - 1 + batch > num_pages:
+    raise SystemExit(f"decode batch {batch} at context {context}: even with shared prefix "
+                     f"pages it needs more than the {num_pages} pages of the cache")
+  chunks = []
+  for i in range(batch):
+    table = (np.append(np.arange(pages - 1), pages - 1 + i) if shared
+             else np.arange(i * pages, (i + 1) * pages))
+    chunks.append(ScheduledChunk(i, np.array([1 + i % 100], np.int32), context,
+                                 table.astype(np.int32), True, GREEDY, 0))
+  return chunks, shared
 
 
 def launches(fn, steps: int = 5) -> str:

@@ -178,6 +178,16 @@ def test_split_combine_weights_by_lse():
   np.testing.assert_allclose(np.asarray(out), 1.5)
 
 
+def test_default_splits_follow_the_sm_count():
+  """Decode at batch 1 over a 32K-token table: splits fill about two CTAs per SM of the device
+  (at least 4 KV steps each); a grid that already fills the SMs is not split."""
+  one = dict(t=1, n=32, k=8, page=16, block_tables_shape=(1, 2048), consumers=1)
+  assert rpa.default_num_splits(**one, num_sms=132) == 17      # 2 tiles x 8 heads = 16 CTAs
+  assert rpa.default_num_splits(**one, num_sms=114) == 15      # H100 PCIe
+  assert rpa.default_num_splits(t=16, n=32, k=8, page=16, block_tables_shape=(16, 2048),
+                                consumers=1, num_sms=132) == 1  # 17 tiles x 8 heads >= 132
+
+
 # ---------------------------------------------------------------- CPU: lowering, interpreter
 
 

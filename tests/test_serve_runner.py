@@ -159,6 +159,9 @@ def test_sampling_through_the_runner(after_mixed):
     (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([1]), True),
               ScheduledChunk(0, np.arange(4), 4, np.array([1]), True)], "appears twice"),
     (lambda: [], "chunks is empty"),
+    (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([1]), True),
+              ScheduledChunk(1, np.array([5]), 2, np.array([1]), True)],
+     r"two tokens write cache slot 18 \(page 1, row 2\); requests \[0, 1\]"),
 ])
 def test_bad_input_raises_before_launch(model_at, bad, match):
   runner = make_runner(model_at, 1, RunConfig())
@@ -166,6 +169,23 @@ def test_bad_input_raises_before_launch(model_at, bad, match):
     runner.execute(bad())
   assert not runner._programs                               # nothing compiled, nothing ran
   assert not any(a.is_deleted() for kv in runner.cache for a in kv)
+
+
+def test_page_writes_are_one_unique_scatter_that_drops_padding():
+  """write_pages: padding slots (-1) write nothing, real slots land in their page row, and the
+  scatter is declared unique (XLA on GPU would otherwise write with atomics)."""
+  import jax
+  import jax.numpy as jnp
+  from weave_jax.serve.runner import write_pages
+  pages = jnp.zeros((3, 4, 2, 2), jnp.bfloat16)
+  new = jnp.arange(1, 6, dtype=jnp.float32)[:, None, None] * jnp.ones((5, 2, 2))
+  slots = jnp.asarray([5, -1, 11, -1, 0], jnp.int32)
+  out = np.asarray(write_pages(pages, new, slots).astype(jnp.float32)).reshape(12, 2, 2)
+  want = np.zeros((12, 2, 2), np.float32)
+  want[5], want[11], want[0] = 1, 3, 5
+  np.testing.assert_array_equal(out, want)
+  hlo = jax.jit(write_pages).lower(pages, new, slots).as_text()
+  assert "unique_indices = true" in hlo
 
 
 def test_a_kernel_that_cannot_run_here_is_refused_at_start(model_at):

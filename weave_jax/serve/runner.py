@@ -106,11 +106,18 @@ def _half(cfg, fields: dict, h: int) -> ServeHalf:
 
 
 def write_pages(pages, new, slots):
-  """pages (P, page, K, D) with rows ``slots`` (T,) set to ``new`` (T, K, D); slot -1 drops."""
+  """pages (P, page, K, D) with rows ``slots`` (T,) set to ``new`` (T, K, D); slot -1 drops.
+
+  The real slots of a step are distinct (``step_inputs.check_and_flatten`` refuses a step
+  where two tokens write one slot), and each dropped token gets its own index past the end, so
+  the scatter is declared unique: without that XLA on GPU writes every element with an atomic
+  compare-and-swap loop (16-bit elements have no atomic store)."""
   p, page = pages.shape[:2]
   flat = pages.reshape(p * page, *pages.shape[2:])
-  idx = jnp.where(slots < 0, p * page, slots)
-  return flat.at[idx].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+  past_end = p * page + jnp.arange(slots.shape[0], dtype=slots.dtype)
+  idx = jnp.where(slots < 0, past_end, slots)
+  return flat.at[idx].set(new.astype(pages.dtype), mode="drop",
+                          unique_indices=True).reshape(pages.shape)
 
 
 def serve_stages(model: Transformer, cache, attention) -> list[weave.Stage]:

@@ -208,6 +208,15 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
   positions = starts[req] + np.arange(n) - cu[req]
   page = block_tables[req, positions // limits.page_size]
   slots = page * limits.page_size + positions % limits.page_size
+  if np.unique(slots).size != n:
+    # Two tokens would overwrite each other's keys and values (the step's page writes are
+    # declared unique to XLA, too).
+    values, counts = np.unique(slots, return_counts=True)
+    dup = int(values[counts > 1][0])
+    owners = sorted({int(ids[r]) for r in req[slots == dup]})
+    raise ValueError(f"ModelRunner.execute: two tokens write cache slot {dup} (page "
+                     f"{dup // limits.page_size}, row {dup % limits.page_size}); requests "
+                     f"{owners} share a page they both write")
   return Batch(tokens.astype(np.int32), positions.astype(np.int32), slots.astype(np.int32),
                starts.astype(np.int32), cu.astype(np.int32), block_tables, sample.astype(bool),
                bool(np.all(q_lens == 1) and np.all(starts > 0)))
