@@ -12,7 +12,9 @@ Printed:
 - per decode batch B (every request one new token after ``--context`` cached tokens): the step
   through ``ModelRunner.execute`` (host metadata + one device_put + the step and sampler
   programs + fetching the sampled ids), the two programs alone (``ModelRunner.launch`` on an
-  input already placed) and the host-side metadata build alone (``ModelRunner.prepare``).
+  input already placed), the host-side metadata build alone (``ModelRunner.prepare``), and the
+  median of each phase of an execute (meta, put, launch = enqueueing both programs, wait = the
+  device finishing plus the copy of the sampled ids): where a step's host time goes.
   Where B x pages exceeds the pool, requests share pages (said so);
 - the prefill step of ``--prefill-tokens`` tokens (one request, empty cache) against
   ``Engine`` with RunConfig(logits="last") on the same weights, timed interleaved, and the
@@ -124,6 +126,27 @@ def launcher(runner: ModelRunner, shape, buf):
   return lambda: runner.launch(shape, buf, "greedy")[0]
 
 
+def execute_phases(runner: ModelRunner, chunks, *, warmup: int, iters: int) -> dict[str, float]:
+  """Median ms of each host phase of ``ModelRunner.execute``: build the metadata ("meta"),
+  place it ("put"), enqueue the step and sampler programs ("launch": returns before the device
+  is done), then wait for the sampled ids and copy them to the host ("wait")."""
+  samples: dict[str, list[float]] = {"meta": [], "put": [], "launch": [], "wait": []}
+  for i in range(warmup + iters):
+    t0 = time.perf_counter()
+    _, shape, packed = runner.prepare(chunks)
+    t1 = time.perf_counter()
+    buf = jax.device_put(packed, runner._replicated)
+    t2 = time.perf_counter()
+    out, _ = runner.launch(shape, buf, "greedy")
+    t3 = time.perf_counter()
+    np.asarray(out)
+    t4 = time.perf_counter()
+    if i >= warmup:
+      for name, dt in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        samples[name].append(dt * 1e3)
+  return {name: float(np.median(v)) for name, v in samples.items()}
+
+
 def compile_used(runner: ModelRunner, args) -> None:
   """Compile the decode buckets and the prefill bucket this run uses, a line each."""
   shapes = {runner.shape(runner.bucket(b), decode=True) for b in args.batches}
@@ -162,22 +185,26 @@ def main(argv=None):
              "paged_attention": runner.attention_impl, "decode": {}, "prefill": {}}
 
   print(f"\ndecode, {args.context} cached tokens per request (ms, median of {args.iters}):")
-  print(f"{'batch':>6} {'execute':>9} {'program':>9} {'host meta':>10}  notes")
+  print(f"{'batch':>6} {'execute':>9} {'program':>9} {'host meta':>10}  {'execute phases':<40}"
+        "  notes")
   for b in args.batches:
     chunks, shared = decode_chunks(b, args.context, args.page_size, runner.num_pages)
     step = time_fn(lambda: runner.execute(chunks), warmup=args.warmup, iters=args.iters)
     shape, buf = placed_step(runner, chunks)
     device = time_fn(launcher(runner, shape, buf), warmup=args.warmup, iters=args.iters)
     host = time_fn(lambda: runner.prepare(chunks), warmup=args.warmup, iters=args.iters)
+    phases = execute_phases(runner, chunks, warmup=args.warmup, iters=args.iters)
+    phase_text = " ".join(f"{k} {v:.3f}" for k, v in phases.items())
     notes = f"bucket {shape.bucket}"
     if jax.default_backend() == "gpu":
       notes += f"; {launches(launcher(runner, shape, buf))}"
     if shared:
       notes += "; pool too small: requests share pages"
     print(f"{b:>6} {step.median_ms:>9.3f} {device.median_ms:>9.3f} {host.median_ms:>10.3f}  "
-          f"{notes}", flush=True)
+          f"{phase_text:<40}  {notes}", flush=True)
     results["decode"][b] = {"execute_ms": step.median_ms, "program_ms": device.median_ms,
-                            "host_ms": host.median_ms, "shared_pages": shared}
+                            "host_ms": host.median_ms, "phases_ms": phases,
+                            "shared_pages": shared}
 
   n = args.prefill_tokens
   prompt = np.random.RandomState(0).randint(0, cfg.vocab_size, n).astype(np.int32)
