@@ -206,3 +206,25 @@ def test_bench_serve_dry_run_at_tp2(tmp_path):
   assert all(s["decode"]["steps"] > 0 for s in steps.values())
   assert "rs_ag" in res["notes"]["fused+weave"]
   assert all("ms" in r for r in res["decode_ms"]["baseline"].values())
+
+
+def test_async_and_sync_scheduling_agree(served):
+  """Planning a step before the last one's tokens return (placeholders read on device) gives
+  the tokens of the step-by-step loop, EOS stops included."""
+  llm, refs, eos, _ = served
+  params = SamplingParams(temperature=0, max_tokens=8)
+  got = {}
+  try:
+    for mode in (True, False):
+      llm.async_scheduling = mode
+      got[mode] = [o.token_ids for o in llm.generate(prompts(1), params, progress=False)]
+  finally:
+    llm.async_scheduling = True
+  assert got[True] == got[False]
+  assert got[True][0] == refs[0][:refs[0].index(eos) + 1]
+  assert llm.scheduler.blocks.num_free_pages == llm.runner.num_pages
+
+
+def test_async_scheduling_must_be_a_bool():
+  with pytest.raises(TypeError, match="async_scheduling"):
+    LLM("tiny", async_scheduling="yes")

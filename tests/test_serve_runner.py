@@ -159,6 +159,8 @@ def test_sampling_through_the_runner(after_mixed):
     (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([1]), True),
               ScheduledChunk(0, np.arange(4), 4, np.array([1]), True)], "appears twice"),
     (lambda: [], "chunks is empty"),
+    (lambda: [ScheduledChunk(0, np.array([-1]), 3, np.array([1]), True)],
+     r"placeholder token -1 reads row 0 of the previous step's samples, which had 0"),
     (lambda: [ScheduledChunk(0, np.arange(4), 0, np.array([1]), True),
               ScheduledChunk(1, np.array([5]), 2, np.array([1]), True)],
      r"two tokens write cache slot 18 \(page 1, row 2\); requests \[0, 1\]"),

@@ -27,6 +27,8 @@ class FakeRunner:
     self.page_size = page_size
     self.slots = np.full(num_pages * page_size, -1, np.int64)
     self.steps = []                       # per step: list of (request_id, start, q_len, sample)
+    self.prev: list[int] = []             # the last call's samples, in sampling-chunk order
+    self.placeholders = 0                 # placeholder tokens seen
 
   def _slots(self, chunk, stop):
     pos = np.arange(stop)
@@ -34,15 +36,23 @@ class FakeRunner:
     return pages * self.page_size + pos % self.page_size
 
   def execute(self, chunks):
+    """Tokens sampled per chunk.  A placeholder token -(r + 1) is the token sampled in row r
+    (r-th sampling chunk) of the previous call, as the real runner reads it on device."""
     self.steps.append([(c.request_id, c.start, c.token_ids.size, c.sample) for c in chunks])
+    self.placeholders += sum(int((c.token_ids < 0).sum()) for c in chunks)
     out = np.zeros(len(chunks), np.int32)
     for i, c in enumerate(chunks):
       stop = c.start + c.token_ids.size
       assert c.block_table.size * self.page_size >= stop
-      self.slots[self._slots(c, stop)[c.start:]] = c.token_ids
+      tokens = np.asarray(c.token_ids, np.int64)
+      assert (tokens >= -len(self.prev)).all(), "a placeholder past the previous step's rows"
+      tokens = np.where(tokens < 0, np.asarray(self.prev + [0])[np.maximum(-tokens - 1, 0)],
+                        tokens)
+      self.slots[self._slots(c, stop)[c.start:]] = tokens
     for i, c in enumerate(chunks):
       if c.sample:
         out[i] = next_token(self.slots[self._slots(c, c.start + c.token_ids.size)])
+    self.prev = [int(out[i]) for i, c in enumerate(chunks) if c.sample]
     return out
 
 
@@ -92,6 +102,25 @@ def run_all(sched, runner, max_steps=100000):
     check_step(sched, out)
     if out.chunks:
       sched.update(out, runner.execute(out.chunks))
+  raise AssertionError("scheduler did not finish")
+
+
+def run_pipelined(sched, runner, max_steps=100000):
+  """Asynchronous scheduling as LLM.step does it: step k + 1 is planned and submitted (and
+  reserved) before step k's tokens are applied."""
+  in_flight = None
+  for _ in range(max_steps):
+    if not sched.has_unfinished and in_flight is None:
+      return
+    out = sched.schedule()
+    check_step(sched, out)
+    submitted = None
+    if out.chunks:
+      submitted = (out, runner.execute(out.chunks))
+      sched.reserve(out)
+    if in_flight is not None:
+      sched.update(*in_flight)
+    in_flight = submitted
   raise AssertionError("scheduler did not finish")
 
 
@@ -226,6 +255,49 @@ def test_random_workload_matches_references_without_leaks():
     assert s.is_finished
     assert (s.output_token_ids, s.finish_reason) == reference(s.prompt_token_ids, s.params, 48)
   assert sched.blocks.num_free_pages == 24 and not sched.running and not sched.waiting
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pipelined_steps_match_references_without_leaks(seed):
+  """One step planned ahead: decodes carry placeholder tokens read from the step before;
+  requests ended by EOS or a stop token while their next step was in flight drop its token;
+  preemption recomputes; every output equals its stand-alone reference and no page leaks."""
+  rng = np.random.RandomState(seed)
+  sched, runner = make(num_pages=24, page_size=4, max_model_len=48, budget=12, max_seqs=6)
+  seqs = []
+  for _ in range(200):
+    n = int(rng.randint(1, 30))
+    stop = (int(rng.randint(0, VOCAB)),) if rng.rand() < 0.3 else ()
+    params = SamplingParams(max_tokens=int(rng.randint(1, 15)), ignore_eos=bool(rng.rand() < .5),
+                            stop_token_ids=stop)
+    seqs.append(add(sched, rng.randint(0, VOCAB, n).tolist(), params))
+  run_pipelined(sched, runner)
+  assert sched.num_preemptions > 0 and runner.placeholders > 100
+  stopped = 0
+  for s in seqs:
+    assert s.is_finished and s.num_pending == 0
+    assert (s.output_token_ids, s.finish_reason) == reference(s.prompt_token_ids, s.params, 48)
+    stopped += s.finish_reason == "stop"
+  assert stopped > 10
+  assert sched.blocks.num_free_pages == 24 and not sched.running and not sched.waiting
+
+
+def test_a_request_ended_by_length_is_not_planned_past_it():
+  sched, runner = make()
+  seq = add(sched, [4, 5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+  out = sched.schedule()
+  tokens = runner.execute(out.chunks)
+  sched.reserve(out)
+  assert seq.output_token_ids == [-1] and not seq.finishing
+  nxt = sched.schedule()                                  # its decode, from the placeholder
+  assert [c.token_ids.tolist() for c in nxt.chunks] == [[-1]]
+  tokens2 = runner.execute(nxt.chunks)
+  sched.reserve(nxt)
+  assert seq.finishing and not sched.schedule().chunks    # the 2nd token ends it: no third
+  sched.update(out, tokens)
+  sched.update(nxt, tokens2)
+  assert (seq.output_token_ids, seq.finish_reason) == reference([4, 5, 6], seq.params, 64)
+  assert sched.blocks.num_free_pages == 64
 
 
 def test_abort_frees_pages_of_running_and_drops_waiting():

@@ -160,6 +160,9 @@ class LLM:
       most 4096).
     eos_token_ids: override the model's EOS ids.
     run: a whole RunConfig instead of backend / weave / weave_min_tokens / paged_attention.
+    async_scheduling: plan and submit step k + 1 before step k's tokens return, so the host's
+      work for a step overlaps the device's previous one (the next step reads the sampled
+      tokens on device; ``Scheduler.reserve``).  False: each step waits for its tokens.
     **engine options: page_size, num_pages, memory_fraction, max_num_batched_tokens (2048),
       max_num_seqs (256), weave_min_tokens, paged_attention, compile_ahead
       (``ModelRunner``'s arguments).
@@ -171,7 +174,10 @@ class LLM:
                weave_min_tokens: int | None = None, paged_attention: str = "auto",
                run: RunConfig | None = None, page_size: int = 16, num_pages: int | None = None,
                memory_fraction: float = 0.9, max_num_batched_tokens: int = 2048,
-               max_num_seqs: int = 256, compile_ahead: bool = True):
+               max_num_seqs: int = 256, compile_ahead: bool = True,
+               async_scheduling: bool = True):
+    if not isinstance(async_scheduling, bool):
+      raise TypeError(f"LLM: async_scheduling must be a bool, got {async_scheduling!r}")
     self.mesh = make_mesh(tp)
     self.tp = self.mesh.shape["tp"]
     self.model, self.directory = _load_model(model, self.mesh, dtype, seed)
@@ -195,6 +201,8 @@ class LLM:
         SchedulerConfig(self.runner.num_pages, page_size, self.max_model_len,
                         max_num_batched_tokens, max_num_seqs),
         vocab_size=self.cfg.vocab_size, eos_token_ids=self.eos_token_ids)
+    self.async_scheduling = async_scheduling
+    self._in_flight: tuple | None = None     # (SchedulerOutput, PendingStep) submitted, not applied
     self._ids = itertools.count()
     self._requests: dict[int, _Request] = {}
     self.step_log: list[tuple[str, int, int, float]] = []   # (kind, tokens, seqs, seconds)
@@ -237,20 +245,34 @@ class LLM:
 
   @property
   def has_unfinished(self) -> bool:
+    """Requests waiting or running.  A step in flight counts through its live requests, which
+    are running (or preempted: waiting); one whose requests all ended only has tokens to drop."""
     return self.scheduler.has_unfinished
 
   def step(self) -> list[int]:
-    """Run one step; returns the ids of the requests that got a token."""
+    """Plan and submit one step, then apply the results of the step before it (with
+    ``async_scheduling``; without, of this one); returns the ids of the requests that got a
+    token."""
     t = time.perf_counter()
     out = self.scheduler.schedule()
-    if not out.chunks:
-      if self.scheduler.has_unfinished:
+    submitted = None
+    if out.chunks:
+      submitted = (out, self.runner.submit(out.chunks))
+      self.scheduler.reserve(out)
+    if self.async_scheduling:
+      done, self._in_flight = self._in_flight, submitted
+    else:
+      done = submitted
+    if done is None:
+      if submitted is None and self.scheduler.has_unfinished:
         raise RuntimeError(f"LLM.step: nothing schedulable with {len(self.scheduler.waiting)} "
                            "waiting requests (scheduler invariant broken)")
       return []
-    result = self.runner.execute(out.chunks)
-    grew = self.scheduler.update(out, result.tokens, result.logprobs)
-    self.step_log.append((result.kind, out.num_tokens, len(out.chunks), time.perf_counter() - t))
+    done_out, pending = done
+    result = self.runner.collect(pending)
+    grew = self.scheduler.update(done_out, result.tokens, result.logprobs)
+    self.step_log.append((result.kind, done_out.num_tokens, len(done_out.chunks),
+                          time.perf_counter() - t))
     return [s.request_id for s in grew]
 
   def output(self, request_id: int) -> RequestOutput:
@@ -366,13 +388,14 @@ class _Request:
 
   def delta(self, tokenizer, index: int) -> StreamDelta | None:
     seq = self.seq
-    new = seq.output_token_ids[self.sent_tokens:]
+    sampled = seq.sampled_token_ids
+    new = sampled[self.sent_tokens:]
     if not new:
       return None
-    self.sent_tokens = len(seq.output_token_ids)
+    self.sent_tokens = len(sampled)
     text = None
     if tokenizer is not None:
-      full = _decode(tokenizer, seq.output_token_ids)
+      full = _decode(tokenizer, sampled)
       if not seq.is_finished and full.endswith("\ufffd"):    # a character cut mid-bytes
         full = self.sent_text
       text, self.sent_text = full[len(self.sent_text):], full

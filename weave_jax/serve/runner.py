@@ -48,7 +48,8 @@ MIN_BUCKET = 16
 class ScheduledChunk:
   """One request's share of a step; decodes first, then prefill chunks."""
   request_id: int
-  token_ids: np.ndarray        # (q_len,) int32: new tokens whose K/V this step computes
+  token_ids: np.ndarray        # (q_len,) int32: new tokens whose K/V this step computes; -(r + 1)
+                               # is row r of the previous submitted step's samples (placeholder)
   start: int                   # tokens of this request already in the cache
   block_table: np.ndarray      # (n,) int32 page ids covering start + q_len tokens
   sample: bool                 # token_ids ends at the request's last known token
@@ -221,6 +222,10 @@ class ModelRunner:
     self._shapes: dict = {}
     self._programs: dict = {}
     self._samplers: dict = {}
+    # The last submitted step's samples (2, max_num_seqs) on device, and how many rows are
+    # real: the next step's placeholder tokens are read from them inside its program.
+    self._prev_out = jax.device_put(np.zeros((2, max_num_seqs), np.int32), self._replicated)
+    self._prev_rows = 0
     if compile_ahead:
       self.compile_all()
 
@@ -270,15 +275,17 @@ class ModelRunner:
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
   def program(self, shape: StepShape):
-    """The compiled step for ``shape``: exe(state leaves, cache, packed) -> (logits (R, V) float32,
-    sampling fields (temperature, top_k, top_p, seeds, steps), cache).  The cache is donated."""
+    """The compiled step for ``shape``: exe(state leaves, cache, packed, previous samples) ->
+    (logits (R, V) float32, sampling fields (temperature, top_k, top_p, seeds, steps), cache).
+    The cache is donated."""
     if shape not in self._programs:
       backend = self.engine.backend_of(self.engine.plan(shape.bucket))
       cache_struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                  sharding=a.sharding), self.cache)
       buf = jax.ShapeDtypeStruct((shape.size(),), jnp.int32, sharding=self._replicated)
+      prev = jax.ShapeDtypeStruct(self._prev_out.shape, jnp.int32, sharding=self._replicated)
       lowered = jax.jit(self._step_fn(shape, backend), donate_argnums=(1,)).lower(
-          self._state_leaves, cache_struct, buf)
+          self._state_leaves, cache_struct, buf, prev)
       opts = xla_options.compile_options(self.engine.platform, weave=shape.split is not None)
       self._programs[shape] = xla_options.compile_with(lowered, opts)
     return self._programs[shape]
@@ -291,9 +298,13 @@ class ModelRunner:
                             out_specs=(P(None, AXIS), cache_specs), check_vma=False)
     vocab = self.cfg.vocab_size
 
-    def step(state_leaves, cache, packed):
+    def step(state_leaves, cache, packed, prev):
       state = jax.tree_util.tree_unflatten(self._state_def, state_leaves)
       fields = step_inputs.unpack(shape, packed)
+      for h in range(len(shape.half_rows)):            # placeholders: the last step's samples
+        tokens = fields[f"tokens{h}"]
+        row = jnp.clip(-tokens - 1, 0, prev.shape[1] - 1)
+        fields[f"tokens{h}"] = jnp.where(tokens < 0, prev[0, row], tokens)
       logits, cache = sharded(state, cache, fields)
       # Full rows on every device: the sampler's softmax and sort run over the whole vocab.
       logits = jax.lax.with_sharding_constraint(logits[:, :vocab], self._replicated)
@@ -302,15 +313,20 @@ class ModelRunner:
     return step
 
   def sampler_program(self, rows: int, mode: str):
-    """The compiled sampler for ``rows`` rows: exe(logits, *sampling fields) -> (2, R) int32
-    (tokens, float32 logprobs bit-cast).  ``mode`` (``sampler.mode_for``): the host picks the
-    cheapest exact one for the step (no data-dependent branch on device)."""
+    """The compiled sampler for ``rows`` rows: exe(logits, *sampling fields) -> (2,
+    max_num_seqs) int32 (tokens, float32 logprobs bit-cast; rows past ``rows`` are 0), one shape
+    for every step so that the next step's program can read it.  ``mode``
+    (``sampler.mode_for``): the host picks the cheapest exact one for the step (no
+    data-dependent branch on device)."""
     key = (rows, mode)
     if key not in self._samplers:
+      width = self._prev_out.shape[1]
+
       def fn(logits, temperature, top_k, top_p, seeds, steps):
         tokens, logprobs = sampler.sample(logits, temperature, top_k, top_p, seeds, steps,
                                           mode=mode)
-        return jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+        out = jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs, jnp.int32)])
+        return jnp.pad(out, ((0, 0), (0, width - rows)))
 
       spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self._replicated)
       args = [spec((rows, self.cfg.vocab_size), jnp.float32)]
@@ -338,7 +354,7 @@ class ModelRunner:
   def prepare(self, chunks) -> tuple[step_inputs.Batch, StepShape, np.ndarray]:
     """The host side of a step: check the chunks, pick the program shape and pack its input.
     Returns (the flattened batch, the shape, the packed (size,) int32 host buffer)."""
-    batch = step_inputs.check_and_flatten(chunks, self.limits)
+    batch = step_inputs.check_and_flatten(chunks, self.limits, self._prev_rows)
     n = batch.num_tokens
     shape = self.shape(self.bucket(n), decode=batch.is_decode)
     seeds = [sampler.default_seed(self.seed, c.request_id) if c.params.seed is None
@@ -347,12 +363,14 @@ class ModelRunner:
 
   def submit(self, chunks) -> PendingStep:
     """Check the chunks, build the metadata, and enqueue the step and its sampler; returns at
-    once (JAX dispatch is asynchronous), so host work can overlap the device's."""
+    once (JAX dispatch is asynchronous), so host work can overlap the device's.  The next
+    step's placeholder tokens read this step's samples."""
     batch, shape, packed = self.prepare(chunks)
     which = np.flatnonzero(batch.sample)
     mode = sampler.mode_for([chunks[i].params for i in which], self.cfg.vocab_size)
     with self.engine.timeout_errors():          # a fused kernel's timeout names its rank and barrier
       out, logits = self.launch(shape, jax.device_put(packed, self._replicated), mode)
+    self._prev_out, self._prev_rows = out, int(which.size)
     kind = "decode" if batch.is_decode else ("unsplit" if shape.split is None else "woven")
     return PendingStep(out, logits, which, len(chunks), kind)
 
@@ -372,7 +390,9 @@ class ModelRunner:
     return StepResult(tokens, logprobs, pending.kind, rows)
 
   def launch(self, shape: StepShape, packed: jax.Array, mode: str):
-    """Enqueue the step and its sampler on a placed packed buffer; the cache moves on.
-    Returns (out (2, R) int32, logits (R, V)), both still on device (nothing waits)."""
-    logits, fields, self.cache = self.program(shape)(self._state_leaves, self.cache, packed)
+    """Enqueue the step and its sampler on a placed packed buffer (its placeholders read the
+    last submitted step's samples); the cache moves on.  Returns (out (2, max_num_seqs) int32,
+    logits (R, V)), both still on device (nothing waits)."""
+    logits, fields, self.cache = self.program(shape)(self._state_leaves, self.cache, packed,
+                                                     self._prev_out)
     return self.sampler_program(shape.sample_rows, mode)(logits, *fields), logits

@@ -14,6 +14,13 @@ Each step has ``max_num_batched_tokens`` tokens to give out:
 
 No deadlock: a request that could not fit the whole cache alone is refused when it is added, and
 the oldest running request can always preempt every newer one.
+
+Steps may be planned one ahead (asynchronous scheduling, as vLLM's): ``reserve`` advances the
+requests of a submitted step before its tokens are known, each sampling request getting a
+placeholder token that the next step's program reads from this step's samples on device;
+``update`` later puts the real tokens in place and finishes what is done.  A request that the
+step in flight ends by length is not planned again; one that it ends by EOS or a stop token
+may be (its extra token is dropped).
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ class SchedulerOutput:
   chunks: list[ScheduledChunk]
   seqs: list[Sequence]         # the request of each chunk
   preempted: list[Sequence]    # requests sent back to waiting in this step
+  # Per chunk, where ``reserve`` put its placeholder in the request's output (None: the chunk
+  # does not sample); None until reserved.
+  placeholders: list[int | None] | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -124,8 +134,8 @@ class Scheduler:
     order = ([s for s, d in zip(self.running, decode) if d]
              + [s for s, d in zip(self.running, decode) if not d])
     for seq in order:
-      if seq.status is not Status.RUNNING:             # preempted earlier in this step
-        continue
+      if seq.status is not Status.RUNNING or seq.finishing:   # preempted earlier in this step,
+        continue                                              # or ended by the step in flight
       if budget == 0:
         break
       n = min(seq.num_uncomputed_tokens, budget)
@@ -187,37 +197,67 @@ class Scheduler:
       seqs.append(seq)
     return SchedulerOutput(chunks, seqs, preempted)
 
-  def update(self, out: SchedulerOutput, tokens, logprobs=None) -> list[Sequence]:
-    """Apply a step's result: advance each chunk's request, append the sampled tokens, finish
-    and free what is done.  ``tokens`` / ``logprobs``: (len(out.chunks),).  Returns the
-    requests that received a token, in chunk order."""
-    now = time.perf_counter()
-    grew = []
-    for i, (chunk, seq) in enumerate(zip(out.chunks, out.seqs)):
+  def reserve(self, out: SchedulerOutput) -> None:
+    """Advance the requests of a submitted step before its result is known: each chunk's
+    tokens count as computed, and each sampling chunk's request gets a placeholder token,
+    ``-(row + 1)`` with ``row`` its rank among the step's sampling chunks (the row of the
+    step's samples that the next step's program reads it from).  A request whose placeholder
+    reaches ``max_tokens`` or ``max_model_len`` is marked ``finishing``: nothing more is
+    planned for it."""
+    if out.placeholders is not None:
+      raise RuntimeError("Scheduler.reserve: this step is already reserved")
+    out.placeholders = []
+    row = 0
+    for chunk, seq in zip(out.chunks, out.seqs):
       seq.num_computed_tokens = chunk.start + chunk.token_ids.size
       if not chunk.sample:
+        out.placeholders.append(None)
+        continue
+      seq.output_token_ids.append(-(row + 1))
+      seq.num_pending += 1
+      out.placeholders.append(len(seq.output_token_ids) - 1)
+      row += 1
+      if self._ends_by_length(seq, len(seq.output_token_ids)):
+        seq.finishing = True
+
+  def update(self, out: SchedulerOutput, tokens, logprobs=None) -> list[Sequence]:
+    """Apply a step's result (``reserve`` first, if the step was not reserved): put the sampled
+    tokens in place of their placeholders, finish and free what is done.  ``tokens`` /
+    ``logprobs``: (len(out.chunks),).  Returns the requests that received a token, in chunk
+    order."""
+    if out.placeholders is None:
+      self.reserve(out)
+    now = time.perf_counter()
+    grew = []
+    for i, (seq, at) in enumerate(zip(out.seqs, out.placeholders)):
+      if at is None or seq.is_finished:        # not sampling, or aborted since
         continue
       token = int(tokens[i])
-      seq.output_token_ids.append(token)
+      seq.output_token_ids[at] = token
+      seq.num_pending -= 1
       if seq.params.logprobs and logprobs is not None:
         seq.output_logprobs.append(float(logprobs[i]))
       if seq.first_token_time is None:
         seq.first_token_time = now
       grew.append(seq)
-      reason = self._finish_reason(seq, token)
+      reason = self._finish_reason(seq, token, at + 1)
       if reason is not None:
         self._finish(seq, reason, now)
     return grew
 
-  def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+  def _ends_by_length(self, seq: Sequence, num_output: int) -> bool:
+    """Whether ``num_output`` generated tokens end the request by length."""
+    return (num_output >= seq.params.max_tokens
+            or seq.num_prompt_tokens + num_output >= self.config.max_model_len)
+
+  def _finish_reason(self, seq: Sequence, token: int, num_output: int) -> str | None:
+    """Why the request ends on its ``num_output``-th generated token ``token``, or None."""
     params = seq.params
     if not params.ignore_eos and token in self.eos_token_ids:
       return "stop"
     if token in params.stop_token_ids:
       return "stop"
-    if len(seq.output_token_ids) >= params.max_tokens:
-      return "length"
-    if seq.num_tokens >= self.config.max_model_len:
+    if self._ends_by_length(seq, num_output):
       return "length"
     return None
 
@@ -227,7 +267,12 @@ class Scheduler:
       self._finish(seq, "abort", time.perf_counter())
 
   def _finish(self, seq: Sequence, reason: str, now: float) -> None:
-    """Take a running or waiting request out of its queue (a waiting one holds no pages)."""
+    """Take a running or waiting request out of its queue (a waiting one holds no pages) and
+    drop its placeholders: a step in flight still computes them, and its update skips the
+    request.  Its pages go back now: a later step that reuses them runs after the steps in
+    flight."""
+    del seq.output_token_ids[len(seq.output_token_ids) - seq.num_pending:]
+    seq.num_pending = 0
     if seq.status is Status.RUNNING:
       self.running.remove(seq)
       self.blocks.free(seq)

@@ -2,7 +2,9 @@
 
 A request's tokens are its prompt followed by what it generated so far.  ``num_computed_tokens``
 counts the leading tokens whose K/V are in the cache; the last generated token is never there
-yet (the next decode step computes it).  Preemption by recompute sets ``num_computed_tokens``
+yet (the next decode step computes it).  While a step is in flight, its sampled token is a
+placeholder at the end of ``output_token_ids`` (a negative id, ``Scheduler.reserve``), so that
+the next step can be planned before the token is known; ``num_pending`` counts them.  Preemption by recompute sets ``num_computed_tokens``
 back to 0 and frees the pages: the request is then re-prefilled over prompt + output.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Sequence:
     self.num_computed_tokens = 0
     self.block_table: list[int] = []       # page ids, in token order
     self._table_array: np.ndarray | None = None
+    self.num_pending = 0                   # trailing placeholder tokens (steps in flight)
+    self.finishing = False                 # a step in flight ends it by length: plan no more
     self.finish_reason: str | None = None  # "stop" (EOS / stop token) or "length"
     self.num_preemptions = 0
     self.arrival_time = time.perf_counter()
@@ -52,6 +56,11 @@ class Sequence:
   @property
   def num_tokens(self) -> int:
     return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+  @property
+  def sampled_token_ids(self) -> list[int]:
+    """The generated tokens known so far (placeholders of steps in flight left out)."""
+    return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
 
   @property
   def num_uncomputed_tokens(self) -> int:

@@ -8,7 +8,8 @@ padded to its static row count with tokens whose slot is -1 (they write nowhere)
 
 Per half (vLLM V1 names; S_h = the half's sequence capacity, M = pages per block-table row)::
 
-    tokens, positions, slots   (T_h,)       int32; slot = page * page_size + row, -1 padding
+    tokens, positions, slots   (T_h,)       int32; slot = page * page_size + row, -1 padding;
+                                            token -(r + 1): row r of the previous step's samples
     query_start_loc            (S_h + 1,)   int32
     kv_lens                    (S_h,)       int32  cached + new tokens seen by this half
     block_tables               (S_h, M)     int32
@@ -145,9 +146,13 @@ def _name(chunks, i: int) -> str:
   return f"chunks[{i}] (request {chunks[i].request_id})"
 
 
-def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
+def check_and_flatten(chunks: Sequence, limits: Limits, prev_rows: int = 0) -> Batch:
   """Validate the scheduled chunks (ValueError naming the chunk and the field) and flatten
-  them.  Nothing has launched when this raises."""
+  them.  Nothing has launched when this raises.
+
+  A negative token id ``-(r + 1)`` is a placeholder: the token sampled in row ``r`` of the
+  previous step submitted to the runner, which sampled ``prev_rows`` rows (the program reads
+  it on device)."""
   if not chunks:
     raise ValueError("ModelRunner.execute: chunks is empty")
   c = len(chunks)
@@ -188,9 +193,13 @@ def check_and_flatten(chunks: Sequence, limits: Limits) -> Batch:
   tokens = np.concatenate(token_ids)
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"ModelRunner.execute: token_ids must be integers, got {tokens.dtype}")
-  i = _first((tokens < 0) | (tokens >= limits.vocab_size))
+  i = _first((tokens < -prev_rows) | (tokens >= limits.vocab_size))
   if i is not None:
     req = int(np.searchsorted(np.cumsum(q_lens), i, side="right"))
+    if tokens[i] < 0:
+      raise ValueError(f"ModelRunner.execute: {_name(chunks, req)}: placeholder token "
+                       f"{tokens[i]} reads row {-tokens[i] - 1} of the previous step's samples, "
+                       f"which had {prev_rows}")
     raise ValueError(f"ModelRunner.execute: {_name(chunks, req)}: token id {tokens[i]} outside "
                      f"the vocabulary [0, {limits.vocab_size})")
   block_tables = _block_table_matrix(chunks, bt_lens, limits)
