@@ -11,6 +11,7 @@ baseline, then the latency of one decode step at batch 1, 16, 64 and 256 over a 
     python run/bench_serve.py --quick                # 200 prompts of 1K: < 4 min on one H100
     python run/bench_serve.py --preset llama-3.3-70b --tp 8 --input-lens 512 1024 2048
     python run/bench_serve.py --hf-reference         # + transformers generate, HBM roofline
+    python run/bench_serve.py --quick --sync-too     # + each workload with the step-by-step loop
     python run/bench_serve.py --profile traces/      # + trace summary per step kind
     python run/bench_serve.py --dry-run              # CPU: tiny model at TP 2, 4 and 8
 
@@ -95,6 +96,9 @@ def parse_args(argv=None):
   p.add_argument("--png", default=None)
   p.add_argument("--profile", default=None, metavar="DIR",
                  help="trace a few steps of each kind per variant; print their summaries")
+  p.add_argument("--sync-too", action="store_true",
+                 help="after each workload, run it again with async_scheduling=False on the "
+                      "same engine (each step waits for its tokens) and print the ratio")
   p.add_argument("--greedy-prompts", type=int, default=0, metavar="N",
                  help="check that every variant (but nocomm) generates the first one's greedy "
                       "tokens for N prompts (16 new tokens each); exit 1 if not")
@@ -434,6 +438,11 @@ def table(res: dict) -> str:
       counts = "/".join(str(st.get(k, {}).get("steps", 0)) for k in ("woven", "unsplit", "decode"))
       lines.append(f"{length:>6} {v:>12} {r['total_tok_s']:>12,.0f} {r['output_tok_s']:>13,.0f} "
                    f"{ratio:>11.3f}x {counts:>27} {r['preemptions']:>8}")
+  for length, per in res.get("throughput_sync", {}).items():
+    for v, r in per.items():
+      fast = res["throughput"][length][v]["total_tok_s"]
+      lines.append(f"{length:>6} {v:>12} sync loop: {r['total_tok_s']:,.0f} tok/s total; "
+                   f"asynchronous scheduling {fast / r['total_tok_s']:.3f}x")
   lines += [f"note: {v}: {note}" for v, note in res.get("notes", {}).items()]
   lines += [f"FAILED: {v}: {err}" for v, err in res.get("errors", {}).items()]
   if any(res.get("decode_ms", {}).values()):
@@ -456,7 +465,9 @@ def table(res: dict) -> str:
     hf = res["hf_reference"]
     lines.append(f"transformers generate ({hf['workload']}): best "
                  f"{hf['best_output_tok_s']:,.0f} output tok/s; weave_jax on the same: "
-                 f"{res.get('same_as_hf', {}).get('output_tok_s', float('nan')):,.0f}")
+                 f"{res.get('same_as_hf', {}).get('output_tok_s', float('nan')):,.0f}"
+                 + (f" (sync loop: {res['same_as_hf_sync']['output_tok_s']:,.0f})"
+                    if "same_as_hf_sync" in res else ""))
   return "\n".join(lines)
 
 
@@ -540,6 +551,15 @@ def run(args, on_gpu: bool, hf: dict | None = None) -> dict:
   return res
 
 
+def sync_throughput(llm, prompts, output_len: int, label: str) -> dict:
+  """``throughput`` with the step-by-step loop (async_scheduling off), on the same engine."""
+  llm.async_scheduling = False
+  try:
+    return throughput(llm, prompts, output_len, label)
+  finally:
+    llm.async_scheduling = True
+
+
 def run_variant(v: str, model, cfg, tp: int, chunk: int, max_model_len: int, args, on_gpu: bool,
                 res: dict) -> None:
   """One variant: build its LLM on the shared weights, run every workload, record in ``res``."""
@@ -558,6 +578,9 @@ def run_variant(v: str, model, cfg, tp: int, chunk: int, max_model_len: int, arg
     prompts = random_prompts(args.num_prompts, length, cfg.vocab_size, length)
     res["throughput"].setdefault(str(length), {})[v] = throughput(
         llm, prompts, args.output_len, f"{v} input {length}")
+    if args.sync_too:
+      res.setdefault("throughput_sync", {}).setdefault(str(length), {})[v] = sync_throughput(
+          llm, prompts, args.output_len, f"{v} input {length}, sync")
   res["decode_ms"][v] = decode_latency(llm, args.decode_batches, args.decode_context,
                                        args.decode_iters, v)
   if args.greedy_prompts:
@@ -565,9 +588,11 @@ def run_variant(v: str, model, cfg, tp: int, chunk: int, max_model_len: int, arg
         args.greedy_prompts, min(args.input_lens), cfg.vocab_size, 3))
   if args.hf_reference and v == res["variants"][-1]:
     hf = res["hf_reference"]
-    res["same_as_hf"] = throughput(llm, random_prompts(hf["n_prompts"], hf["in_len"],
-                                                       cfg.vocab_size, 7),
-                                   args.output_len, f"{v} hf workload")
+    hf_prompts = random_prompts(hf["n_prompts"], hf["in_len"], cfg.vocab_size, 7)
+    res["same_as_hf"] = throughput(llm, hf_prompts, args.output_len, f"{v} hf workload")
+    if args.sync_too:
+      res["same_as_hf_sync"] = sync_throughput(llm, hf_prompts, args.output_len,
+                                               f"{v} hf workload, sync")
   if args.profile:
     res.setdefault("profiles", {})[v] = profile(llm, v, args, chunk)
 

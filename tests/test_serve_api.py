@@ -196,7 +196,7 @@ def test_generate_script_streams_text(served, capsys):
 def test_bench_serve_dry_run_at_tp2(tmp_path):
   out = tmp_path / "serve.json"
   code = _run_script("bench_serve").main([
-      "--dry-run", "--dry-tps", "2", "--variants", "baseline", "fused+weave",
+      "--dry-run", "--dry-tps", "2", "--variants", "baseline", "fused+weave", "--sync-too",
       "--json", str(out)])
   assert code == 0                                   # greedy tokens agree across variants
   res = json.loads((tmp_path / "serve_tp2.json").read_text())
@@ -206,6 +206,10 @@ def test_bench_serve_dry_run_at_tp2(tmp_path):
   assert all(s["decode"]["steps"] > 0 for s in steps.values())
   assert "rs_ag" in res["notes"]["fused+weave"]
   assert all("ms" in r for r in res["decode_ms"]["baseline"].values())
+  sync = res["throughput_sync"]["40"]                # the same workloads, step-by-step loop
+  assert set(sync) == {"baseline", "fused+weave"}
+  assert all(sync[v]["output_tokens"] == res["throughput"]["40"][v]["output_tokens"]
+             for v in sync)
 
 
 def test_async_and_sync_scheduling_agree(served):
