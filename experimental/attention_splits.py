@@ -22,27 +22,15 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.paged_attention_ref import ragged_paged_attention_reference  # noqa: E402
-from run.bench_attention import HEAD_DIM, KV_HEADS, Q_HEADS, build_step  # noqa: E402
+from run.bench_attention import HEAD_DIM, KV_HEADS, Q_HEADS, build_step, chained  # noqa: E402
 from weave_jax import trace  # noqa: E402
 from weave_jax.bench import stream_gbps, time_fn  # noqa: E402
 
 INNER = 8
 PAGE = 16
-
-
-def chained(fn):
-  @jax.jit
-  def run(q, kp, vp, kl, bt, qsl, ns):
-    acc = jnp.zeros((), jnp.float32)
-    for _ in range(INNER):
-      dep = jnp.where(jnp.isnan(acc), 1, 0).astype(jnp.int32)
-      acc = acc + fn(q, kp, vp, kl, bt + dep, qsl, ns + dep)[0, 0, 0].astype(jnp.float32)
-    return acc
-  return run
 
 
 def profile(fn, step) -> str:
@@ -86,7 +74,7 @@ def main(argv=None) -> int:
       impls["reference"] = ragged_paged_attention_reference
     cells = []
     for name, fn in impls.items():
-      run = chained(fn)
+      run = chained(fn, INNER)
       us = time_fn(lambda: run(*step), warmup=2, iters=15).median_ms / INNER * 1e3
       cells.append(f"{name} {us:.1f} us ({nbytes / us / 1e3 / copy:.0%})")
     print(f"{batch} x {ctx} ({nbytes / 2**20:.0f} MiB): " + " | ".join(cells), flush=True)

@@ -85,11 +85,15 @@ def build_step(rng: np.random.Generator, q_lens, kv_lens, page: int, key):
 
 
 def looped(impl: str, inner: int):
-  """jit(args -> sum of ``inner`` outputs' [0, 0, 0]); each call's block tables and num_seqs
-  depend on the last output (they add 0 unless it is NaN), so XLA cannot hoist any part of a
-  call (the reference's page gathers read only the block tables) or merge the calls."""
-  fn = functools.partial(attention.ragged_paged_attention, impl=impl)
+  """``chained`` over the entry point with ``impl``."""
+  return chained(functools.partial(attention.ragged_paged_attention, impl=impl), inner)
 
+
+def chained(fn, inner: int):
+  """jit(args -> sum of ``inner`` outputs' [0, 0, 0] of ``fn``); each call's block tables and
+  num_seqs depend on the last output (they add 0 unless it is NaN), so XLA cannot hoist any
+  part of a call (the reference's page gathers read only the block tables) or merge the
+  calls."""
   @jax.jit
   def run(q, k_pages, v_pages, kv_lens, block_tables, qsl, num_seqs):
     acc = jnp.zeros((), jnp.float32)
