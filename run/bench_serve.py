@@ -207,31 +207,17 @@ def fake_decode_chunks(llm, batch: int, context: int, prefill: int = 0):
   Each request gets its own pages when the pool holds them all; otherwise the requests share
   their prefix pages (only the last page, which the step writes, is per request).  Returns
   (chunks, shared)."""
+  from run.serve_common import decode_block_tables
   from weave_jax.serve import SamplingParams, ScheduledChunk
   from weave_jax.serve.block_manager import pages_for
   runner = llm.runner
   ps, pool = runner.page_size, runner.num_pages
-  per_seq = pages_for(context, ps)
-  need = batch * per_seq + pages_for(prefill, ps)
-  shared = need > pool
-  if shared and (per_seq - 1) + batch + pages_for(prefill, ps) > pool:
-    raise ValueError(f"decode batch {batch} at context {context}: even with shared prefix "
-                     f"pages it needs more than the {pool} pages of the cache")
+  tables, next_page, shared = decode_block_tables(batch, pages_for(context, ps), pool,
+                                                  pages_for(prefill, ps))
   params = SamplingParams(temperature=1.0, max_tokens=1 << 20, ignore_eos=True)
   rng = np.random.default_rng(0)
-  chunks, next_page = [], 0
-  prefix = list(range(per_seq - 1)) if shared else None
-  if shared:
-    next_page = per_seq - 1
-  for i in range(batch):
-    if shared:
-      table = prefix + [next_page]
-      next_page += 1
-    else:
-      table = list(range(next_page, next_page + per_seq))
-      next_page += per_seq
-    chunks.append(ScheduledChunk(i, np.array([rng.integers(0, llm.cfg.vocab_size)], np.int32),
-                                 context - 1, np.array(table, np.int32), True, params, 0))
+  chunks = [ScheduledChunk(i, np.array([rng.integers(0, llm.cfg.vocab_size)], np.int32),
+                           context - 1, table, True, params, 0) for i, table in enumerate(tables)]
   if prefill:
     n_pages = pages_for(prefill, ps)
     table = np.arange(next_page, next_page + n_pages, dtype=np.int32)

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from weave_jax import Engine, RunConfig, init_random, make_mesh, preset, trace  # noqa: E402
 from weave_jax.bench import time_fn, time_interleaved, write_json  # noqa: E402
+from run.serve_common import decode_block_tables  # noqa: E402
 from weave_jax.serve import ModelRunner, SamplingParams, ScheduledChunk  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -83,17 +84,13 @@ def decode_chunks(batch: int, context: int, page_size: int, num_pages: int):
   consecutive pages when the pool holds them all; otherwise the requests share their prefix
   pages and only the last page, which the step writes, is per request.  Returns (chunks,
   shared)."""
-  pages = math.ceil((context + 1) / page_size)
-  shared = batch * pages > num_pages
-  if shared and pages - 1 + batch > num_pages:
-    raise SystemExit(f"decode batch {batch} at context {context}: even with shared prefix "
-                     f"pages it needs more than the {num_pages} pages of the cache")
-  chunks = []
-  for i in range(batch):
-    table = (np.append(np.arange(pages - 1), pages - 1 + i) if shared
-             else np.arange(i * pages, (i + 1) * pages))
-    chunks.append(ScheduledChunk(i, np.array([1 + i % 100], np.int32), context,
-                                 table.astype(np.int32), True, GREEDY, 0))
+  try:
+    tables, _, shared = decode_block_tables(batch, math.ceil((context + 1) / page_size),
+                                            num_pages)
+  except ValueError as err:
+    raise SystemExit(f"context {context}: {err}") from None
+  chunks = [ScheduledChunk(i, np.array([1 + i % 100], np.int32), context, table, True, GREEDY, 0)
+            for i, table in enumerate(tables)]
   return chunks, shared
 
 
