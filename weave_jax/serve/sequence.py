@@ -4,8 +4,9 @@ A request's tokens are its prompt followed by what it generated so far.  ``num_c
 counts the leading tokens whose K/V are in the cache; the last generated token is never there
 yet (the next decode step computes it).  While a step is in flight, its sampled token is a
 placeholder at the end of ``output_token_ids`` (a negative id, ``Scheduler.reserve``), so that
-the next step can be planned before the token is known; ``num_pending`` counts them.  Preemption by recompute sets ``num_computed_tokens``
-back to 0 and frees the pages: the request is then re-prefilled over prompt + output.
+the next step can be planned before the token is known; ``num_pending`` counts them.
+Preemption by recompute sets ``num_computed_tokens`` back to 0 and frees the pages: the request
+is then re-prefilled over prompt + output.
 """
 from __future__ import annotations
 
