@@ -57,6 +57,8 @@ from pallas_kernels._mosaic_compat import pl, plgpu
 _OP = "ragged_paged_attention_mosaic"
 HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 32, 64, 128)
+#: Cache slots per pipeline step that the kernel supports (``block_kv``).
+BLOCK_KV = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 #: Query rows per compute warpgroup: the wgmma M.
 WG_ROWS = 64
@@ -91,6 +93,7 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, qu
                                   num_seqs, *, sm_scale: float | None = None,
                                   num_splits: int | None = None,
                                   consumers: int | None = None,
+                                  block_kv: int | None = None,
                                   interpret=False) -> jax.Array:
   """Ragged paged attention on Hopper.  Returns (T, N, D) in ``q.dtype``.
 
@@ -105,6 +108,8 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, qu
     num_splits: KV splits per (tile, kv head); None picks one from the static shapes.
     consumers: compute warpgroups per CTA, 1 (64-row tiles) or 2 (128-row tiles, plus a TMA
       producer warpgroup); None picks from the static shapes (``default_consumers``).
+    block_kv: cache slots per pipeline step (the N of Q K^T), 64 or 128 and a multiple of the
+      page size; None picks ``kv_step(page)``.
     interpret: False, True (run under the Mosaic GPU interpreter, any backend: CPU tests), or
       a ``plgpu.InterpretGPUParams`` with the interpreter's options.
 
@@ -119,6 +124,10 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, qu
     raise ValueError(f"{_OP}: num_splits={num_splits!r} must be an int >= 1")
   if consumers not in (None, 1, 2):
     raise ValueError(f"{_OP}: consumers={consumers!r} must be 1 or 2")
+  page = k_pages.shape[1]
+  if block_kv is not None and (block_kv not in BLOCK_KV or block_kv % page):
+    raise ValueError(f"{_OP}: block_kv={block_kv!r} must be one of {BLOCK_KV} and a multiple "
+                     f"of the page size {page}")
   if sm_scale is not None and not math.isfinite(sm_scale):
     raise ValueError(f"{_OP}: sm_scale={sm_scale} must be finite")
   if _is_concrete(kv_lens, block_tables, query_start_loc, num_seqs):
@@ -131,12 +140,13 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, block_tables, qu
   scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
   group = n // k_pages.shape[2]
   consumers = consumers or default_consumers(t, block_tables.shape[0], group)
+  bkv = int(block_kv) if block_kv is not None else kv_step(page)
   splits = int(num_splits) if num_splits is not None else default_num_splits(
-      t, n, k_pages.shape[2], k_pages.shape[1], block_tables.shape, consumers)
+      t, n, k_pages.shape[2], page, block_tables.shape, consumers, block_kv=bkv)
   return _attention(q, k_pages, v_pages, kv_lens.astype(jnp.int32),
                     block_tables.astype(jnp.int32), query_start_loc.astype(jnp.int32),
                     jnp.asarray(num_seqs, jnp.int32), sm_scale=scale, num_splits=splits,
-                    consumers=int(consumers), interpret=interpret)
+                    consumers=int(consumers), block_kv=bkv, interpret=interpret)
 
 
 def num_tiles(num_tokens: int, group: int, num_seqs_max: int, tile_rows: int) -> int:
@@ -162,14 +172,15 @@ def device_sms() -> int:
 
 
 def default_num_splits(t: int, n: int, k: int, page: int, block_tables_shape,
-                       consumers: int, num_sms: int | None = None) -> int:
+                       consumers: int, num_sms: int | None = None,
+                       block_kv: int | None = None) -> int:
   """Enough splits to give every SM about two CTAs when the grid has fewer CTAs than SMs and
   the block table is long enough (measured against other split counts: BENCHMARKS.md, paged
   attention kernels)."""
   num_sms = num_sms or device_sms()
   s, m = block_tables_shape
   ctas = num_tiles(t, n // k, s, consumers * WG_ROWS) * k
-  max_steps = pl.cdiv(m * page, kv_step(page))
+  max_steps = pl.cdiv(m * page, block_kv or kv_step(page))
   if ctas >= num_sms or max_steps < 2 * _MIN_STEPS_PER_SPLIT:
     return 1
   want = pl.cdiv(2 * num_sms, ctas)
@@ -387,16 +398,16 @@ def _compute_warpgroup(wg, *, lookahead, release_k, release_v, q_ref, o_ref, lse
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "consumers",
-                                             "interpret"))
+                                             "block_kv", "interpret"))
 def _attention(q, k_pages, v_pages, kv_lens, block_tables, query_start_loc, num_seqs, *,
-               sm_scale: float, num_splits: int, consumers: int, interpret):
+               sm_scale: float, num_splits: int, consumers: int, block_kv: int, interpret):
   t, n, d = q.shape
   _, page, k, _ = k_pages.shape
   s = block_tables.shape[0]
   group = n // k
   tile_rows = consumers * WG_ROWS
   tiles = num_tiles(t, group, s, tile_rows)
-  bkv = kv_step(page)
+  bkv = block_kv
   stages = _num_stages(bkv, d)
   meta, tile_start = _tile_metadata(kv_lens, query_start_loc, num_seqs, group=group,
                                     tiles=tiles, tile_rows=tile_rows)

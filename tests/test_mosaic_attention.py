@@ -73,9 +73,10 @@ def max_error(got, args, **kw):
   return float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
 
 
-# (name, q_lens, kv_lens, n, k, d, page, width, dtype, num_splits, consumers): chunked prefill
-# next to decodes, GQA ratios 1, 3, 4, 8, 16, every page size, both head dims, both dtypes,
-# split-KV, one and two compute warpgroups (None: the kernel's defaults).
+# (name, q_lens, kv_lens, n, k, d, page, width, dtype, num_splits, consumers[, block_kv]):
+# chunked prefill next to decodes, GQA ratios 1, 3, 4, 8, 16, every page size, both head dims,
+# both dtypes, split-KV, one and two compute warpgroups, both KV step sizes (None: the kernel's
+# defaults).
 LAYOUTS = [
     ("mixed_g4_p16", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 1, 1),
     ("mixed_g4_p16_split4", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 16, 20, BF16, 4, 1),
@@ -89,14 +90,17 @@ LAYOUTS = [
     ("g8_prefill_long_1wg", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None, 1),
     ("decode_batch_g8_f16", [1] * 24, list(range(7, 7 + 24 * 41, 41)), 32, 4, 64, 32, 32, F16,
      None, None),
+    ("g3_p16_split2_2wg_bkv128", [50, 1, 2], [150, 37, 2], 6, 2, 64, 16, 12, BF16, 2, 2, 128),
+    ("mixed_g4_p32_bkv128", [37, 1, 5, 1], [90, 33, 5, 300], 8, 2, 64, 32, 20, BF16, 1, 1, 128),
+    ("g8_prefill_long_bkv128", [200, 1], [260, 2000], 32, 4, 128, 16, 128, BF16, None, 2, 128),
 ]
 
 
 def _layout_args(layout):
-  name, q_lens, kv_lens, n, k, d, page, width, dtype, splits, consumers = layout
+  name, q_lens, kv_lens, n, k, d, page, width, dtype, splits, consumers, *block_kv = layout
   args = make_inputs(len(name), q_lens, kv_lens, n=n, k=k, d=d, page=page, width=width,
                      dtype=dtype)
-  return args, dict(num_splits=splits, consumers=consumers)
+  return args, dict(num_splits=splits, consumers=consumers, block_kv=(block_kv or [None])[0])
 
 
 def _layout(name):
@@ -131,6 +135,10 @@ def test_bad_metadata_raises_before_launch():
     ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, num_splits=0)
   with pytest.raises(ValueError, match="consumers=3"):
     ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, consumers=3)
+  with pytest.raises(ValueError, match="block_kv=96"):
+    ragged_paged_attention_mosaic(q, kp, vp, kv, bt, qsl, ns, block_kv=96)
+  with pytest.raises(ValueError, match="block_kv=64 .* page size 128"):
+    ragged_paged_attention_mosaic(*_small(page=128), block_kv=64)
   with pytest.raises(ValueError, match="v_pages shape"):
     ragged_paged_attention_mosaic(q, kp, vp[:, :8], kv, bt, qsl, ns)
 
@@ -192,7 +200,7 @@ def test_default_splits_follow_the_sm_count():
 
 
 @pytest.mark.parametrize("name", ["mixed_g4_p16_split4", "g3_p16_split2_2wg",
-                                  "g8_d128_p128_split3"])
+                                  "g8_d128_p128_split3", "g8_prefill_long_bkv128"])
 def test_lowers_for_cuda(name):
   """The full Pallas -> Mosaic GPU lowering (layout inference, TMA/wgmma shapes) succeeds and
   emits the Mosaic GPU custom call, with the metadata traced as under the engine's jit.  The
@@ -213,7 +221,8 @@ def test_lowers_for_cuda(name):
 @pytest.mark.skipif(jax.__version_info__ < (0, 12),
                     reason="jax < 0.12: the Mosaic GPU interpreter cannot run pl.run_state")
 @pytest.mark.parametrize("name", ["g3_p16_split2", "g3_p16_split2_2wg", "g16_p64_f16",
-                                  "g8_d128_p128_split3"])
+                                  "g8_d128_p128_split3", "g3_p16_split2_2wg_bkv128",
+                                  "mixed_g4_p32_bkv128"])
 def test_interpreter_matches_reference(name):
   args, kw = _layout_args(_layout(name))
   got = ragged_paged_attention_mosaic(*args, **kw, interpret=True)
