@@ -104,16 +104,6 @@ def stream_gbps(nbytes: int = 4 << 30, iters: int = 20) -> dict[str, float]:
   return out
 
 
-def read_gbps(nbytes: int = 4 << 30, iters: int = 20) -> float:
-  """Read-only GB/s of one device: a float32 sum over ``nbytes`` of bf16.  A kernel that only
-  streams data in (decode attention reads the KV cache and writes little) is bounded by this
-  rate, which on Hopper is higher than a copy's read + write rate."""
-  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  t = time_fn(lambda: total(x), warmup=10, iters=iters)
-  return x.nbytes / (t.median_ms * 1e-3) / 1e9
-
-
 def progress(msg: str) -> None:
   """One line of progress on stderr (the table goes to stdout)."""
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
