@@ -14,7 +14,8 @@ two requests; the tile list is built on device by XLA from ``query_start_loc`` (
 
 C = 1 (decode-heavy steps): one warpgroup does everything.
   1. TMA-copies the tile's 64 query rows (``q`` regrouped by XLA into (K, tiles*64, D)).
-  2. Walks its share of the request's KV range in steps of ``BKV`` = max(64, page) slots: each
+  2. Walks its share of the request's KV range in steps of ``BKV`` slots (``block_kv``: by
+     default max(64, page); 128 is faster on prefill-only calls, slower with decodes): each
      step is ``BKV // page`` TMA page copies (page ids read from ``block_tables``) into one slot
      of a ring of ``stages`` (2-3) SMEM buffers; K and V of a slot have their own barrier, so
      QK^T starts while V still lands.  Step ``s + stages`` is issued once step ``s`` is done.
