@@ -12,20 +12,24 @@ D=128, bfloat16).
   the hard ceiling.
 * prefill chunks: one 2K-token chunk over prefixes 0..16K: TFLOP/s (the causal FLOPs the chunk
   needs) against ``jax.nn.dot_product_attention(implementation="cudnn")`` on the same dense
-  shapes (causal at prefix 0; at prefix > 0 the cuDNN causal mask is used only if its output
-  matches ours, i.e. it aligns the diagonal bottom-right, else the unmasked rectangle, and the
-  row says which).
+  shapes, timed the same way (causal at prefix 0; at prefix > 0 the cuDNN causal mask is used
+  only if its output matches ours, i.e. it aligns the diagonal bottom-right, else the unmasked
+  rectangle, and the row says which).
 * mixed: 64 decodes at 2K context plus one 1984-token prefill chunk.
 
 Every impl present is timed (triton; mosaic when importable on sm_90; the jnp reference
-wherever its O(T x L) gather fits in 16 GB).  Each timing is the median over calls of a jitted
-function that runs the kernel ``--inner`` times back to back, divided by ``--inner``.  Each
-jitted call also carries its dispatch and the host's wait, about 0.25 ms on an H100: at 16 x 4K
-and 8 calls per jit that was a quarter of the wall time, hence 32 calls by default.  Each
-call's block tables and num_seqs depend on the previous output, so XLA can neither hoist the
-reference's page gathers out of the repeats nor merge the calls.  Block tables are
-shuffled pages of a pool, as in a serving engine; the block-table width is that of a 32K-token
-engine (max_model_len 32K), as the engine compiles it.
+wherever its O(T x L) gather fits in 16 GB).  A timed function is a jitted chain of ``--inner``
+calls (a quarter of that for prefill and mixed), each taking its inputs through an optimization
+barrier with the previous call's output, so XLA can neither hoist the reference's page gathers
+out of the chain nor merge the calls.  Two times per row, each per call:
+* wall: the median over ``--iters`` chains, which also carries the jitted call's dispatch and
+  the host's wait (about 0.25 ms on an H100; at 16 x 4K and 8 calls per chain that was a
+  quarter of the wall time, hence 32 by default);
+* device (unless ``--no-device-time``): the median over 3 traced chains of the span from the
+  first device op's start to the last one's end, as device events around the chain would time
+  it.  Targets are judged on it.
+Block tables are shuffled pages of a pool, as in a serving engine; the block-table width is that
+of a 32K-token engine (max_model_len 32K), as the engine compiles it.
 
 Writes JSON (and a PNG when matplotlib is installed) to benchmarks/results/.
 """
@@ -47,6 +51,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pallas_kernels import attention  # noqa: E402
+from weave_jax import trace  # noqa: E402
 from weave_jax.bench import progress, stream_gbps, time_fn, write_json  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -99,27 +104,52 @@ def looped(impl: str, inner: int):
 
 
 def chained(fn, inner: int):
-  """jit(args -> sum of ``inner`` outputs' [0, 0, 0] of ``fn``); each call's block tables and
-  num_seqs depend on the last output (they add 0 unless it is NaN), so XLA cannot hoist any
-  part of a call (the reference's page gathers read only the block tables) or merge the
-  calls."""
+  """jit(args -> sum of ``inner`` outputs' [0, 0, 0] of ``fn``).  Each call takes its block
+  tables and num_seqs through an optimization barrier together with the last call's output, so
+  XLA can neither hoist any part of a call (the reference's page gathers read only the block
+  tables) nor merge the calls, and the calls run one after another as a model's layers do.
+  The barrier adds no device op."""
   @jax.jit
   def run(q, k_pages, v_pages, kv_lens, block_tables, qsl, num_seqs):
     acc = jnp.zeros((), jnp.float32)
     for _ in range(inner):
-      dep = jnp.where(jnp.isnan(acc), 1, 0).astype(jnp.int32)
-      out = fn(q, k_pages, v_pages, kv_lens, block_tables + dep, qsl, num_seqs + dep)
+      tables, seqs, _ = jax.lax.optimization_barrier((block_tables, num_seqs, acc))
+      out = fn(q, k_pages, v_pages, kv_lens, tables, qsl, seqs)
       acc = acc + out[0, 0, 0].astype(jnp.float32)
     return acc
   return run
 
 
-def time_impl(impl: str, args, inner: int, iters: int) -> dict:
-  """{"ms": per-call median} or {"error": ...}."""
+def chained_dense(fn, inner: int):
+  """``chained`` for a dense attention ``fn(q, k, v)``: each call's q passes the barrier."""
+  @jax.jit
+  def run(q, k, v):
+    acc = jnp.zeros((), jnp.float32)
+    for _ in range(inner):
+      qi, _ = jax.lax.optimization_barrier((q, acc))
+      acc = acc + fn(qi, k, v)[0, 0, 0, 0].astype(jnp.float32)
+    return acc
+  return run
+
+
+def timed(run, args, inner: int, iters: int, device_time: bool) -> dict:
+  """Per-call medians of a chained ``run``: "ms" from wall time (which also carries the jitted
+  call's dispatch and the host's wait, spread over ``inner`` calls) and, with ``device_time``,
+  "device_ms" from a profiler trace (the device span of the chain, as device events would
+  time it)."""
+  t = time_fn(lambda: run(*args), warmup=2, iters=iters)
+  out = {"ms": t.median_ms / inner, "spread": t.spread}
+  if device_time:
+    span = trace.device_span_ms(run, *args, steps=3)
+    if span is not None:
+      out["device_ms"] = span / inner
+  return out
+
+
+def time_impl(impl: str, args, inner: int, iters: int, device_time: bool = False) -> dict:
+  """``timed`` over ``looped(impl, inner)``, or {"error": ...}."""
   try:
-    run = looped(impl, inner)
-    t = time_fn(lambda: run(*args), warmup=2, iters=iters)
-    return {"ms": t.median_ms / inner, "spread": t.spread}
+    return timed(looped(impl, inner), args, inner, iters, device_time)
   except Exception as exc:  # noqa: BLE001 -- one impl failing on one shape is a reported row
     return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
 
@@ -151,17 +181,22 @@ def decode_rows(args, impls, copy_gbps: float, sheet_gbps: float | None, rng,
         nbytes = cache_bytes + 2 * batch * Q_HEADS * HEAD_DIM * 2
         names = impls + (["reference"] if reference_fits(batch) else [])
         for impl in names:
-          r = time_impl(impl, step, args.inner, args.iters)
+          r = time_impl(impl, step, args.inner, args.iters, args.device_time)
           row = dict(page=page, batch=batch, context=ctx, impl=impl, bytes=nbytes, **r)
-          if "ms" in r:
-            row["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
-            row["frac_of_copy"] = row["gbps"] / copy_gbps
+          for prefix in rate_prefixes(row):
+            row[prefix + "gbps"] = nbytes / (row[prefix + "ms"] * 1e-3) / 1e9
+            row[prefix + "frac_of_copy"] = row[prefix + "gbps"] / copy_gbps
             if sheet_gbps:
-              row["frac_of_datasheet"] = row["gbps"] / sheet_gbps
+              row[prefix + "frac_of_datasheet"] = row[prefix + "gbps"] / sheet_gbps
           rows.append(row)
           progress(_fmt(row, "gbps"))
         del step
   return rows
+
+
+def rate_prefixes(row: dict) -> list[str]:
+  """"" for the wall-time fields, "device_" for the device-span ones, where the row has them."""
+  return [prefix for prefix in ("", "device_") if prefix + "ms" in row]
 
 
 def causal_flops(chunk: int, prefix: int) -> float:
@@ -170,7 +205,8 @@ def causal_flops(chunk: int, prefix: int) -> float:
 
 
 def cudnn_row(step, prefix: int, chunk: int, ours, args) -> dict:
-  """cuDNN dense attention on the same shapes; causal only where it matches our output."""
+  """cuDNN dense attention on the same shapes, chained and timed as ours; causal only where it
+  matches our output."""
   q, k_pages, v_pages, kv_lens, tables, _, _ = step
   length = prefix + chunk
   pages = tables[0, :-(-length // k_pages.shape[1])]
@@ -179,20 +215,30 @@ def cudnn_row(step, prefix: int, chunk: int, ours, args) -> dict:
   qb = q[None]
   try:
     mask = "causal, bottom-right" if prefix else "causal"
-    fn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                                   implementation="cudnn"))
-    out = fn(qb, k, v)[0]
+    fn = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
+    out = jax.jit(fn)(qb, k, v)[0]
     if prefix and ours is not None:
       err = jnp.max(jnp.abs(out.astype(jnp.float32) - ours.astype(jnp.float32)))
       if float(err) > 2e-2 * float(jnp.max(jnp.abs(ours.astype(jnp.float32)))):
         mask = "none (its causal mask is not bottom-right aligned)"
-        fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
-    t = time_fn(lambda: fn(qb, k, v), warmup=2, iters=args.iters)
+        fn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    inner = prefill_inner(args)
+    row = timed(chained_dense(fn, inner), (qb, k, v), inner, args.iters, args.device_time)
     flops = (causal_flops(chunk, prefix) if mask.startswith("causal")
              else 4.0 * Q_HEADS * HEAD_DIM * chunk * length)
-    return dict(ms=t.median_ms, tflops=flops / (t.median_ms * 1e-3) / 1e12, mask=mask)
+    return dict(row, mask=mask, flops=flops)
   except Exception as exc:  # noqa: BLE001 -- reported in the row
     return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
+def prefill_inner(args) -> int:
+  """Chained calls per timed jit for the prefill and mixed rows (each call is ~10x a decode's)."""
+  return max(1, args.inner // 4)
+
+
+def add_tflops(row: dict) -> None:
+  for prefix in rate_prefixes(row):
+    row[prefix + "tflops"] = row["flops"] / (row[prefix + "ms"] * 1e-3) / 1e12
 
 
 def prefill_rows(args, impls, rng, key) -> list[dict]:
@@ -205,16 +251,16 @@ def prefill_rows(args, impls, rng, key) -> list[dict]:
     ours = None
     names = impls + (["reference"] if reference_fits(chunk) else [])
     for impl in names:
-      r = time_impl(impl, step, max(1, args.inner // 4), args.iters)
+      r = time_impl(impl, step, prefill_inner(args), args.iters, args.device_time)
       row = dict(chunk=chunk, prefix=prefix, impl=impl, flops=flops, **r)
-      if "ms" in r:
-        row["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-        if ours is None:
-          ours = jax.jit(functools.partial(attention.ragged_paged_attention, impl=impl))(*step)
+      add_tflops(row)
+      if "ms" in r and ours is None:
+        ours = jax.jit(functools.partial(attention.ragged_paged_attention, impl=impl))(*step)
       rows.append(row)
       progress(_fmt(row, "tflops"))
     row = dict(chunk=chunk, prefix=prefix, impl="cudnn",
                **cudnn_row(step, prefix, chunk, ours, args))
+    add_tflops(row)
     rows.append(row)
     progress(_fmt(row, "tflops"))
     del step, ours
@@ -227,7 +273,7 @@ def mixed_rows(args, impls, rng, key) -> list[dict]:
   rows = []
   names = impls + (["reference"] if reference_fits(decodes + chunk) else [])
   for impl in names:
-    r = time_impl(impl, step, max(1, args.inner // 4), args.iters)
+    r = time_impl(impl, step, prefill_inner(args), args.iters, args.device_time)
     row = dict(decodes=decodes, context=ctx, chunk=chunk, impl=impl, **r)
     rows.append(row)
     progress(_fmt(row, None))
@@ -239,13 +285,19 @@ def _fmt(row: dict, metric: str | None) -> str:
                                              "decodes") if k in row)
   if "error" in row:
     return f"{row['impl']:9} {head}: ERROR {row['error']}"
-  extra = f" {metric} {row[metric]:.1f}" if metric and metric in row else ""
-  frac = f" ({row['frac_of_copy']:.0%} of copy" if "frac_of_copy" in row else ""
-  if "frac_of_datasheet" in row:
-    frac += f", {row['frac_of_datasheet']:.0%} of datasheet"
-  frac += ")" if frac else ""
+  parts = []
+  for prefix in rate_prefixes(row):
+    text = f"{'device ' if prefix else ''}{row[prefix + 'ms'] * 1e3:.1f} us"
+    if metric and prefix + metric in row:
+      text += f" {metric} {row[prefix + metric]:.1f}"
+    if prefix + "frac_of_copy" in row:
+      text += f" ({row[prefix + 'frac_of_copy']:.0%} of copy"
+      if prefix + "frac_of_datasheet" in row:
+        text += f", {row[prefix + 'frac_of_datasheet']:.0%} of datasheet"
+      text += ")"
+    parts.append(text)
   mask = f" mask={row['mask']}" if "mask" in row else ""
-  return f"{row['impl']:9} {head}: {row['ms'] * 1e3:.1f} us{extra}{frac}{mask}"
+  return f"{row['impl']:9} {head}: {'; '.join(parts)}{mask}"
 
 
 def plot(res: dict, path: str) -> None:
@@ -257,8 +309,8 @@ def plot(res: dict, path: str) -> None:
   styles = {"triton": "-", "mosaic": "--", "reference": ":"}
   for impl in sorted({r["impl"] for r in res["decode"]}):
     for batch in sorted({r["batch"] for r in res["decode"]}):
-      pts = sorted((r["context"], r["gbps"]) for r in res["decode"] if "gbps" in r
-                   and (r["impl"], r["batch"], r["page"]) == (impl, batch, page))
+      pts = sorted((r["context"], r.get("device_gbps", r.get("gbps"))) for r in res["decode"]
+                   if "gbps" in r and (r["impl"], r["batch"], r["page"]) == (impl, batch, page))
       if pts:
         ax1.plot(*zip(*pts), styles.get(impl, "-"), marker="o", label=f"{impl} b={batch}")
   ax1.axhline(res["copy_gbps"], color="k", lw=0.8, label="copy (read + write)")
@@ -266,16 +318,16 @@ def plot(res: dict, path: str) -> None:
     ax1.axhline(res["datasheet_gbps"], color="k", ls="--", lw=0.8, label="datasheet HBM")
   ax1.set_xscale("log", base=2)
   ax1.set_xlabel("context (tokens)")
-  ax1.set_ylabel("GB/s")
+  ax1.set_ylabel("GB/s (device span where traced)")
   ax1.set_title(f"decode, page {page}")
   ax1.legend(fontsize=7, ncol=2)
   for impl in sorted({r["impl"] for r in res["prefill"]}):
-    pts = sorted((r["prefix"], r["tflops"]) for r in res["prefill"]
+    pts = sorted((r["prefix"], r.get("device_tflops", r.get("tflops"))) for r in res["prefill"]
                  if r["impl"] == impl and "tflops" in r)
     if pts:
       ax2.plot(*zip(*pts), styles.get(impl, "-."), marker="o", label=impl)
   ax2.set_xlabel(f"prefix before a {res['chunk']}-token chunk")
-  ax2.set_ylabel("TFLOP/s")
+  ax2.set_ylabel("TFLOP/s (device span where traced)")
   ax2.set_title("prefill chunk")
   ax2.legend(fontsize=8)
   fig.suptitle(f"ragged paged attention, {res['device']}, 32q/8kv heads, D=128, bf16")
@@ -291,7 +343,10 @@ def parse_args(argv=None):
   p.add_argument("--pages", type=int, nargs="+", default=[16, 64])
   p.add_argument("--prefixes", type=int, nargs="+", default=[0, 2048, 4096, 8192, 16384])
   p.add_argument("--chunk", type=int, default=2048)
-  p.add_argument("--inner", type=int, default=32, help="kernel calls per timed jitted call")
+  p.add_argument("--inner", type=int, default=32,
+                 help="decode calls per timed jitted call (a quarter of it for prefill and mixed)")
+  p.add_argument("--no-device-time", dest="device_time", action="store_false",
+                 help="skip the profiler trace that gives each row's device span")
   p.add_argument("--iters", type=int, default=20, help="timed calls (median)")
   p.add_argument("--max-cache-gb", type=float, default=40.0, help="skip larger decode caches")
   p.add_argument("--no-mixed", action="store_true")

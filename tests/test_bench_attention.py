@@ -23,22 +23,47 @@ def test_quick_keeps_32_calls_per_timed_jit(bench_attention):
 
 def test_decode_rows_divide_by_the_copy_rate_and_the_datasheet(bench_attention):
   args = bench_attention.parse_args(["--batches", "2", "--contexts", "48", "--pages", "16",
-                                     "--inner", "1", "--iters", "1"])
+                                     "--inner", "2", "--iters", "1"])
   rows = bench_attention.decode_rows(args, [], 100.0, 400.0, np.random.default_rng(0),
                                      jax.random.key(0))
   (row,) = rows
   assert row["impl"] == "reference" and (row["batch"], row["context"]) == (2, 48)
   assert row["bytes"] == 2 * 2 * 48 * 8 * 128 * 2 + 2 * 2 * 32 * 128 * 2
-  assert row["gbps"] == pytest.approx(row["bytes"] / (row["ms"] * 1e-3) / 1e9)
-  assert row["frac_of_copy"] == pytest.approx(row["gbps"] / 100.0)
-  assert row["frac_of_datasheet"] == pytest.approx(row["gbps"] / 400.0)
+  for prefix in ("", "device_"):                # wall time, and the traced device span
+    assert row[prefix + "ms"] > 0
+    assert row[prefix + "gbps"] == pytest.approx(row["bytes"] / (row[prefix + "ms"] * 1e-3) / 1e9)
+    assert row[prefix + "frac_of_copy"] == pytest.approx(row[prefix + "gbps"] / 100.0)
+    assert row[prefix + "frac_of_datasheet"] == pytest.approx(row[prefix + "gbps"] / 400.0)
   text = bench_attention._fmt(row, "gbps")
-  assert "of copy" in text and "of datasheet" in text
+  assert "of copy" in text and "of datasheet" in text and "device" in text
 
+  args.device_time = False
   (no_sheet,) = bench_attention.decode_rows(args, [], 100.0, None, np.random.default_rng(0),
                                             jax.random.key(0))
-  assert "frac_of_datasheet" not in no_sheet
+  assert "frac_of_datasheet" not in no_sheet and "device_ms" not in no_sheet
   assert "datasheet" not in bench_attention._fmt(no_sheet, "gbps")
+
+
+def _count(compiled_text: str, op: str, attribute: str = "") -> int:
+  return sum(1 for line in compiled_text.splitlines() if f" {op}(" in line and attribute in line)
+
+
+def test_chains_keep_every_call(bench_attention):
+  """The barriers stop XLA from merging identical calls or hoisting the reference's page
+  gathers (K and V, whole pages) out of the chain: n chained calls compile to 2 n of them."""
+  step = bench_attention.build_step(np.random.default_rng(0), [3, 1], [40, 20], 16,
+                                    jax.random.key(0))
+  page_gathers = [_count(bench_attention.looped("reference", n).lower(*step).compile().as_text(),
+                         "gather", "slice_sizes={1,16,8,128}") for n in (1, 3)]
+  assert page_gathers == [2, 6]
+
+  def dense(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  q = jax.numpy.ones((1, 8, 32, 128), jax.numpy.float32)
+  kv = jax.numpy.ones((1, 8, 8, 128), jax.numpy.float32)
+  dots = [_count(bench_attention.chained_dense(dense, n).lower(q, kv, kv).compile().as_text(),
+                 "dot") for n in (1, 3)]
+  assert dots[0] > 0 and dots[1] == 3 * dots[0]
 
 
 def test_datasheet_table_knows_the_users_cards(bench_attention):

@@ -300,3 +300,20 @@ def test_capture_of_compiled_executable_attributes_layers(tmp_path):
   report = wt.analyze(wt.capture(exe, *args, logdir=tmp_path, steps=1, warmup=1))
   assert report.layer_source == "hlo sidecar"
   assert {"layer_0", "layer_1"} <= set(report.layers), report.layers
+
+
+def test_device_span_of_a_cpu_call(tmp_path):
+  """The span from a traced call's first device op to its last, per call: positive, and no
+  longer than the traced call's host window (the capture blocks on each call)."""
+  import jax
+  import jax.numpy as jnp
+
+  f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)
+  x = jnp.ones((256, 256), jnp.float32)
+  span = wt.device_span_ms(f, x, steps=2)
+  assert span is not None and span > 0
+  path = wt.capture(f, x, logdir=tmp_path, steps=2, hlo_table=False)
+  assert not (path.parent / wt.SIDECAR).exists()
+  events = wt.load_events(path)
+  longest_window_ms = max(end - start for _, start, end in wt.step_windows(events)) / 1e3
+  assert span <= longest_window_ms

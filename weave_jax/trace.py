@@ -38,7 +38,9 @@ import dataclasses
 import gzip
 import json
 import re
+import statistics
 import sys
+import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -358,6 +360,22 @@ def step_windows(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]
   return sorted(out, key=lambda w: w[1])
 
 
+def device_span_ms(fn: Callable, *args: Any, steps: int = 3) -> float | None:
+  """Median over ``steps`` traced calls of ``fn(*args)`` of the device span: from the call's
+  first device op's start to its last one's end, in ms; None where the trace shows no device
+  op.  Unlike a wall time it leaves out the call's dispatch and the host's wait for it (what
+  device events around the region would measure)."""
+  with tempfile.TemporaryDirectory() as logdir:
+    events = load_events(capture(fn, *args, logdir=logdir, steps=steps, hlo_table=False))
+  ops = device_ops(events)
+  spans = []
+  for _, start, end in step_windows(events):
+    mine = [op for op in ops if start <= op.start <= end]
+    if mine:
+      spans.append((max(op.end for op in mine) - min(op.start for op in mine)) / 1e3)
+  return statistics.median(spans) if spans else None
+
+
 # ----------------------------------------------------------------------------- analysis
 @dataclasses.dataclass(frozen=True)
 class TopOp:
@@ -530,7 +548,7 @@ def _hlo_table(hlo_text: str) -> dict[str, dict[str, dict[str, str]]]:
 
 
 def capture(fn: Callable, *args: Any, logdir: str | Path, steps: int = 3,
-            warmup: int = 1) -> Path:
+            warmup: int = 1, hlo_table: bool = True) -> Path:
   """Run ``fn(*args)`` under ``jax.profiler.trace`` and return the trace file path.
 
   Each traced call is wrapped in ``StepTraceAnnotation("step", step_num=i)`` and blocked on, so
@@ -544,6 +562,7 @@ def capture(fn: Callable, *args: Any, logdir: str | Path, steps: int = 3,
     logdir: directory for ``jax.profiler.trace``; the trace lands in ``plugins/profile/<run>/``.
     steps: traced calls.
     warmup: untraced calls first (compilation, autotuning).
+    hlo_table: write the op table (for a ``jax.jit`` function that compiles ``fn`` once more).
   """
   import jax
 
@@ -556,6 +575,8 @@ def capture(fn: Callable, *args: Any, logdir: str | Path, steps: int = 3,
       with jax.profiler.StepTraceAnnotation("step", step_num=i):
         jax.block_until_ready(fn(*args))
   trace = find_trace(logdir)
+  if not hlo_table:
+    return trace
   if hasattr(fn, "as_text"):                    # jax.stages.Compiled
     hlo_text = fn.as_text()
   elif hasattr(fn, "lower"):                    # jax.jit function
