@@ -1,7 +1,7 @@
 """Benchmark the ragged paged attention kernels on one GPU (Llama-3.1-8B heads: 32 q / 8 kv,
 D=128, bfloat16).
 
-    python run/bench_attention.py --quick            # about 2.5 minutes on one H100
+    python run/bench_attention.py --quick            # 2.5 minutes on one H100 with --no-device-time
     python run/bench_attention.py                     # every shape below, pages 16 and 64
 
 * decode: batch 1/16/64/256 x context 1K/4K/16K/32K: achieved HBM GB/s (K/V bytes read plus q
@@ -337,7 +337,7 @@ def plot(res: dict, path: str) -> None:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="a subset: about 2.5 minutes on one H100")
+  p.add_argument("--quick", action="store_true", help="a subset: 2.5 minutes on one H100 with --no-device-time (each row's trace adds a few seconds)")
   p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
   p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
   p.add_argument("--pages", type=int, nargs="+", default=[16, 64])
