@@ -337,7 +337,9 @@ def plot(res: dict, path: str) -> None:
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true", help="a subset: 2.5 minutes on one H100 with --no-device-time (each row's trace adds a few seconds)")
+  p.add_argument("--quick", action="store_true",
+                 help="a subset: 2.5 minutes on one H100 with --no-device-time (each row's "
+                      "trace adds a few seconds)")
   p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
   p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
   p.add_argument("--pages", type=int, nargs="+", default=[16, 64])
