@@ -114,6 +114,8 @@ def parse_args(argv=None):
   p.add_argument("--dry-tps", type=int, nargs="+", default=[2, 4, 8])
   p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)   # internal: child process
   args = p.parse_args(argv)
+  if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
+    p.error(f"--profile {args.profile}: exists and is not a directory")
   if args.quick:
     args.num_prompts, args.input_lens = 200, [1024]
   return args

@@ -2,6 +2,7 @@
 generation_config.json, streaming, the add_request/step loop, bad input, sampling with seeds."""
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -193,13 +194,19 @@ def test_generate_script_streams_text(served, capsys):
   assert lines[-1].endswith("[length]")
 
 
-def test_bench_serve_dry_run_at_tp2(tmp_path):
+def test_bench_serve_dry_run_at_tp2(tmp_path, capsys):
   out = tmp_path / "serve.json"
   code = _run_script("bench_serve").main([
       "--dry-run", "--dry-tps", "2", "--variants", "baseline", "fused+weave", "--sync-too",
-      "--json", str(out)])
+      "--profile", str(tmp_path / "traces"), "--json", str(out)])
   assert code == 0                                   # greedy tokens agree across variants
   res = json.loads((tmp_path / "serve_tp2.json").read_text())
+  # --profile: one traced step per kind, each summarized (where the time goes, collectives)
+  assert set(res["profiles"]["baseline"]) == {"mixed:unsplit", "decode:decode"}
+  assert set(res["profiles"]["fused+weave"]) == {"mixed:woven", "decode:decode"}
+  assert all(pathlib.Path(p).is_file() for v in res["profiles"].values() for p in v.values())
+  printed = capsys.readouterr().out
+  assert printed.count("### trace:") == 4 and "exposed ms" in printed
   assert res["tp"] == 2 and set(res["throughput"]["40"]) == {"baseline", "fused+weave"}
   steps = {v: r["steps"] for v, r in res["throughput"]["40"].items()}
   assert steps["fused+weave"]["woven"]["steps"] > 0 and "woven" not in steps["baseline"]
@@ -210,6 +217,14 @@ def test_bench_serve_dry_run_at_tp2(tmp_path):
   assert set(sync) == {"baseline", "fused+weave"}
   assert all(sync[v]["output_tokens"] == res["throughput"]["40"][v]["output_tokens"]
              for v in sync)
+
+
+def test_bench_serve_refuses_a_profile_path_that_is_a_file(tmp_path, capsys):
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("")
+  with pytest.raises(SystemExit):
+    _run_script("bench_serve").parse_args(["--dry-run", "--profile", str(not_a_dir)])
+  assert "is not a directory" in capsys.readouterr().err
 
 
 def test_async_and_sync_scheduling_agree(served):
