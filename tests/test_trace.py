@@ -317,3 +317,11 @@ def test_device_span_of_a_cpu_call(tmp_path):
   events = wt.load_events(path)
   longest_window_ms = max(end - start for _, start, end in wt.step_windows(events)) / 1e3
   assert span <= longest_window_ms
+
+
+def test_step_ops_assign_by_start():
+  op = lambda start, end: wt.Op("/device:GPU:0", "s", start, end, "k", False, wt.OTHER)
+  ops = [op(0, 5), op(9, 12), op(10, 11), op(25, 30)]
+  got = wt.step_ops(ops, [(0, 0, 10), (1, 10, 20)])
+  assert [(step, [(o.start, o.end) for o in mine]) for step, mine in got] == [
+      (0, [(0, 5), (9, 12)]), (1, [(10, 11)])]

@@ -360,6 +360,12 @@ def step_windows(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]
   return sorted(out, key=lambda w: w[1])
 
 
+def step_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]]
+             ) -> list[tuple[int, list[Op]]]:
+  """``(step, its ops)`` per window; an op belongs to the window its start falls in."""
+  return [(step, [o for o in ops if t0 <= o.start < t1]) for step, t0, t1 in windows]
+
+
 def device_span_ms(fn: Callable, *args: Any, steps: int = 3) -> float | None:
   """Median over ``steps`` traced calls of ``fn(*args)`` of the device span: from the call's
   first device op's start to its last one's end, in ms; None where the trace shows no device
@@ -367,12 +373,8 @@ def device_span_ms(fn: Callable, *args: Any, steps: int = 3) -> float | None:
   device events around the region would measure)."""
   with tempfile.TemporaryDirectory() as logdir:
     events = load_events(capture(fn, *args, logdir=logdir, steps=steps, hlo_table=False))
-  ops = device_ops(events)
-  spans = []
-  for _, start, end in step_windows(events):
-    mine = [op for op in ops if start <= op.start <= end]
-    if mine:
-      spans.append((max(op.end for op in mine) - min(op.start for op in mine)) / 1e3)
+  spans = [(max(o.end for o in mine) - min(o.start for o in mine)) / 1e3
+           for _, mine in step_ops(device_ops(events), step_windows(events)) if mine]
   return statistics.median(spans) if spans else None
 
 
@@ -491,10 +493,10 @@ def analyze_ops(ops: Sequence[Op], windows: Sequence[tuple[int, float, float]],
   devices = sorted({o.device for o in ops})
   streams = {d: sorted({o.stream for o in ops if o.device == d}) for d in devices}
   steps, layer_rows = [], defaultdict(list)
-  for step, t0, t1 in windows:
+  for (step, t0, t1), (_, in_step) in zip(windows, step_ops(ops, windows)):
     per_dev = {}
     for d in devices:
-      mine = [o for o in ops if o.device == d and t0 <= o.start < t1]
+      mine = [o for o in in_step if o.device == d]
       comp = [(o.start, o.end) for o in mine if not o.collective]
       per_dev[d] = overlap_stats(comp, [(o.start, o.end) for o in mine if o.collective])
       for layer in {o.layer for o in mine}:
