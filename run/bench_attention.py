@@ -19,9 +19,11 @@ D=128, bfloat16).
 
 Every impl present is timed (triton; mosaic when importable on sm_90; the jnp reference
 wherever its O(T x L) gather fits in 16 GB).  A timed function is a jitted chain of ``--inner``
-calls (a quarter of that for prefill and mixed), each taking its inputs through an optimization
-barrier with the previous call's output, so XLA can neither hoist the reference's page gathers
-out of the chain nor merge the calls.  Two times per row, each per call:
+calls (a quarter of that for prefill and mixed), shaped like a model's layers: each call takes
+its q and K/V pages through an optimization barrier with the previous call's output, so XLA can
+neither hoist the reference's page gathers out of the chain nor merge the calls, while the step
+metadata is shared, so what depends on it alone (the Mosaic kernel's tile metadata) is computed
+once per chain, as the engine computes it once per step.  Two times per row, each per call:
 * wall: the median over ``--iters`` chains, which also carries the jitted call's dispatch and
   the host's wait (about 0.25 ms on an H100; at 16 x 4K and 8 calls per chain that was a
   quarter of the wall time, hence 32 by default);
@@ -104,27 +106,33 @@ def looped(impl: str, inner: int):
 
 
 def chained(fn, inner: int):
-  """jit(args -> sum of ``inner`` outputs' [0, 0, 0] of ``fn``).  Each call takes its block
-  tables and num_seqs through an optimization barrier together with the last call's output, so
-  XLA can neither hoist any part of a call (the reference's page gathers read only the block
-  tables) nor merge the calls, and the calls run one after another as a model's layers do.
-  The barrier adds no device op."""
+  """jit(args -> sum of ``inner`` outputs' [0, 0, 0] of ``fn``), shaped like a model's layers:
+  each call takes its own q and K/V pages through an optimization barrier together with the
+  last call's output, while the step metadata (KV lengths, block tables, query starts,
+  num_seqs) is shared by every call, as the engine's layers share one step's.  So XLA can
+  neither merge the calls nor hoist any per-call work out of the chain (the reference's page
+  gathers read the pages), and computes whatever depends on the metadata alone once per step,
+  as in the engine.  The barrier adds no device op."""
   @jax.jit
   def run(q, k_pages, v_pages, kv_lens, block_tables, qsl, num_seqs):
-    acc = jnp.zeros((), jnp.float32)
+    acc = q[0, 0, 0].astype(jnp.float32)    # not a constant: see ``chained_dense``
     for _ in range(inner):
-      tables, seqs, _ = jax.lax.optimization_barrier((block_tables, num_seqs, acc))
-      out = fn(q, k_pages, v_pages, kv_lens, tables, qsl, seqs)
+      qi, ki, vi, _ = jax.lax.optimization_barrier((q, k_pages, v_pages, acc))
+      out = fn(qi, ki, vi, kv_lens, block_tables, qsl, num_seqs)
       acc = acc + out[0, 0, 0].astype(jnp.float32)
     return acc
   return run
 
 
 def chained_dense(fn, inner: int):
-  """``chained`` for a dense attention ``fn(q, k, v)``: each call's q passes the barrier."""
+  """``chained`` for a dense attention ``fn(q, k, v)``: each call's q passes the barrier.
+
+  The sum starts from an input, not a constant: behind a barrier whose other operand is a
+  constant, XLA merged the first two calls into one (seen on its CPU backend), and the chain
+  would then time ``inner - 1`` calls."""
   @jax.jit
   def run(q, k, v):
-    acc = jnp.zeros((), jnp.float32)
+    acc = q[0, 0, 0, 0].astype(jnp.float32)
     for _ in range(inner):
       qi, _ = jax.lax.optimization_barrier((q, acc))
       acc = acc + fn(qi, k, v)[0, 0, 0, 0].astype(jnp.float32)
