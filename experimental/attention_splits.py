@@ -6,9 +6,10 @@
 Per decode case (Llama-3.1-8B heads, page 16, one new token per request): the Mosaic kernel at
 each ``--splits`` count and at its default choice (marked *), the Triton kernel, and the jnp
 reference where it is small.  Times as in run/bench_attention.py (8 chained calls per jitted
-call, kept apart by optimization barriers on the block tables and num_seqs); fractions against the
-copy rate measured in the run.  With ``--profile`` (default on), the device time of one call per
-kernel from a profiler trace, by XLA op: what the kernel costs against the XLA ops around it.
+call, kept apart by optimization barriers on q and the pages, the step metadata shared);
+fractions against the copy rate measured in the run.  With ``--profile`` (default on), the
+device time of one call per kernel from a profiler trace, by XLA op: what the kernel costs
+against the XLA ops around it.
 """
 from __future__ import annotations
 

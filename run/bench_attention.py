@@ -112,10 +112,14 @@ def chained(fn, inner: int):
   num_seqs) is shared by every call, as the engine's layers share one step's.  So XLA can
   neither merge the calls nor hoist any per-call work out of the chain (the reference's page
   gathers read the pages), and computes whatever depends on the metadata alone once per step,
-  as in the engine.  The barrier adds no device op."""
+  as in the engine.  The barrier adds no device op.
+
+  The sum starts from an input, not a constant: behind a barrier whose other operand is a
+  constant, XLA merged the first two calls into one (seen on its CPU backend), and the chain
+  would then time ``inner - 1`` calls."""
   @jax.jit
   def run(q, k_pages, v_pages, kv_lens, block_tables, qsl, num_seqs):
-    acc = q[0, 0, 0].astype(jnp.float32)    # not a constant: see ``chained_dense``
+    acc = q[0, 0, 0].astype(jnp.float32)
     for _ in range(inner):
       qi, ki, vi, _ = jax.lax.optimization_barrier((q, k_pages, v_pages, acc))
       out = fn(qi, ki, vi, kv_lens, block_tables, qsl, num_seqs)
@@ -125,11 +129,8 @@ def chained(fn, inner: int):
 
 
 def chained_dense(fn, inner: int):
-  """``chained`` for a dense attention ``fn(q, k, v)``: each call's q passes the barrier.
-
-  The sum starts from an input, not a constant: behind a barrier whose other operand is a
-  constant, XLA merged the first two calls into one (seen on its CPU backend), and the chain
-  would then time ``inner - 1`` calls."""
+  """``chained`` for a dense attention ``fn(q, k, v)``: each call's q passes the barrier, and
+  the sum starts from an input as there."""
   @jax.jit
   def run(q, k, v):
     acc = q[0, 0, 0, 0].astype(jnp.float32)
